@@ -1,0 +1,51 @@
+"""The `corral` command: one verb per subsystem, each implemented in its own module.
+
+Verbs are looked up lazily so a broken optional subsystem cannot stop the others.
+Every verb's handler takes the remaining argv and returns an exit status.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# verb: ("module:function", one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("corral.demo:main", "start a local multi-node demo cluster"),
+    "engine": ("corral.engine:main", "run one Totem/CPG engine node (used by the demo and tests)"),
+    "sim": ("corral.sim.__main__:main", "run the deterministic Totem simulator"),
+    "ha-sim": ("corral.ha.simcli:main", "run HA scenario directories"),
+    "version": ("corral.cli:version", "print the software version"),
+}
+
+
+def version(argv: Sequence[str]) -> int:
+    from corral import __version__
+
+    print(f"corral {__version__}")
+    return 0
+
+
+def usage() -> str:
+    lines = ["usage: corral VERB [ARGS...]", "", "verbs:"]
+    lines += [f"  {verb:<10} {text}" for verb, (_, text) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 2
+    verb, rest = args[0], args[1:]
+    if verb not in VERBS:
+        print(f"corral: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name = VERBS[verb][0].split(":")
+    handler = getattr(importlib.import_module(module_name), function_name)
+    return int(handler(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Totem single-ring protocol: the sans-I/O core (Cython) and its asyncio shell."""

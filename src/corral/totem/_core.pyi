@@ -1,0 +1,81 @@
+"""Type stub of the Cython Totem core (ext/totem/_core.pyx): the contract between
+the sans-I/O core and everything that drives it (asyncio shell, simulator, tests).
+
+The core does no I/O and reads no clock. Drive it like this:
+
+    core = TotemCore(nodeid, timers, ring_seq=persisted_seq)
+    core.start(now_ns)
+    loop:
+        core.receive(now_ns, packet)     # for every packet from the transport
+        core.submit(payload)             # application messages (False = queue full)
+        core.tick(now_ns)                # when now_ns >= core.next_deadline_ns()
+        seq = core.take_ring_seq_to_persist()   # persist-then-send: if not None,
+                                                # write it durably before sending
+        for dest, packet in core.pop_outbox(): transport.send(dest, packet)
+        for event in core.pop_events(): ...
+
+Packets in `pop_outbox()` carry a destination nodeid; BROADCAST (0) means every
+node the transport knows (all configured nodes, members or not).
+
+Events from `pop_events()` are tuples, in the exact order the application must
+see them (extended virtual synchrony):
+
+    (EV_DELIVER, sender_nodeid: int, payload: bytes)
+    (EV_CONFIG, kind: int (CONF_TRANSITIONAL | CONF_REGULAR), ring_id: tuple[int, int],
+                members: tuple[int, ...], joined: tuple[int, ...], left: tuple[int, ...])
+
+`left` on a regular or transitional configuration lists nodes that failed
+(nodedown); `leaving` nodes that announced a graceful leave appear in
+`left_gracefully()` of that configuration as well (see `last_leavers`).
+"""
+
+from corral.totem.config import TotemTimers
+
+BROADCAST: int
+EV_DELIVER: int
+EV_CONFIG: int
+CONF_TRANSITIONAL: int
+CONF_REGULAR: int
+PROTOCOL_VERSION: int
+
+# Membership states.
+STATE_OPERATIONAL: int
+STATE_GATHER: int
+STATE_COMMIT: int
+STATE_RECOVERY: int
+STATE_STOPPED: int
+
+class TotemCore:
+    nodeid: int
+    def __init__(self, nodeid: int, timers: TotemTimers, ring_seq: int = 0) -> None: ...
+    def start(self, now_ns: int) -> None: ...
+    def receive(self, now_ns: int, packet: bytes) -> None:
+        """Feed one packet (after transport authentication). Malformed or foreign
+        packets are dropped and counted in stats; this never raises for remote input."""
+    def submit(self, payload: bytes) -> bool:
+        """Queue one application message (fragmented/packed by the core).
+        Returns False when the send queue is full (backpressure); raises
+        UsageError when the payload is larger than MAX_MESSAGE_BYTES or the core is stopped."""
+    def tick(self, now_ns: int) -> None: ...
+    def leave(self, now_ns: int) -> None:
+        """Graceful leave: announce it to the ring, then stop. Others record 'leave'."""
+    def next_deadline_ns(self) -> int:
+        """Earliest armed timer, or -1 when no timer is armed."""
+    def pop_outbox(self) -> list[tuple[int, bytes]]: ...
+    def pop_events(self) -> list[tuple[object, ...]]: ...
+    def take_ring_seq_to_persist(self) -> int | None: ...
+    def last_leavers(self) -> tuple[int, ...]:
+        """Nodes that left gracefully, reported by the latest configuration change."""
+    @property
+    def state(self) -> int: ...
+    @property
+    def ring_id(self) -> tuple[int, int]: ...
+    @property
+    def members(self) -> tuple[int, ...]: ...
+    @property
+    def send_queue_len(self) -> int: ...
+    @property
+    def send_queue_room(self) -> int: ...
+    def stats(self) -> dict[str, int]: ...
+
+def state_name(state: int) -> str: ...
