@@ -15,6 +15,7 @@ DEBUG = os.environ.get("CORRAL_DEBUG", "") not in ("", "0")
 EXTENSIONS = [
     # (module name, sources)
     ("corral.totem._core", ["ext/totem/_core.pyx"]),
+    ("corral.cfs._tree", ["ext/cfs/_tree.pyx"]),
 ]
 
 

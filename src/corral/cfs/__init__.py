@@ -1,0 +1,1 @@
+"""Replicated configuration filesystem."""
