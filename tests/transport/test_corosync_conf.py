@@ -108,7 +108,7 @@ def test_crypto_cipher_options() -> None:
     assert ClusterConfig.from_text(base % "crypto_cipher: aes256").encrypt
     assert not ClusterConfig.from_text(base % "crypto_cipher: none\nsecauth: on").encrypt
     assert not ClusterConfig.from_text(base % "").encrypt
-    with pytest.raises(ConfigError, match=":2.*aes128"):
+    with pytest.raises(ConfigError, match=r":2.*aes128"):
         ClusterConfig.from_text(base % "crypto_cipher: aes128")
 
 
