@@ -1,0 +1,98 @@
+"""`python -m corral.sim` (also `corral sim`): run one seed, or soak many.
+
+    python -m corral.sim --seed S [--nodes N] [--duration-ms T] [--faults LIST|all|none]
+                         [--token-ms MS] [-v|-vv]
+    python -m corral.sim soak --seeds A:B [--jobs J] [same options]
+
+Exit status: 0 when every run passed, 1 when a checker failed, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import time
+from collections.abc import Sequence
+
+from corral.sim.cluster import RunResult, SimOptions, run_seed
+from corral.sim.faults import FAULT_NAMES, parse_faults
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=3, help="cluster size (default 3)")
+    parser.add_argument("--duration-ms", type=int, default=3000, help="simulated length of the safety phase (default 3000)")
+    parser.add_argument("--faults", default="all", help=f"comma list of {','.join(FAULT_NAMES)}, or all / none (default all); each seed picks a subset")
+    parser.add_argument("--token-ms", type=int, default=500, help="totem token timeout in ms (default 500)")
+
+
+def _options(args: argparse.Namespace, seed: int) -> SimOptions:
+    return SimOptions(
+        seed=seed, nodes=args.nodes, duration_ms=args.duration_ms,
+        faults=parse_faults(args.faults), token_ms=args.token_ms,
+        verbose=getattr(args, "verbose", 0),
+    )
+
+
+def _run_one(options: SimOptions) -> RunResult:
+    result = run_seed(options)
+    # Results cross a process boundary: drop the exception object (its traceback).
+    result.violation = None
+    return result
+
+
+def main_single(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="corral sim", description="Deterministic Totem simulator: run one seed.")
+    parser.add_argument("--seed", type=int, required=True)
+    _common(parser)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: print membership and fault events; -vv: also packets and deliveries")
+    args = parser.parse_args(argv)
+    try:
+        options = _options(args, args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    result = run_seed(options)
+    print(result.summary())
+    if not result.ok:
+        print(result.report)
+        return 1
+    return 0
+
+
+def main_soak(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="corral sim soak", description="Run many seeds; print the failing ones.")
+    parser.add_argument("--seeds", required=True, help="A:B runs seeds A..B-1")
+    parser.add_argument("--jobs", type=int, default=1)
+    _common(parser)
+    args = parser.parse_args(argv)
+    try:
+        first, last = (int(part) for part in args.seeds.split(":"))
+        options = [_options(args, seed) for seed in range(first, last)]
+    except ValueError as error:
+        parser.error(str(error))
+    started = time.perf_counter()
+    failures: list[RunResult] = []
+    if args.jobs > 1:
+        with multiprocessing.Pool(args.jobs) as pool:
+            results = pool.imap(_run_one, options)
+            failures = [result for result in results if not result.ok]
+    else:
+        failures = [result for result in map(_run_one, options) if not result.ok]
+    elapsed = time.perf_counter() - started
+    print(f"{len(options)} seeds in {elapsed:.1f}s, {len(failures)} failed")
+    for result in failures:
+        first_line = result.report.splitlines()[0] if result.report else "?"
+        print(f"  seed {result.options.seed}: {first_line}")
+        print(f"    replay: {result.options.replay_command()}")
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "soak":
+        return main_soak(args[1:])
+    return main_single(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,495 @@
+"""The simulated cluster: N Totem cores, one network, one seed, two phases.
+
+A run is a pure function of `SimOptions` (and the core's code): every random
+choice comes from a generator derived from the seed (rng.py), time is the
+scheduler's integer nanoseconds, and ties are broken by insertion order.
+
+Phases:
+
+1. safety, [0, duration): faults chosen by the seed (faults.py) are on, the
+   workload submits messages, checkers run after every event;
+2. liveness, from `duration`: links heal, loss/dup/delay/jitter stop, crashed
+   nodes restart (ring seq kept). Within `convergence_bound_ns(timers)` every
+   node must be OPERATIONAL in one ring that contains all nodes, and the
+   application must have seen that configuration. Then the workload stops, the
+   queues drain (at most `drain_bound_ns(timers)`), and the final checks run:
+   self-delivery, same ring everywhere, same messages in the final ring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.sim.checkers import EvsChecker, Proc, Violation, make_payload, proc_name
+from corral.sim.faults import FaultPlan
+from corral.sim.network import SimNetwork
+from corral.sim.rng import derive_rng
+from corral.sim.scheduler import Scheduler
+from corral.totem.config import NS_PER_MS, TotemConfig, TotemTimers
+
+TRACE_KEEP = 400
+TRACE_SHOW = 40
+MAX_EVENTS = 5_000_000
+
+
+def convergence_bound_ns(timers: TotemTimers) -> int:
+    """How long after the heal one ring of all nodes must have formed.
+
+    A node partitioned away may only notice the others through a merge detect
+    (merge timer after an idle token visit), and a gather can need a token
+    timeout plus up to two consensus timeouts before a commit token succeeds
+    (one to expire stale failure marks, one to agree); a margin covers commit,
+    recovery and a restart.
+    """
+    return 2 * timers.token_ns + 3 * timers.consensus_ns + timers.merge_ns + 20 * timers.join_ns
+
+
+def drain_bound_ns(timers: TotemTimers) -> int:
+    """How long after convergence the send queues have to empty in a clean network."""
+    return 4 * timers.token_ns
+
+
+@dataclass(frozen=True, slots=True)
+class CoreApi:
+    """What the simulator needs from a core module (the real one or a test fake)."""
+
+    factory: Callable[[int, TotemTimers, int], Any]
+    ev_deliver: int
+    ev_config: int
+    conf_transitional: int
+    conf_regular: int
+    state_operational: int
+    loopback: bool = True
+
+
+def real_core_api() -> CoreApi:
+    from corral.totem import _core
+
+    return CoreApi(
+        factory=lambda nodeid, timers, ring_seq: _core.TotemCore(nodeid, timers, ring_seq=ring_seq),
+        ev_deliver=_core.EV_DELIVER,
+        ev_config=_core.EV_CONFIG,
+        conf_transitional=_core.CONF_TRANSITIONAL,
+        conf_regular=_core.CONF_REGULAR,
+        state_operational=_core.STATE_OPERATIONAL,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SimOptions:
+    seed: int
+    nodes: int = 3
+    duration_ms: int = 3000
+    faults: tuple[str, ...] = ()
+    token_ms: int = 500
+    verbose: int = 0
+
+    def replay_command(self) -> str:
+        faults = ",".join(self.faults) if self.faults else "none"
+        return (
+            f"python -m corral.sim --seed {self.seed} --nodes {self.nodes} "
+            f"--duration-ms {self.duration_ms} --faults {faults} --token-ms {self.token_ms}"
+        )
+
+    def totem_config(self) -> TotemConfig:
+        # No per-node token coefficient: keeps the simulated timers short.
+        return TotemConfig(token=self.token_ms, token_coefficient=0)
+
+
+@dataclass(slots=True)
+class RunResult:
+    options: SimOptions
+    ok: bool
+    violation: Violation | None
+    report: str
+    digest: str
+    plan: FaultPlan
+    submitted: int = 0
+    backpressure: int = 0
+    delivered: int = 0
+    configs: int = 0
+    rings: int = 0
+    crashes: int = 0
+    events: int = 0
+    converge_ns: int = -1
+    sim_ns: int = 0
+    wall_s: float = 0.0
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        converge = f"{self.converge_ns / NS_PER_MS:.0f}ms" if self.converge_ns >= 0 else "never"
+        return (
+            f"seed {self.options.seed}: {'OK' if self.ok else 'FAIL'}; faults: {self.plan.describe()}\n"
+            f"  submitted {self.submitted} (refused {self.backpressure}), deliveries {self.delivered}, "
+            f"config events {self.configs}, regular rings {self.rings}, crashes {self.crashes}\n"
+            f"  converged {converge} after heal; simulated {self.sim_ns / NS_PER_MS:.0f}ms in "
+            f"{self.wall_s:.2f}s wall, {self.events} events; trace digest {self.digest}"
+        )
+
+
+@dataclass(slots=True)
+class NodeSlot:
+    nodeid: int
+    core: Any = None
+    incarnation: int = 0
+    persisted_ring_seq: int = 0
+    timer_at_ns: int = -1
+    timer_generation: int = 0
+    counter: int = 0
+
+    @property
+    def proc(self) -> Proc:
+        return (self.nodeid, self.incarnation)
+
+
+class Simulation:
+    def __init__(self, options: SimOptions, api: CoreApi | None = None) -> None:
+        self.options = options
+        self.api = api if api is not None else real_core_api()
+        self.timers = options.totem_config().timers(options.nodes)
+        seed = options.seed
+        self.plan = FaultPlan.choose(seed, options.faults, self.timers.token_ns)
+        self.scheduler = Scheduler()
+        self.nodeids = tuple(range(1, options.nodes + 1))
+        self.network = SimNetwork(
+            self.nodeids, derive_rng(seed, "net"), self.scheduler,
+            loopback=self.api.loopback, on_drop=self._on_drop,
+        )
+        self.fault_rng = derive_rng(seed, "faults")
+        self.workload_rng = derive_rng(seed, "workload")
+        self.checker = EvsChecker((self.api.conf_transitional, self.api.conf_regular))
+        self.slots = {nodeid: NodeSlot(nodeid) for nodeid in self.nodeids}
+        self.digest = hashlib.blake2b(digest_size=16)
+        self.trace: deque[tuple[int, str]] = deque(maxlen=TRACE_KEEP)
+        self.phase = "safety"
+        self.safety_end_ns = options.duration_ms * NS_PER_MS
+        self.converge_deadline_ns = self.safety_end_ns + convergence_bound_ns(self.timers)
+        self.converged_at_ns = -1
+        self.converged_ring: tuple[int, int] | None = None
+        self.workload_on = True
+        self.finished = False
+        self.events = 0
+        self.submitted = 0
+        self.backpressure = 0
+        self.crashes = 0
+        # Workload intensity is part of the swarm choice too.
+        self.submit_interval_ns = self.workload_rng.choice((2, 5, 20, 50)) * NS_PER_MS
+
+    # -- driving --------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        started = time.perf_counter()
+        violation: Violation | None = None
+        try:
+            self._schedule_initial()
+            self._loop()
+        except Violation as error:
+            violation = error
+        except Exception as error:  # a crash of the core is a finding, not a harness bug
+            violation = Violation("core-exception", [], f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=6)}")
+        return self._result(violation, time.perf_counter() - started)
+
+    def _schedule_initial(self) -> None:
+        rng = self.fault_rng
+        for nodeid in self.nodeids:
+            self.scheduler.at(rng.randrange(self.timers.token_ns // 2), ("restart", nodeid, False))
+        plan = self.plan
+        if plan.partition_interval_ns:
+            self.scheduler.at(self._jitter(plan.partition_interval_ns), ("partition",))
+        if plan.asym_interval_ns:
+            self.scheduler.at(self._jitter(plan.asym_interval_ns), ("asym",))
+        if plan.crash_interval_ns:
+            self.scheduler.at(self._jitter(plan.crash_interval_ns), ("crash",))
+        self.network.set_plan(plan)
+        self.scheduler.at(self.timers.token_ns // 2, ("submit",))
+        self.scheduler.at(self.safety_end_ns, ("heal",))
+        self.scheduler.at(self.converge_deadline_ns, ("deadline",))
+
+    def _loop(self) -> None:
+        handlers: dict[str, Callable[[tuple[Any, ...]], None]] = {
+            "packet": self._on_packet, "timer": self._on_timer, "submit": self._on_submit,
+            "restart": self._on_restart, "crash": self._on_crash, "partition": self._on_partition,
+            "asym": self._on_asym, "uncut": self._on_uncut, "heal": self._on_heal,
+            "deadline": self._on_deadline, "end": self._on_end,
+        }
+        while not self.finished:
+            event = self.scheduler.pop()
+            if event is None:
+                raise Violation("liveness", list(self.nodeids), "no more events (every timer disarmed)")
+            self.events += 1
+            if self.events > MAX_EVENTS:
+                raise Violation("liveness", list(self.nodeids), f"more than {MAX_EVENTS} events")
+            handlers[event[0]](event)
+            if self.phase == "liveness" and self.converged_at_ns < 0:
+                self._check_converged()
+
+    def _jitter(self, interval_ns: int) -> int:
+        return self.scheduler.now_ns + interval_ns // 2 + self.fault_rng.randrange(interval_ns)
+
+    # -- node events --------------------------------------------------------------------
+
+    def _on_packet(self, event: tuple[Any, ...]) -> None:
+        _, destination, source, packet = event
+        slot = self.slots[destination]
+        self.digest.update(b"p%d>%d@%d:" % (source, destination, self.scheduler.now_ns))
+        self.digest.update(packet)
+        if slot.core is None:
+            return
+        if self.options.verbose >= 2:
+            self._note(f"n{destination} <- n{source} {len(packet)}B")
+        slot.core.receive(self.scheduler.now_ns, packet)
+        self._drain(slot)
+
+    def _on_timer(self, event: tuple[Any, ...]) -> None:
+        _, nodeid, generation = event
+        slot = self.slots[nodeid]
+        if slot.core is None or generation != slot.timer_generation:
+            return
+        slot.timer_at_ns = -1
+        self.digest.update(b"t%d@%d;" % (nodeid, self.scheduler.now_ns))
+        slot.core.tick(self.scheduler.now_ns)
+        self._drain(slot)
+
+    def _on_submit(self, event: tuple[Any, ...]) -> None:
+        if not self.workload_on:
+            return
+        rng = self.workload_rng
+        self.scheduler.after(1 + int(rng.expovariate(1.0 / self.submit_interval_ns)), ("submit",))
+        up = [slot for slot in self.slots.values() if slot.core is not None]
+        if not up:
+            return
+        slot = up[rng.randrange(len(up))]
+        filler = rng.randrange(3000, 5000) if rng.random() < 0.05 else rng.randrange(200)
+        slot.counter += 1
+        payload = make_payload(slot.nodeid, slot.counter, filler)
+        accepted = slot.core.submit(payload)
+        self.digest.update(b"s%d:%d:%d;" % (slot.nodeid, slot.counter, accepted))
+        if accepted:
+            self.submitted += 1
+            self.checker.on_submit(slot.proc, payload)
+        else:
+            self.backpressure += 1
+        self._drain(slot)
+
+    def _on_restart(self, event: tuple[Any, ...]) -> None:
+        _, nodeid, disk_lost = event
+        slot = self.slots[nodeid]
+        if slot.core is not None:
+            return
+        if disk_lost:
+            slot.persisted_ring_seq = 0
+        slot.incarnation += 1
+        slot.timer_at_ns = -1
+        slot.timer_generation += 1
+        self._note(f"n{nodeid} starts (incarnation {slot.incarnation}, ring seq {slot.persisted_ring_seq}{', disk lost' if disk_lost else ''})")
+        self.checker.on_start(slot.proc)
+        slot.core = self.api.factory(nodeid, self.timers, slot.persisted_ring_seq)
+        slot.core.start(self.scheduler.now_ns)
+        self._drain(slot)
+
+    def _drain(self, slot: NodeSlot) -> None:
+        """Collect a core's outputs: persist, then send, then deliver, then re-arm."""
+        core = slot.core
+        seq = core.take_ring_seq_to_persist()
+        if seq is not None:
+            slot.persisted_ring_seq = seq
+        for destination, packet in core.pop_outbox():
+            self.network.send(slot.nodeid, destination, packet)
+        for event in core.pop_events():
+            self._on_core_event(slot, event)
+        deadline = core.next_deadline_ns()
+        if deadline != slot.timer_at_ns:
+            slot.timer_generation += 1
+            slot.timer_at_ns = deadline
+            if deadline >= 0:
+                self.scheduler.at(deadline, ("timer", slot.nodeid, slot.timer_generation))
+
+    def _on_core_event(self, slot: NodeSlot, event: tuple[Any, ...]) -> None:
+        if event[0] == self.api.ev_deliver:
+            _, sender, payload = event
+            self.digest.update(b"d%d<%d:" % (slot.nodeid, sender))
+            self.digest.update(payload)
+            if self.options.verbose >= 2:
+                self._note(f"n{slot.nodeid} delivers {payload[:24]!r} from n{sender}")
+            self.checker.on_deliver(slot.proc, sender, payload)
+        elif event[0] == self.api.ev_config:
+            _, kind, ring_id, members, joined, left = event
+            name = "regular" if kind == self.api.conf_regular else "transitional"
+            text = f"n{slot.nodeid} {name} ring {tuple(ring_id)} members {tuple(members)} joined {tuple(joined)} left {tuple(left)}"
+            self.digest.update(text.encode())
+            self._note(text)
+            self.checker.on_config(slot.proc, kind, tuple(ring_id), tuple(members), tuple(joined), tuple(left))
+        else:
+            raise Violation("core-exception", [slot.nodeid], f"unknown event {event!r}")
+
+    # -- faults ------------------------------------------------------------------------
+
+    def _on_crash(self, event: tuple[Any, ...]) -> None:
+        if self.phase != "safety":
+            return
+        plan = self.plan
+        rng = self.fault_rng
+        self.scheduler.at(self._jitter(plan.crash_interval_ns), ("crash",))
+        up = [slot for slot in self.slots.values() if slot.core is not None]
+        if len(up) <= 1:
+            return
+        slot = up[rng.randrange(len(up))]
+        disk_lost = rng.random() < plan.disk_lost_probability
+        downtime_ns = 1 + rng.randrange(plan.crash_downtime_ns)
+        self._crash(slot)
+        self.scheduler.after(downtime_ns, ("restart", slot.nodeid, disk_lost))
+
+    def _crash(self, slot: NodeSlot) -> None:
+        self._note(f"n{slot.nodeid} crashes (incarnation {slot.incarnation})")
+        self.crashes += 1
+        self.checker.on_crash(slot.proc)
+        slot.core = None
+        slot.timer_generation += 1
+        slot.timer_at_ns = -1
+
+    def _on_partition(self, event: tuple[Any, ...]) -> None:
+        if self.phase != "safety":
+            return
+        plan = self.plan
+        rng = self.fault_rng
+        self.scheduler.at(self._jitter(plan.partition_interval_ns), ("partition",))
+        nodes = list(self.nodeids)
+        rng.shuffle(nodes)
+        split = 1 + rng.randrange(len(nodes) - 1) if len(nodes) > 1 else 1
+        side_a, side_b = sorted(nodes[:split]), sorted(nodes[split:])
+        links = [(a, b) for a in side_a for b in side_b] + [(b, a) for a in side_a for b in side_b]
+        self._cut(links, f"partition {side_a} | {side_b}", 1 + rng.randrange(plan.partition_duration_ns))
+
+    def _on_asym(self, event: tuple[Any, ...]) -> None:
+        if self.phase != "safety":
+            return
+        plan = self.plan
+        rng = self.fault_rng
+        self.scheduler.at(self._jitter(plan.asym_interval_ns), ("asym",))
+        source = self.nodeids[rng.randrange(len(self.nodeids))]
+        others = [node for node in self.nodeids if node != source]
+        if not others:
+            return
+        if rng.random() < 0.5:
+            links = [(source, others[rng.randrange(len(others))])]
+        else:
+            links = [(source, other) for other in others]
+        self._cut(links, "one-way cut " + " ".join(f"{a}->{b}" for a, b in links), 1 + rng.randrange(plan.asym_duration_ns))
+
+    def _cut(self, links: list[tuple[int, int]], text: str, duration_ns: int) -> None:
+        self._note(f"{text} for {duration_ns / NS_PER_MS:.0f}ms")
+        self.network.cut(links)
+        self.scheduler.after(duration_ns, ("uncut", links, text))
+
+    def _on_uncut(self, event: tuple[Any, ...]) -> None:
+        if self.phase != "safety":
+            return
+        _, links, text = event
+        self._note(f"heal {text}")
+        self.network.uncut(links)
+
+    def _on_drop(self, why: str, source: int, destination: int, packet: bytes) -> None:
+        self.digest.update(b"x%d>%d;" % (source, destination))
+
+    # -- phases ------------------------------------------------------------------------
+
+    def _on_heal(self, event: tuple[Any, ...]) -> None:
+        self.phase = "liveness"
+        self._note("liveness phase: network healed, faults off, crashed nodes restart")
+        self.network.heal_all()
+        self.network.set_plan(FaultPlan())
+        for slot in self.slots.values():
+            if slot.core is None:
+                self.scheduler.after(0, ("restart", slot.nodeid, False))
+
+    def _check_converged(self) -> None:
+        first = self.slots[self.nodeids[0]]
+        if first.core is None or first.core.state != self.api.state_operational:
+            return
+        ring = tuple(first.core.ring_id)
+        for slot in self.slots.values():
+            core = slot.core
+            if core is None or core.state != self.api.state_operational or tuple(core.ring_id) != ring:
+                return
+            if tuple(core.members) != self.nodeids:
+                return
+            seen = self.checker.procs[slot.proc].regular
+            if seen is None or seen[0] != ring:
+                return
+        self.converged_at_ns = self.scheduler.now_ns
+        self.converged_ring = (int(ring[0]), int(ring[1]))
+        self.workload_on = False
+        self._note(f"converged: ring {ring} with all {len(self.nodeids)} nodes")
+        self.scheduler.after(drain_bound_ns(self.timers), ("end",))
+
+    def _on_deadline(self, event: tuple[Any, ...]) -> None:
+        if self.converged_at_ns >= 0:
+            return
+        states = "; ".join(
+            f"n{slot.nodeid}: " + ("down" if slot.core is None else f"state {slot.core.state} ring {tuple(slot.core.ring_id)} members {tuple(slot.core.members)}")
+            for slot in self.slots.values()
+        )
+        bound_ms = convergence_bound_ns(self.timers) / NS_PER_MS
+        raise Violation(
+            "liveness", list(self.nodeids),
+            f"no single ring of all nodes within {bound_ms:.0f}ms after the heal "
+            f"(bound = 2*token + 3*consensus + merge + 20*join); {states}",
+        )
+
+    def _on_end(self, event: tuple[Any, ...]) -> None:
+        busy = [slot.nodeid for slot in self.slots.values() if slot.core.send_queue_len]
+        if busy:
+            raise Violation("liveness", busy, f"send queues not empty {drain_bound_ns(self.timers) / NS_PER_MS:.0f}ms after convergence")
+        for slot in self.slots.values():
+            if tuple(slot.core.ring_id) != self.converged_ring:
+                raise Violation("membership-agreement", [slot.nodeid], f"ring changed after convergence without faults: {tuple(slot.core.ring_id)} != {self.converged_ring}")
+        self.checker.check_final([slot.proc for slot in self.slots.values()])
+        self.finished = True
+
+    # -- reporting ----------------------------------------------------------------------
+
+    def _note(self, text: str) -> None:
+        line = (self.scheduler.now_ns, text)
+        self.trace.append(line)
+        if self.options.verbose:
+            print(f"{self.scheduler.now_ns / NS_PER_MS:12.3f}ms  {text}")
+
+    def _result(self, violation: Violation | None, wall_s: float) -> RunResult:
+        report = ""
+        if violation is not None:
+            report = self._report(violation)
+        rings = {key for key in self.checker.ring_members}
+        return RunResult(
+            options=self.options, ok=violation is None, violation=violation, report=report,
+            digest=self.digest.hexdigest(), plan=self.plan, submitted=self.submitted,
+            backpressure=self.backpressure, delivered=self.checker.deliveries,
+            configs=self.checker.configs, rings=len(rings), crashes=self.crashes,
+            events=self.events,
+            converge_ns=self.converged_at_ns - self.safety_end_ns if self.converged_at_ns >= 0 else -1,
+            sim_ns=self.scheduler.now_ns, wall_s=wall_s,
+            stats={"sent": self.network.stats.sent, "dropped_cut": self.network.stats.dropped_cut,
+                   "dropped_loss": self.network.stats.dropped_loss, "duplicated": self.network.stats.duplicated},
+        )
+
+    def _report(self, violation: Violation) -> str:
+        lines = [
+            f"VIOLATION [{violation.checker}] nodes {violation.nodes} at t={self.scheduler.now_ns / NS_PER_MS:.3f}ms ({self.phase} phase)",
+            f"  {violation.detail}",
+            f"  faults: {self.plan.describe()}; cut links now: {self.network.cut_links()}",
+            f"  processes: {', '.join(proc_name(slot.proc) + ('' if slot.core else ' (down)') for slot in self.slots.values())}",
+            f"last {TRACE_SHOW} trace events:",
+        ]
+        for time_ns, text in list(self.trace)[-TRACE_SHOW:]:
+            lines.append(f"  {time_ns / NS_PER_MS:12.3f}ms  {text}")
+        lines.append(f"replay: {self.options.replay_command()} -v")
+        return "\n".join(lines)
+
+
+def run_seed(options: SimOptions, api: CoreApi | None = None) -> RunResult:
+    return Simulation(options, api).run()
