@@ -20,15 +20,22 @@ from corral.sim.faults import FAULT_NAMES, parse_faults
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nodes", type=int, default=3, help="cluster size (default 3)")
+    parser.add_argument("--nodes", default="3", help="cluster size (default 3); A:B in a soak gives each seed A + seed %% (B-A+1) nodes")
     parser.add_argument("--duration-ms", type=int, default=3000, help="simulated length of the safety phase (default 3000)")
     parser.add_argument("--faults", default="all", help=f"comma list of {','.join(FAULT_NAMES)}, or all / none (default all); each seed picks a subset")
     parser.add_argument("--token-ms", type=int, default=500, help="totem token timeout in ms (default 500)")
 
 
+def _nodes(text: str, seed: int) -> int:
+    if ":" in text:
+        low, high = (int(part) for part in text.split(":"))
+        return low + seed % (high - low + 1)
+    return int(text)
+
+
 def _options(args: argparse.Namespace, seed: int) -> SimOptions:
     return SimOptions(
-        seed=seed, nodes=args.nodes, duration_ms=args.duration_ms,
+        seed=seed, nodes=_nodes(args.nodes, seed), duration_ms=args.duration_ms,
         faults=parse_faults(args.faults), token_ms=args.token_ms,
         verbose=getattr(args, "verbose", 0),
     )

@@ -26,7 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.sim.checkers import EvsChecker, Proc, Violation, make_payload, proc_name
+from corral.sim.checkers import (
+    EvsChecker,
+    Proc,
+    Violation,
+    make_payload,
+    parse_payload,
+    proc_name,
+)
 from corral.sim.faults import FaultPlan
 from corral.sim.network import SimNetwork
 from corral.sim.rng import derive_rng
@@ -35,6 +42,7 @@ from corral.totem.config import NS_PER_MS, TotemConfig, TotemTimers
 
 TRACE_KEEP = 400
 TRACE_SHOW = 40
+PACKET_TRACE_KEEP = 12
 MAX_EVENTS = 5_000_000
 
 
@@ -166,7 +174,8 @@ class Simulation:
         self.checker = EvsChecker((self.api.conf_transitional, self.api.conf_regular))
         self.slots = {nodeid: NodeSlot(nodeid) for nodeid in self.nodeids}
         self.digest = hashlib.blake2b(digest_size=16)
-        self.trace: deque[tuple[int, str]] = deque(maxlen=TRACE_KEEP)
+        self.trace: deque[tuple[int, str | tuple[Any, ...]]] = deque(maxlen=TRACE_KEEP)
+        self.packet_trace: deque[tuple[int, int, int, bytes]] = deque(maxlen=PACKET_TRACE_KEEP)
         self.phase = "safety"
         self.safety_end_ns = options.duration_ms * NS_PER_MS
         self.converge_deadline_ns = self.safety_end_ns + convergence_bound_ns(self.timers)
@@ -241,8 +250,9 @@ class Simulation:
         self.digest.update(packet)
         if slot.core is None:
             return
+        self.packet_trace.append((self.scheduler.now_ns, source, destination, packet[:16]))
         if self.options.verbose >= 2:
-            self._note(f"n{destination} <- n{source} {len(packet)}B")
+            self._note(f"n{destination} <- n{source} {len(packet)}B {packet[:16].hex()}")
         slot.core.receive(self.scheduler.now_ns, packet)
         self._drain(slot)
 
@@ -315,8 +325,9 @@ class Simulation:
             _, sender, payload = event
             self.digest.update(b"d%d<%d:" % (slot.nodeid, sender))
             self.digest.update(payload)
+            self.trace.append((self.scheduler.now_ns, ("deliver", slot.nodeid, sender, payload[:24])))
             if self.options.verbose >= 2:
-                self._note(f"n{slot.nodeid} delivers {payload[:24]!r} from n{sender}")
+                print(f"{self.scheduler.now_ns / NS_PER_MS:12.3f}ms  {_format_entry(self.trace[-1][1])}")
             self.checker.on_deliver(slot.proc, sender, payload)
         elif event[0] == self.api.ev_config:
             _, kind, ring_id, members, joined, left = event
@@ -485,10 +496,22 @@ class Simulation:
             f"  processes: {', '.join(proc_name(slot.proc) + ('' if slot.core else ' (down)') for slot in self.slots.values())}",
             f"last {TRACE_SHOW} trace events:",
         ]
-        for time_ns, text in list(self.trace)[-TRACE_SHOW:]:
-            lines.append(f"  {time_ns / NS_PER_MS:12.3f}ms  {text}")
+        for time_ns, entry in list(self.trace)[-TRACE_SHOW:]:
+            lines.append(f"  {time_ns / NS_PER_MS:12.3f}ms  {_format_entry(entry)}")
+        lines.append(f"last {PACKET_TRACE_KEEP} packets received (first 16 bytes):")
+        for time_ns, source, destination, head in self.packet_trace:
+            lines.append(f"  {time_ns / NS_PER_MS:12.3f}ms  n{source} -> n{destination} {head.hex()}")
         lines.append(f"replay: {self.options.replay_command()} -v")
         return "\n".join(lines)
+
+
+def _format_entry(entry: str | tuple[Any, ...]) -> str:
+    if isinstance(entry, str):
+        return entry
+    _, nodeid, sender, head = entry
+    message = parse_payload(head)
+    name = f"m{message}" if message is not None else repr(head)
+    return f"n{nodeid} delivers {name} from n{sender}"
 
 
 def run_seed(options: SimOptions, api: CoreApi | None = None) -> RunResult:
