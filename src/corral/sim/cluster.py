@@ -150,6 +150,7 @@ class NodeSlot:
     timer_at_ns: int = -1
     timer_generation: int = 0
     counter: int = 0
+    paused_until_ns: int = -1
 
     @property
     def proc(self) -> Proc:
@@ -215,6 +216,10 @@ class Simulation:
             self.scheduler.at(self._jitter(plan.asym_interval_ns), ("asym",))
         if plan.crash_interval_ns:
             self.scheduler.at(self._jitter(plan.crash_interval_ns), ("crash",))
+        if plan.pause_interval_ns:
+            self.scheduler.at(self._jitter(plan.pause_interval_ns), ("pause",))
+        if plan.leave_interval_ns:
+            self.scheduler.at(self._jitter(plan.leave_interval_ns), ("leave",))
         self.network.set_plan(plan)
         self.scheduler.at(self.timers.token_ns // 2, ("submit",))
         self.scheduler.at(self.safety_end_ns, ("heal",))
@@ -225,7 +230,8 @@ class Simulation:
             "packet": self._on_packet, "timer": self._on_timer, "submit": self._on_submit,
             "restart": self._on_restart, "crash": self._on_crash, "partition": self._on_partition,
             "asym": self._on_asym, "uncut": self._on_uncut, "heal": self._on_heal,
-            "deadline": self._on_deadline, "end": self._on_end,
+            "deadline": self._on_deadline, "end": self._on_end, "pause": self._on_pause,
+            "leave": self._on_leave,
         }
         while not self.finished:
             event = self.scheduler.pop()
@@ -250,6 +256,8 @@ class Simulation:
         self.digest.update(packet)
         if slot.core is None:
             return
+        if self._deferred(slot, event):
+            return
         self.packet_trace.append((self.scheduler.now_ns, source, destination, packet[:16]))
         if self.options.verbose >= 2:
             self._note(f"n{destination} <- n{source} {len(packet)}B {packet[:16].hex()}")
@@ -261,6 +269,8 @@ class Simulation:
         slot = self.slots[nodeid]
         if slot.core is None or generation != slot.timer_generation:
             return
+        if self._deferred(slot, event):
+            return
         slot.timer_at_ns = -1
         self.digest.update(b"t%d@%d;" % (nodeid, self.scheduler.now_ns))
         slot.core.tick(self.scheduler.now_ns)
@@ -271,7 +281,8 @@ class Simulation:
             return
         rng = self.workload_rng
         self.scheduler.after(1 + int(rng.expovariate(1.0 / self.submit_interval_ns)), ("submit",))
-        up = [slot for slot in self.slots.values() if slot.core is not None]
+        now_ns = self.scheduler.now_ns
+        up = [s for s in self.slots.values() if s.core is not None and s.paused_until_ns <= now_ns]
         if not up:
             return
         slot = up[rng.randrange(len(up))]
@@ -356,13 +367,57 @@ class Simulation:
         self._crash(slot)
         self.scheduler.after(downtime_ns, ("restart", slot.nodeid, disk_lost))
 
-    def _crash(self, slot: NodeSlot) -> None:
-        self._note(f"n{slot.nodeid} crashes (incarnation {slot.incarnation})")
-        self.crashes += 1
+    def _crash(self, slot: NodeSlot, why: str = "crashes") -> None:
+        self._note(f"n{slot.nodeid} {why} (incarnation {slot.incarnation})")
+        if why == "crashes":
+            self.crashes += 1
         self.checker.on_crash(slot.proc)
         slot.core = None
+        slot.paused_until_ns = -1
         slot.timer_generation += 1
         slot.timer_at_ns = -1
+
+    def _deferred(self, slot: NodeSlot, event: tuple[Any, ...]) -> bool:
+        """A paused node handles nothing until it resumes: requeue the event then.
+
+        Requeued events keep their relative order (insertion order breaks the tie)."""
+        if slot.paused_until_ns > self.scheduler.now_ns:
+            self.scheduler.at(slot.paused_until_ns, event)
+            return True
+        return False
+
+    def _on_pause(self, event: tuple[Any, ...]) -> None:
+        if self.phase != "safety":
+            return
+        plan = self.plan
+        rng = self.fault_rng
+        self.scheduler.at(self._jitter(plan.pause_interval_ns), ("pause",))
+        now_ns = self.scheduler.now_ns
+        up = [slot for slot in self.slots.values() if slot.core is not None and slot.paused_until_ns <= now_ns]
+        if not up:
+            return
+        slot = up[rng.randrange(len(up))]
+        duration_ns = 1 + rng.randrange(plan.pause_duration_ns)
+        slot.paused_until_ns = now_ns + duration_ns
+        self._note(f"n{slot.nodeid} pauses for {duration_ns / NS_PER_MS:.0f}ms")
+
+    def _on_leave(self, event: tuple[Any, ...]) -> None:
+        if self.phase != "safety":
+            return
+        plan = self.plan
+        rng = self.fault_rng
+        self.scheduler.at(self._jitter(plan.leave_interval_ns), ("leave",))
+        now_ns = self.scheduler.now_ns
+        up = [slot for slot in self.slots.values() if slot.core is not None and slot.paused_until_ns <= now_ns]
+        if len(up) <= 1:
+            return
+        slot = up[rng.randrange(len(up))]
+        self._note(f"n{slot.nodeid} leaves gracefully")
+        slot.core.leave(now_ns)
+        self._drain(slot)
+        # The core is stopped: it keeps nothing worth driving; restart it later.
+        self._crash(slot, why="left")
+        self.scheduler.after(1 + rng.randrange(2 * self.timers.token_ns), ("restart", slot.nodeid, False))
 
     def _on_partition(self, event: tuple[Any, ...]) -> None:
         if self.phase != "safety":
@@ -416,6 +471,7 @@ class Simulation:
         self.network.heal_all()
         self.network.set_plan(FaultPlan())
         for slot in self.slots.values():
+            # A pause still running ends at its time: its backlog is already queued.
             if slot.core is None:
                 self.scheduler.after(0, ("restart", slot.nodeid, False))
 

@@ -13,7 +13,10 @@ Fault classes (names used by `--faults`):
 - partition: the nodes are split into two groups for a while, then healed;
 - asym: one directed link (or all of one node's outgoing links) is cut one way;
 - crash: a node stops (state lost) and restarts later with its ring seq kept;
-- disklost: as crash, but the persisted ring seq is lost too.
+- disklost: as crash, but the persisted ring seq is lost too;
+- pause: a node stops processing for a while (like SIGSTOP), then handles the
+  backlog of packets and timers at once;
+- leave: a node leaves gracefully (`TotemCore.leave`) and restarts later.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass, fields
 from corral.sim.rng import derive_rng
 
 FAULT_NAMES: tuple[str, ...] = (
-    "delay", "loss", "dup", "reorder", "partition", "asym", "crash", "disklost",
+    "delay", "loss", "dup", "reorder", "partition", "asym", "crash", "disklost", "pause", "leave",
 )
 
 NS_PER_MS = 1_000_000
@@ -58,6 +61,9 @@ class FaultPlan:
     crash_interval_ns: int = 0
     crash_downtime_ns: int = 0
     disk_lost_probability: float = 0.0
+    pause_interval_ns: int = 0
+    pause_duration_ns: int = 0
+    leave_interval_ns: int = 0
 
     @classmethod
     def choose(cls, seed: int, allowed: tuple[str, ...], token_ns: int) -> FaultPlan:
@@ -89,6 +95,11 @@ class FaultPlan:
             values["disk_lost_probability"] = (
                 0.0 if "disklost" not in on else 1.0 if "crash" not in on else 0.5
             )
+        if "pause" in on:
+            values["pause_interval_ns"] = rng.randint(token_ns, 5 * token_ns)
+            values["pause_duration_ns"] = rng.randint(token_ns // 10, 2 * token_ns)
+        if "leave" in on:
+            values["leave_interval_ns"] = rng.randint(2 * token_ns, 8 * token_ns)
         return cls(**values)  # type: ignore[arg-type]
 
     def active(self) -> list[str]:
@@ -111,6 +122,10 @@ class FaultPlan:
                 names.append("crash")
             if self.disk_lost_probability > 0.0:
                 names.append("disklost")
+        if self.pause_interval_ns:
+            names.append("pause")
+        if self.leave_interval_ns:
+            names.append("leave")
         return names
 
     def describe(self) -> str:
