@@ -43,6 +43,26 @@ from corral.totem.config import NS_PER_MS, TotemConfig, TotemTimers
 TRACE_KEEP = 400
 TRACE_SHOW = 40
 PACKET_TRACE_KEEP = 12
+PACKET_HEAD_BYTES = 44
+# Totem common header (ext/totem/codec.pxi): magic u16 | version u8 | type u8 |
+# sender u32 | ring_rep u32 | ring_seq u64, little-endian.
+TOTEM_MAGIC = 0x7C05
+PACKET_TYPES = {1: "token", 2: "mcast", 3: "join", 4: "commit", 5: "merge-detect", 6: "hold-cancel"}
+
+
+def describe_packet(packet: bytes) -> str:
+    """Best-effort one-line summary of a Totem packet, for traces only."""
+    if len(packet) >= 20 and int.from_bytes(packet[0:2], "little") == TOTEM_MAGIC:
+        kind = PACKET_TYPES.get(packet[3], f"type{packet[3]}")
+        rep = int.from_bytes(packet[8:12], "little")
+        seq = int.from_bytes(packet[12:20], "little")
+        extra = ""
+        if packet[3] in (1, 2) and len(packet) >= 28:
+            extra = f" seq {int.from_bytes(packet[20:28], 'little')}"
+            if packet[3] == 1 and len(packet) >= 44:
+                extra = f" token_seq {int.from_bytes(packet[20:28], 'little')} seq {int.from_bytes(packet[28:36], 'little')} aru {int.from_bytes(packet[36:44], 'little')}"
+        return f"{kind} ring ({rep}, {seq}){extra}"
+    return packet[:16].hex()
 MAX_EVENTS = 5_000_000
 
 
@@ -258,9 +278,9 @@ class Simulation:
             return
         if self._deferred(slot, event):
             return
-        self.packet_trace.append((self.scheduler.now_ns, source, destination, packet[:16]))
+        self.packet_trace.append((self.scheduler.now_ns, source, destination, packet[:PACKET_HEAD_BYTES]))
         if self.options.verbose >= 2:
-            self._note(f"n{destination} <- n{source} {len(packet)}B {packet[:16].hex()}")
+            self._note(f"n{source} -> n{destination} {describe_packet(packet)}")
         slot.core.receive(self.scheduler.now_ns, packet)
         self._drain(slot)
 
@@ -554,9 +574,9 @@ class Simulation:
         ]
         for time_ns, entry in list(self.trace)[-TRACE_SHOW:]:
             lines.append(f"  {time_ns / NS_PER_MS:12.3f}ms  {_format_entry(entry)}")
-        lines.append(f"last {PACKET_TRACE_KEEP} packets received (first 16 bytes):")
+        lines.append(f"last {PACKET_TRACE_KEEP} packets received:")
         for time_ns, source, destination, head in self.packet_trace:
-            lines.append(f"  {time_ns / NS_PER_MS:12.3f}ms  n{source} -> n{destination} {head.hex()}")
+            lines.append(f"  {time_ns / NS_PER_MS:12.3f}ms  n{source} -> n{destination} {describe_packet(head)}")
         lines.append(f"replay: {self.options.replay_command()} -v")
         return "\n".join(lines)
 
