@@ -1,0 +1,372 @@
+"""Local resource manager state machine: one per node, holding its node's agent lock and the
+watchdog while it runs services (anchors sections 4 and 8).
+
+Safety: the watchdog is fed only right after a successful agent-lock renewal, so an LRM that
+cannot renew (no quorum) or must be fenced stops feeding it and the node is reset before the
+master can take the lock (see settings.py for the timing rule).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from corral.errors import ConfigError
+from corral.ha.logic.config import DatacenterHa
+from corral.ha.logic.env import HaEnvironment
+from corral.ha.logic.settings import HaTimings
+from corral.ha.logic.types import (
+    INACTIVE_SERVICE_STATES,
+    ExitCode,
+    LrmMode,
+    LrmState,
+    NodeState,
+    ServiceState,
+    ShutdownPolicy,
+)
+
+IDLE_ROUNDS_BEFORE_RELEASE = 60
+SKIPPED_JOB_STATES = frozenset({ServiceState.RECOVERY, ServiceState.FREEZE,
+                                ServiceState.REQUEST_START, ServiceState.FENCE})
+MOTION_STATES = frozenset({ServiceState.MIGRATE, ServiceState.RELOCATE,
+                           ServiceState.REQUEST_START_BALANCE})
+STOP_STATES = frozenset({ServiceState.REQUEST_STOP, ServiceState.STOPPED})
+
+
+class Lrm:
+    def __init__(self, env: HaEnvironment, timings: HaTimings) -> None:
+        self.env = env
+        self.timings = timings
+        self.me = env.nodename()
+        self.state = LrmState.STARTUP
+        self.mode = LrmMode.ACTIVE
+        self.has_lock = False
+        self.watchdog_active = False
+        self.results: dict[str, dict[str, Any]] = {}
+        self.restart_tries: dict[str, int] = {}
+        self.error_logged: set[str] = set()
+        self.idle_rounds = 0
+        self.shutdown_kind: str | None = None
+        self.shutdown_requested = False
+        self.shutdown_mode: LrmMode | None = None
+        self.stop_all_pending = False
+        self.stop_failed = False
+        self.exited = False
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _set_state(self, new: LrmState) -> None:
+        if new != self.state:
+            self.env.log("info", f"status change {self.state} => {new}")
+            self.state = new
+
+    def request_shutdown(self, kind: str | None) -> None:
+        """kind: 'poweroff', 'reboot' or None for a plain daemon restart."""
+        self.shutdown_requested = True
+        self.shutdown_kind = kind
+
+    def _datacenter(self) -> DatacenterHa:
+        try:
+            return self.env.read_datacenter()
+        except ConfigError as error:
+            self.env.log("warn", f"datacenter.cfg: {error}; using defaults")
+            return DatacenterHa()
+
+    def _my_services(self, status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {sid: e for sid, e in (status.get("service_status") or {}).items()
+                if e.get("node") == self.me}
+
+    def active_count(self, status: dict[str, Any]) -> int:
+        return sum(1 for e in (status.get("service_status") or {}).values()
+                   if self.me in (e.get("node"), e.get("target"))
+                   and e.get("state") not in INACTIVE_SERVICE_STATES)
+
+    def fence_requested(self, status: dict[str, Any]) -> bool:
+        if (status.get("node_status") or {}).get(self.me) == NodeState.FENCE:
+            return True
+        return any(e.get("state") == ServiceState.FENCE for e in self._my_services(status).values())
+
+    def _acquire(self) -> bool:
+        ok = self.env.quorate() and self.env.get_agent_lock(self.me)
+        if ok and not self.has_lock:
+            self.env.log("info", f"got lock 'ha_agent_{self.me}_lock'")
+        if not ok and self.has_lock:
+            self.env.log("err", f"lost lock 'ha_agent_{self.me}_lock'")
+        self.has_lock = ok
+        return ok
+
+    def _release(self) -> None:
+        if self.has_lock:
+            self.env.release_agent_lock(self.me)
+            self.has_lock = False
+        if self.watchdog_active:
+            self.env.watchdog_close()
+            self.watchdog_active = False
+            self.env.log("info", "watchdog closed (disabled)")
+
+    def _feed(self) -> None:
+        if not self.watchdog_active:
+            self.env.watchdog_open()
+            self.watchdog_active = True
+        self.env.watchdog_update()
+
+    def write_status(self) -> None:
+        self.env.write_lrm_status({
+            "state": str(self.state), "mode": str(self.mode),
+            "timestamp": self.env.now_ns() // 1_000_000_000,
+            "results": dict(sorted(self.results.items())),
+        })
+
+    # --- loop ----------------------------------------------------------------------------
+
+    def iterate(self) -> bool:
+        """Run one loop; False once the daemon has exited."""
+        if self.exited:
+            return False
+        status = self.env.read_manager_status()
+        if self.state == LrmState.STARTUP:
+            if not self.env.quorate():
+                return True
+            self._update_mode(status)
+            self.write_status()
+            self._set_state(LrmState.WAIT_FOR_AGENT_LOCK)
+        self._update_mode(status)
+        self._transition(status)
+        return self._work(status)
+
+    def _update_mode(self, status: dict[str, Any]) -> None:
+        if self.shutdown_requested and self.shutdown_mode is None:
+            self._decide_shutdown(status)
+        if self.shutdown_mode is not None:
+            new = self.shutdown_mode
+        elif (status.get("node_request") or {}).get(self.me, {}).get("maintenance"):
+            new = LrmMode.MAINTENANCE
+        elif status.get("disarm"):
+            new = LrmMode.DISARM
+        else:
+            new = LrmMode.ACTIVE
+        if new != self.mode:
+            self.env.log("info", f"mode change {self.mode} => {new}")
+            self.mode = new
+
+    def _decide_shutdown(self, status: dict[str, Any]) -> None:
+        policy = self._datacenter().shutdown_policy
+        kind = self.shutdown_kind
+        if (status.get("node_request") or {}).get(self.me, {}).get("maintenance"):
+            mode, stop_all = LrmMode.MAINTENANCE, False
+        elif kind is None:
+            mode, stop_all = LrmMode.RESTART, False
+        elif policy == ShutdownPolicy.MIGRATE:
+            mode, stop_all = LrmMode.MAINTENANCE, False
+        elif policy == ShutdownPolicy.FAILOVER or (
+                policy == ShutdownPolicy.CONDITIONAL and kind == "poweroff"):
+            mode, stop_all = LrmMode.SHUTDOWN, True
+        else:
+            mode, stop_all = LrmMode.RESTART, True
+        self.env.log("info", f"received shutdown request ({kind or 'daemon restart'}), shutdown "
+                             f"policy '{policy}' -> mode '{mode}'")
+        self.shutdown_mode = mode
+        self.stop_all_pending = stop_all
+
+    def _transition(self, status: dict[str, Any]) -> None:
+        state = self.state
+        fence = self.fence_requested(status)
+        if state == LrmState.WAIT_FOR_AGENT_LOCK:
+            if (self.mode != LrmMode.DISARM and not fence and not self.shutdown_requested
+                    and self.active_count(status) > 0 and self._acquire()):
+                self._feed()
+                self._set_state(LrmState.ACTIVE)
+        elif state == LrmState.LOST_AGENT_LOCK:
+            if not fence and self._acquire():
+                self._feed()
+                self._set_state(LrmState.ACTIVE)
+        elif state == LrmState.ACTIVE:
+            self._transition_active(status, fence)
+        elif state == LrmState.MAINTENANCE:
+            self._transition_maintenance(status, fence)
+
+    def _transition_active(self, status: dict[str, Any], fence: bool) -> None:
+        if fence:
+            self.env.log("info", "node needs to be fenced - releasing agent_lock")
+            self._set_state(LrmState.LOST_AGENT_LOCK)
+            return
+        if not self._acquire():
+            self._set_state(LrmState.LOST_AGENT_LOCK)
+            return
+        self._feed()
+        if self.mode == LrmMode.MAINTENANCE:
+            self._set_state(LrmState.MAINTENANCE)
+        elif self.mode == LrmMode.DISARM:
+            self._release()
+            self._set_state(LrmState.WAIT_FOR_AGENT_LOCK)
+        elif not self._my_services(status) and not self.shutdown_requested:
+            self.idle_rounds += 1
+            if self.idle_rounds > IDLE_ROUNDS_BEFORE_RELEASE:
+                self._release()
+                self.idle_rounds = 0
+                self._set_state(LrmState.WAIT_FOR_AGENT_LOCK)
+        else:
+            self.idle_rounds = 0
+
+    def _transition_maintenance(self, status: dict[str, Any], fence: bool) -> None:
+        active = self.active_count(status)
+        if fence:
+            self._set_state(LrmState.LOST_AGENT_LOCK)
+        elif self.mode == LrmMode.DISARM and active == 0:
+            self._release()
+            self._set_state(LrmState.WAIT_FOR_AGENT_LOCK)
+        elif active > 0:
+            if not self._acquire():
+                self._set_state(LrmState.LOST_AGENT_LOCK)
+            else:
+                self._feed()
+        elif self.mode != LrmMode.MAINTENANCE:
+            if self._acquire():
+                self._feed()
+                self._set_state(LrmState.ACTIVE)
+            else:
+                self._set_state(LrmState.LOST_AGENT_LOCK)
+
+    def _work(self, status: dict[str, Any]) -> bool:
+        state = self.state
+        if state == LrmState.WAIT_FOR_AGENT_LOCK and self.shutdown_requested:
+            return self._exit()
+        if state == LrmState.ACTIVE:
+            if self.shutdown_requested:
+                return self._shutdown_work(status)
+            self.manage_resources(status)
+        elif state == LrmState.LOST_AGENT_LOCK:
+            if self.shutdown_requested and self.active_count(status) == 0:
+                return self._exit()
+        elif state == LrmState.MAINTENANCE:
+            self.manage_resources(status)
+            if self.active_count(status) == 0:
+                if self.has_lock or self.watchdog_active:
+                    self._release()
+                if self.shutdown_requested:
+                    return self._exit()
+        self.write_status()
+        return True
+
+    def _shutdown_work(self, status: dict[str, Any]) -> bool:
+        if self.stop_all_pending:
+            self.stop_all_pending = False
+            for sid in sorted(self._my_services(status)):
+                if self.env.guest_running(sid):
+                    self.env.log("info", f"stopping service {sid} (node shutdown)")
+                    if not self.env.guest_stop(sid, None):
+                        self.stop_failed = True
+        if self.mode == LrmMode.RESTART and self.active_count(status) > 0:
+            self.write_status()
+            return True
+        return self._exit()
+
+    def _exit(self) -> bool:
+        self.write_status()
+        if not self.stop_failed:
+            self._release()
+        self.env.log("info", "LRM exits")
+        self.exited = True
+        return False
+
+    # --- jobs ----------------------------------------------------------------------------
+
+    def manage_resources(self, status: dict[str, Any]) -> None:
+        """Run at most max_workers jobs, one per service whose uid has no result yet."""
+        max_workers = self._datacenter().max_workers
+        started = 0
+        resources = self.env.read_resources()
+        for sid, entry in sorted(self._my_services(status).items()):
+            uid = entry.get("uid")
+            state = entry.get("state")
+            if not uid or state in SKIPPED_JOB_STATES:
+                continue
+            if uid in self.results and state != ServiceState.STOPPED:
+                continue
+            if started >= max_workers:
+                break
+            started += 1
+            max_restart = resources[sid].max_restart if sid in resources else 1
+            code = self._run_job(sid, entry, max_restart)
+            if code != ExitCode.ETRY_AGAIN:
+                self.results[uid] = {"sid": sid, "state": state, "exit_code": int(code)}
+        live = {e.get("uid") for e in (status.get("service_status") or {}).values()}
+        self.results = {uid: r for uid, r in self.results.items() if uid in live}
+
+    def _run_job(self, sid: str, entry: dict[str, Any], max_restart: int) -> ExitCode:
+        code = self._execute(sid, entry)
+        if entry.get("state") != ServiceState.STARTED:
+            return code
+        if code == ExitCode.SUCCESS:
+            self.restart_tries.pop(sid, None)
+        elif code == ExitCode.ERROR:
+            tries = self.restart_tries.get(sid, 0)
+            if tries < max_restart:
+                self.restart_tries[sid] = tries + 1
+                self.env.log("warn", f"restart policy: retry number {tries + 1} for service "
+                                     f"'{sid}'")
+                return ExitCode.ETRY_AGAIN
+            self.env.log("err", f"unable to start service {sid} on local node after {tries} "
+                                "retries")
+            self.restart_tries.pop(sid, None)
+        return code
+
+    def _execute(self, sid: str, entry: dict[str, Any]) -> ExitCode:
+        state = entry.get("state")
+        if state == ServiceState.ERROR:
+            if entry["uid"] not in self.error_logged:
+                self.error_logged.add(entry["uid"])
+                self.env.log("err", f"service {sid} is in an error state and needs manual "
+                                    "intervention. Look up 'ERROR RECOVERY' in the documentation.")
+            return ExitCode.SUCCESS
+        config_node = self.env.guest_config_node(sid)
+        if state in MOTION_STATES:
+            target = entry.get("target")
+            if not target:
+                return ExitCode.EINVALID_PARAMETER
+            if config_node == target:
+                return ExitCode.SUCCESS
+        if config_node != self.me:
+            return ExitCode.EWRONG_NODE
+        if state == ServiceState.STARTED:
+            return self._start(sid)
+        if state in STOP_STATES:
+            return self._stop(sid, entry.get("timeout"))
+        if state in MOTION_STATES:
+            return self._move(sid, str(state), entry["target"])
+        return ExitCode.EUNKNOWN_COMMAND
+
+    def _start(self, sid: str) -> ExitCode:
+        if self.env.guest_running(sid):
+            return ExitCode.SUCCESS
+        self.env.log("info", f"starting service {sid}")
+        if self.env.guest_start(sid) and self.env.guest_running(sid):
+            self.env.log("info", f"service status {sid} started")
+            return ExitCode.SUCCESS
+        self.env.log("warn", f"unable to start service {sid}")
+        return ExitCode.ERROR
+
+    def _stop(self, sid: str, timeout_s: int | None) -> ExitCode:
+        if not self.env.guest_running(sid):
+            return ExitCode.SUCCESS
+        self.env.log("info", f"stopping service {sid}")
+        if self.env.guest_stop(sid, timeout_s) and not self.env.guest_running(sid):
+            self.env.log("info", f"service status {sid} stopped")
+            return ExitCode.SUCCESS
+        self.env.log("err", f"unable to stop service {sid}")
+        return ExitCode.ERROR
+
+    def _move(self, sid: str, state: str, target: str) -> ExitCode:
+        running = self.env.guest_running(sid)
+        if state == ServiceState.REQUEST_START_BALANCE and running:
+            return ExitCode.IGNORED
+        online = state == ServiceState.MIGRATE and sid.startswith("vm:") and running
+        verb = "migrate" if online or state == ServiceState.MIGRATE else "relocate"
+        self.env.log("info", f"service {sid} - start {verb} to node '{target}'")
+        if running and not online and self._stop(sid, None) != ExitCode.SUCCESS:
+            return ExitCode.ERROR
+        self.env.guest_migrate(sid, target, online)
+        if self.env.guest_config_node(sid) == target:
+            self.env.log("info", f"service {sid} - end {verb} to node '{target}'")
+            return ExitCode.SUCCESS
+        self.env.log("err", f"service {sid} - {verb} to node '{target}' failed")
+        return ExitCode.ERROR

@@ -1,0 +1,1 @@
+"""Deterministic scenario simulator for the HA logic (reference test-directory format)."""
