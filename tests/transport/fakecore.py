@@ -42,6 +42,8 @@ class FakeCore:
     def receive(self, now_ns: int, packet: bytes) -> None:
         kind, sender, _seq = HEADER.unpack_from(packet)
         self.received += 1
+        if self._state:
+            return
         if kind == b"L":
             self._heard.pop(sender, None)
             self._update_members()

@@ -228,8 +228,12 @@ class TotemNode:
         if not self.running:
             return
         now_ns = self.clock_ns()
-        for _sender, packet in batch:
-            self.core.receive(now_ns, packet)
+        try:
+            for _sender, packet in batch:
+                self.core.receive(now_ns, packet)
+        except BaseException as error:
+            self._fail(error)
+            raise
         self.counters["packets_in"] += len(batch)
         self.counters["batches"] += 1
         self._after_input()
@@ -245,7 +249,11 @@ class TotemNode:
             late_us = max(0, now_ns - deadline_ns) // 1000
             self.lag["timer_late_max_us"] = max(self.lag["timer_late_max_us"], late_us)
         self.counters["timer_fires"] += 1
-        self.core.tick(now_ns)
+        try:
+            self.core.tick(now_ns)
+        except BaseException as error:
+            self._fail(error)
+            raise
         self._after_input()
 
     def _schedule_flush(self) -> None:
@@ -272,11 +280,17 @@ class TotemNode:
             self._dispatch(self.core.pop_events())
             self._arm_timer()
         except BaseException as error:
-            self.failed = error
-            self._shutdown()
+            self._fail(error)
             raise
         if self.core.send_queue_room > 0:
             self._writable.set()
+
+    def _fail(self, error: BaseException) -> None:
+        """A core or listener exception is a bug: stop rather than continue wrong."""
+        if self.failed is None:
+            self.failed = error
+        if self.running:
+            self._shutdown()
 
     def _dispatch(self, events: list[tuple[object, ...]]) -> None:
         self.counters["events"] += len(events)
