@@ -28,6 +28,7 @@ import xxhash
 from corral.cfs import records, rules
 from corral.cfs._tree import Entry, Tree
 from corral.cfs.ops import Op, OpKind
+from corral.cfs.resync import PatchItem
 from corral.errors import InvariantError
 
 CHUNK_SIZE = rules.CHUNK_SIZE
@@ -549,6 +550,96 @@ class CfsState:
         self.tree.remove(entry)
         return Outcome(0, [(records.meta_key(entry.ino), None), self._head()],
                        [LockChanged(op.path, None)])
+
+
+    # ------------------------------------------------------------- resync
+
+    def locks(self) -> dict[str, int]:
+        """Every held lock with its checksum (for LockTracker.rebuild)."""
+        directory = self.tree.lookup(rules.LOCK_DIR)
+        if directory is None or not directory.is_dir:
+            return {}
+        out = {}
+        for entry in self.tree.readdir(directory, 0, directory.child_count):
+            if entry.is_dir:
+                path = f"{rules.LOCK_DIR}/{entry.name}"
+                out[path] = lock_checksum(path, entry)
+        return out
+
+    def apply_patch(self, delete: Sequence[str], items: Sequence[PatchItem],
+                    touch_dirs: Sequence[tuple[str, int]] = ()) -> list[Mutation]:
+        """Make this tree equal the source's where the digest walk found
+        differences; bypasses the rules (the source already applied them).
+        Returns the mutations, to be written as one atomic batch."""
+        mutations: list[Mutation] = []
+        for path in delete:
+            mutations += self._sync_delete(path)
+        for item in items:
+            mutations += self._sync_put(item)
+        for path, mtime in touch_dirs:
+            entry = self.tree.lookup(path)
+            if entry is not None and entry.is_dir and entry.parent is not None:
+                version = self._next_version(entry.writer, mtime)
+                self.tree.set_meta(entry, mtime, version, entry.writer)
+                mutations.append(self._meta(entry))
+        mutations.append(self._head())
+        self.rebuild_guests()
+        for path in rules.OBSERVED_PATHS:
+            found = self.tree.lookup(path)
+            if found is not None:
+                self.observed[path] = max(self.observed.get(path, 0), found.version)
+        return mutations
+
+    def _sync_delete(self, path: str) -> list[Mutation]:
+        top = self.tree.lookup(path) if path else None
+        if top is None:
+            return []
+        doomed = [top]
+        index = 0
+        while index < len(doomed):
+            entry = doomed[index]
+            if entry.is_dir:
+                doomed += self.tree.readdir(entry, 0, entry.child_count)
+            index += 1
+        mutations: list[Mutation] = []
+        for entry in reversed(doomed):
+            count = -(-entry.size // CHUNK_SIZE) if not entry.is_dir else 0
+            mutations += [(records.chunk_key(entry.ino, i), None) for i in range(count)]
+            mutations.append((records.meta_key(entry.ino), None))
+            self.tree.remove(entry)
+        return mutations
+
+    def _sync_put(self, item: PatchItem) -> list[Mutation]:
+        mutations: list[Mutation] = []
+        existing = self.tree.lookup(item.path)
+        if existing is not None and existing.is_dir != item.is_dir:
+            mutations += self._sync_delete(item.path)
+            existing = None
+        version = self._next_version(item.writer, item.mtime)
+        if existing is None:
+            code, parent, name = self._parent_of(item.path)
+            if parent is None:
+                raise InvariantError(f"resync patch: no parent for {item.path} ({code})")
+            existing = self.tree.add(parent, name, version, item.is_dir, item.mtime, version,
+                                     item.writer)
+            old_count = 0
+        else:
+            old_count = -(-existing.size // CHUNK_SIZE)
+        if item.is_dir:
+            self.tree.set_meta(existing, item.mtime, version, item.writer)
+            return [*mutations, self._meta(existing)]
+        content = item.content or b""
+        total = 0
+        for index in range(-(-len(content) // CHUNK_SIZE)):
+            chunk = content[index * CHUNK_SIZE:(index + 1) * CHUNK_SIZE]
+            total += records.chunk_digest(index, chunk)
+            mutations.append((records.chunk_key(existing.ino, index), chunk))
+        new_count = -(-len(content) // CHUNK_SIZE)
+        mutations += [(records.chunk_key(existing.ino, i), None) for i in range(new_count, old_count)]
+        self.tree.set_content(existing, len(content), total & _MASK64, item.mtime, version,
+                              item.writer)
+        mutations.append(self._meta(existing))
+        return mutations
 
 
 def _build_chunk(old: bytes, index: int, new_size: int, op: Op) -> bytes:
