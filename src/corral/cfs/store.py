@@ -97,7 +97,7 @@ class Store:
         unpack = records.unpack_meta
         ino_of = records.ino_of_meta_key
         recs = [
-            unpack(ino_of(key), value)
+            unpack(ino_of(_raw(key)), _raw(value))
             for key, value in self.db.items(from_key=records.META_PREFIX, read_opt=bound)
         ]
         return self.state.load(head, recs)
@@ -107,7 +107,10 @@ class Store:
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if len(keys) == 1:
             return [self.db.get(keys[0])]
-        return list(self.db.get(list(keys)))
+        values = self.db.get(list(keys))
+        if not isinstance(values, list):
+            raise InvariantError("RocksDB multi-get returned no list")
+        return values
 
     def read(self, path: str, offset: int, size: int) -> tuple[int, bytes]:
         return self.state.read(path, offset, size, self)
@@ -187,7 +190,8 @@ class Store:
         snapshot = self.db.snapshot()
         with open(temp, "wb") as out:
             out.write(BACKUP_MAGIC)
-            for key, value in snapshot.items():
+            for raw_key, raw_value in snapshot.items():
+                key, value = _raw(raw_key), _raw(raw_value)
                 record = _BACKUP_RECORD.pack(len(key), len(value)) + key + value
                 digest.update(record)
                 out.write(record)
@@ -224,6 +228,13 @@ class Store:
         finally:
             db.close()
         return len(pairs)
+
+
+def _raw(value: object) -> bytes:
+    # The database runs in raw mode: keys and values are always bytes.
+    if not isinstance(value, bytes):
+        raise InvariantError("non-bytes value in a raw-mode database")
+    return value
 
 
 def _parse_backup(data: bytes) -> list[tuple[bytes, bytes]]:
