@@ -33,7 +33,7 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from corral.corosync_conf import ClusterConfig
@@ -154,13 +154,10 @@ class Engine:
             self._on_deliver(event[1], event[2])
         elif event[0] == EV_CONFIG:
             self._on_config(event)
-        if self.cpg is not None:
-            if event[0] != EV_DELIVER or not event[2].startswith(bytes([LOAD_MAGIC])):
-                self.cpg.totem_event(event)
 
     def _on_deliver(self, sender: int, payload: bytes) -> None:
         self.delivered += 1
-        if len(payload) < LOAD_HEADER.size or payload[0] != LOAD_MAGIC:
+        if not _is_load(payload):
             return
         _magic, origin, life, counter, sent_ns = LOAD_HEADER.unpack_from(payload)
         if self.deliveries is not None:
@@ -231,6 +228,8 @@ class Engine:
     def write_status(self) -> None:
         status = self.node.status()
         status.update(delivered=self.delivered, load_sent=self.load_sent, pid=os.getpid())
+        if self.cpg is not None:
+            status["cpg"] = self.cpg.stats()
         path = os.path.join(self.args.state_dir, "status.json")
         with open(path + ".tmp", "w", encoding="utf-8") as handle:
             json.dump(status, handle, default=str)
@@ -262,6 +261,8 @@ class Engine:
             status = 1
         else:
             log.info("leaving the ring")
+            if self.cpg is not None:
+                await self.cpg.close()
             await self.node.stop()
         requested.cancel()
         self.write_status()
@@ -270,14 +271,45 @@ class Engine:
         return status
 
     async def _start_cpg(self) -> None:
-        """Attach the CPG service if it exists in this tree (being written in parallel)."""
+        """Attach the CPG service (written in parallel) if this tree has it."""
         try:
-            from corral.cpg.service import CpgService  # type: ignore[import-not-found,unused-ignore]
+            from corral.cpg.service import CpgService
         except ImportError:
             if self.args.ipc_socket:
                 log.warning("--ipc-socket given but corral.cpg.service is not available")
             return
-        log.info("CPG service available (%s); integration pending", CpgService.__name__)
+        self.cpg = CpgService(_CpgView(self.node))
+        log.info("CPG service started")
+        if self.args.ipc_socket:
+            # TODO(cpg-ipc): serve self.cpg on this socket once the IPC server exists.
+            log.warning("--ipc-socket: the CPG IPC server is not available yet")
+
+
+class _CpgView:
+    """The node as the CPG service sees it: without the engine's load messages."""
+
+    def __init__(self, node: TotemNode) -> None:
+        self.node = node
+        self.nodeid = node.nodeid
+
+    def submit(self, payload: bytes) -> bool:
+        return self.node.submit(payload)
+
+    async def wait_writable(self) -> None:
+        await self.node.wait_writable()
+
+    def add_listener(self, callback: Callable[[tuple[object, ...]], None]) -> None:
+        def filtered(event: tuple[object, ...]) -> None:
+            if event[0] == EV_DELIVER and _is_load(event[2]):
+                return
+            callback(event)
+
+        self.node.add_listener(filtered)
+
+
+def _is_load(payload: object) -> bool:
+    return isinstance(payload, bytes) and len(payload) >= LOAD_HEADER.size and \
+        payload[0] == LOAD_MAGIC
 
 
 def main(argv: Sequence[str]) -> int:
