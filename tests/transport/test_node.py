@@ -145,3 +145,27 @@ def test_restart_resumes_from_persisted_ring_seq(run: Callable[[Any], Any], tmp_
         assert again.core.initial_ring_seq == 400
 
     run(scenario())
+
+
+class ExplodingCore(FakeCore):
+    def receive(self, now_ns: int, packet: bytes) -> None:
+        raise RuntimeError("core bug")
+
+
+def test_core_exception_stops_node(run: Callable[[Any], Any], tmp_path: Any) -> None:
+    async def scenario() -> None:
+        nodes = make_nodes(2, str(tmp_path))
+        broken = TotemNode(2, TotemConfig().timers(2), nodes[1].transport, nodes[1].state_dir,
+                           core_factory=ExplodingCore)
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
+        await nodes[0].start()
+        await broken.start()
+        try:
+            with pytest.raises(RuntimeError, match="core bug"):
+                await asyncio.wait_for(broken.wait_stopped(), 3.0)
+            assert not broken.running
+        finally:
+            await nodes[0].stop(leave=False)
+            await broken.stop(leave=False)
+
+    run(scenario())
