@@ -4,7 +4,7 @@ loops: the core's timer is re-armed and fires, membership events and deliveries
 reach listeners in order, the ring seq is on disk before any packet sent under it
 (persist, then send), submit() reports backpressure and wait_writable() resumes,
 stop() sends the leave that the others see, status() reports ring and links, and
-a listener that raises stops the node."""
+a listener or core that raises stops the node."""
 
 from __future__ import annotations
 
