@@ -27,6 +27,18 @@ see them (extended virtual synchrony):
 `left` on a regular or transitional configuration lists nodes that failed
 (nodedown); `leaving` nodes that announced a graceful leave appear in
 `left_gracefully()` of that configuration as well (see `last_leavers`).
+
+Configuration events (identical on every node that makes the same transition):
+TRANSITIONAL has members = the old members that move to the new ring together,
+joined = (), left = old members - transitional; REGULAR has members = the new
+ring, joined = new - transitional, left = the same as the transitional one.
+A fresh node's "old configuration" is itself alone. Messages of the old ring are
+all delivered before TRANSITIONAL; new-ring messages after REGULAR.
+
+submit() never emits packets itself, but it may move next_deadline_ns() to
+"now" (to cancel a token hold): re-check the deadline after submitting.
+Packets the core addresses to itself (a singleton ring) never appear in the
+outbox; own packets received back from a broadcast are ignored (dropped_own).
 """
 
 from corral.totem.config import TotemTimers
@@ -44,6 +56,21 @@ STATE_GATHER: int
 STATE_COMMIT: int
 STATE_RECOVERY: int
 STATE_STOPPED: int
+STATE_INITIAL: int  # before start()
+
+# Packet types (first byte after magic/version in the common header).
+PACKET_TOKEN: int
+PACKET_MCAST: int
+PACKET_JOIN: int
+PACKET_COMMIT: int
+PACKET_MERGE_DETECT: int
+PACKET_TOKEN_HOLD_CANCEL: int
+MCAST_HEADER_SIZE: int
+MAX_RTR_ENTRIES: int
+RING_FRAMES_MAX: int
+SEND_QUEUE_MESSAGES_LIMIT: int
+SEND_QUEUE_BYTES_LIMIT: int
+STAT_NAMES: tuple[str, ...]
 
 class TotemCore:
     nodeid: int
@@ -75,7 +102,20 @@ class TotemCore:
     @property
     def send_queue_len(self) -> int: ...
     @property
-    def send_queue_room(self) -> int: ...
+    def send_queue_room(self) -> int:
+        """Messages that can still be queued (the byte bound applies too)."""
+    @property
+    def send_queue_bytes(self) -> int: ...
+    @property
+    def held(self) -> bool:
+        """True while this node (the representative) holds the token on an idle ring."""
     def stats(self) -> dict[str, int]: ...
 
 def state_name(state: int) -> str: ...
+
+# Codec helpers for tests and tools (not needed to drive the core).
+def decode_packet(data: bytes) -> dict[str, object]:
+    """Decode one packet; raises corral.errors.DecodeError when malformed."""
+def encode_packet(fields: dict[str, object]) -> bytes: ...
+def encode_records(messages: list[bytes]) -> bytes:
+    """An MCAST body carrying each message whole."""
