@@ -263,7 +263,11 @@ class Engine:
             log.info("leaving the ring")
             if self.cpg is not None:
                 await self.cpg.close()
-            await self.node.stop()
+            try:
+                await self.node.stop()
+            except Exception as error:
+                log.error("node failed while leaving: %r", error)
+                status = 1
         requested.cancel()
         self.write_status()
         if self.deliveries is not None:

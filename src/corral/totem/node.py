@@ -24,7 +24,6 @@ application with a hole in its delivery stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -176,11 +175,17 @@ class TotemNode:
         if not self.running:
             return
         if leave and self.failed is None:
-            with contextlib.suppress(UsageError):
+            try:
                 self.core.leave(self.clock_ns())
-                self._after_input()
+            except UsageError:
+                pass  # already stopped: nothing to announce
+            except BaseException as error:
+                self._fail(error)
+                raise
+            self._after_input()
             await asyncio.sleep(LEAVE_DRAIN_S)  # let the leave packets reach the sockets
-        self._shutdown()
+        if self.running:
+            self._shutdown()
 
     def _shutdown(self) -> None:
         self.running = False
