@@ -185,6 +185,9 @@ class CpgCore:
         client = self._clients.get(client_id)
         return dict(client.groups) if client else {}
 
+    def client_pid(self, client_id: int) -> int:
+        return self._client(client_id).pid
+
     def view_digest(self) -> tuple[tuple[bytes, tuple[NodePid, ...]], ...]:
         """The whole view as a comparable value (tests and simulator checkers)."""
         return tuple((g, tuple(sorted(m))) for g, m in sorted(self._view.items()))

@@ -113,7 +113,7 @@ def encode_joinlist(ring_id: tuple[int, int], entries: list[tuple[bytes, int]]) 
     return b"".join(parts)
 
 
-class _Reader:
+class Reader:
     """Reads a buffer front to back; every read checks the length first."""
 
     __slots__ = ("buf", "pos")
@@ -151,7 +151,7 @@ class _Reader:
 
 def decode(buf: bytes) -> WireMsg:
     """Decode one CPG message; raises DecodeError for anything malformed."""
-    reader = _Reader(bytes(buf))
+    reader = Reader(bytes(buf))
     version, kind = reader.unpack(_HEADER)
     if version != WIRE_VERSION:
         raise DecodeError(f"unknown CPG wire version {version}")
@@ -181,7 +181,7 @@ def decode(buf: bytes) -> WireMsg:
     return message
 
 
-def _decode_joinlist(reader: _Reader) -> JoinlistMsg:
+def _decode_joinlist(reader: Reader) -> JoinlistMsg:
     rep, seq, count = reader.unpack(_JOINLIST_HEAD)
     if count > MAX_ENTRIES_PER_NODE:
         raise DecodeError(f"joinlist of {count} entries exceeds {MAX_ENTRIES_PER_NODE}")
@@ -207,6 +207,7 @@ __all__ = [
     "Kind",
     "LeaveMsg",
     "McastMsg",
+    "Reader",
     "WireMsg",
     "check_group_name",
     "decode",
