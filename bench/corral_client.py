@@ -1,0 +1,349 @@
+"""The Corral side of cpgbench: the same benchmark client, over Corral's CPG Unix socket.
+
+    python bench/corral_client.py bench --socket PATH --nodes N --senders S [--send]
+        --size B --duration-ms D [--rate R] [--timeout-ms T] [--settle-ms MS] [--group NAME]
+    python bench/corral_client.py watch --socket PATH [--group NAME]
+    python bench/corral_client.py watch-log --file ENGINE_LOG
+
+`bench` and `watch` do what bench/peers/corosync/cpgbench.c does against
+corosync, with the same message format (little-endian u32 magic, u32 flags,
+u32 nodeid, u32 reserved, u64 seq, u64 CLOCK_MONOTONIC send time, zero
+padding), the same counters and the same JSON result fields, so the harness
+treats both systems alike. Flow control: where cpgbench sleeps 100 us on
+CS_ERR_TRY_AGAIN, this client awaits the library's own backpressure.
+
+`watch-log` is the fallback membership watcher for an engine without the IPC
+server: it follows the engine's log and stamps each "Members[N]: ..." line
+with the monotonic time at which it was read (polled every 2 ms).
+
+This file is run as a script inside a node's network namespace, so it imports
+only the standard library and `corral`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import re
+import struct
+import sys
+import time
+from array import array
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+MSG_MAGIC = 0x43524C42  # "CRLB"
+FLAG_END = 1
+HEADER = struct.Struct("<IIIIQQ")
+# Latency samples kept per run; past this the sample is the first MAX_SAMPLES.
+MAX_SAMPLES = 8_000_000
+LOG_POLL_S = 0.002
+MEMBERSHIP_LINE = re.compile(r"A new membership \(([0-9a-f]+\.[0-9a-f]+)\) was formed")
+MEMBERS_LINE = re.compile(r"Members\[(\d+)\]:((?: \d+)*)")
+
+
+class GroupHandle(Protocol):
+    """What this client needs from one joined CPG group (see open_group)."""
+
+    nodeid: int
+
+    async def mcast(self, data: bytes) -> None: ...
+
+    def events(self) -> AsyncIterator[Any]: ...
+
+    async def close(self) -> None: ...
+
+
+async def open_group(socket_path: str, group: str) -> GroupHandle:
+    """Connect to the engine's CPG socket and join `group` (raises if impossible)."""
+    try:
+        ipc = importlib.import_module("corral.cpg.ipc")
+    except ImportError:
+        raise RuntimeError("corral.cpg.ipc (the CPG IPC client) is not in this tree yet") from None
+    raise RuntimeError(f"corral.cpg.ipc has no client this benchmark knows ({dir(ipc)})")
+
+
+@dataclass
+class Stats:
+    """What the delivery side counts; mirrors `struct stats` in cpgbench.c."""
+
+    my_nodeid: int
+    members: int = 0
+    ends: int = 0
+    msgs: int = 0
+    delivered_bytes: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+    gaps: int = 0
+    dups: int = 0
+    bad: int = 0
+    totem_confchgs: int = 0
+    cpg_confchgs: int = 0
+    next_seq: dict[int, int] = field(default_factory=dict)
+    latencies_ns: array[int] = field(default_factory=lambda: array("q"))
+    connection_lost: bool = False
+
+    def deliver(self, nodeid: int, payload: bytes, now_ns: int) -> None:
+        if len(payload) < HEADER.size:
+            self.bad += 1
+            return
+        magic, flags, sender, _reserved, seq, send_ns = HEADER.unpack_from(payload)
+        if magic != MSG_MAGIC or sender != nodeid:
+            self.bad += 1
+            return
+        if flags & FLAG_END:
+            self.ends += 1
+            return
+        expected = self.next_seq.get(nodeid, 0)
+        if seq > expected:
+            self.gaps += seq - expected
+        elif seq < expected:
+            self.dups += 1
+        self.next_seq[nodeid] = seq + 1
+        if self.msgs == 0:
+            self.first_ns = now_ns
+        self.last_ns = now_ns
+        self.msgs += 1
+        self.delivered_bytes += len(payload)
+        if nodeid == self.my_nodeid and len(self.latencies_ns) < MAX_SAMPLES:
+            self.latencies_ns.append(now_ns - send_ns)
+
+
+@dataclass
+class SendResult:
+    sent: int = 0
+    start_ns: int = 0
+    end_ns: int = 0
+    finished: bool = False
+    error: str | None = None
+
+
+def percentile_us(sorted_ns: list[int], fraction: float) -> float:
+    if not sorted_ns:
+        return -1.0
+    rank = min(int(fraction * len(sorted_ns)), len(sorted_ns) - 1)
+    return sorted_ns[rank] / 1000.0
+
+
+def result_record(args: argparse.Namespace, stats: Stats, sending: SendResult,
+                  members_ok: bool, client_start_ns: int) -> dict[str, Any]:
+    span_s = (stats.last_ns - stats.first_ns) / 1e9 if stats.msgs > 1 else 0.0
+    latencies = sorted(stats.latencies_ns)
+    blocked = args.send and not sending.finished
+    send_end = time.monotonic_ns() if blocked else sending.end_ns
+    return {
+        "system": "corral", "nodeid": stats.my_nodeid, "sender": bool(args.send),
+        "size": args.size, "rate_target": args.rate, "duration_ms": args.duration_ms,
+        "msgs": stats.msgs, "bytes": stats.delivered_bytes, "span_s": span_s,
+        "msgs_per_s": stats.msgs / span_s if span_s else 0.0,
+        "mb_per_s": stats.delivered_bytes / span_s / 1e6 if span_s else 0.0,
+        "sent": sending.sent,
+        "send_s": (send_end - sending.start_ns) / 1e9 if sending.start_ns else 0.0,
+        "try_again": 0, "lat_samples": len(latencies),
+        "lat_p50_us": percentile_us(latencies, 0.50),
+        "lat_p99_us": percentile_us(latencies, 0.99),
+        "lat_max_us": latencies[-1] / 1000.0 if latencies else 0.0,
+        "gaps": stats.gaps, "dups": stats.dups, "bad": stats.bad, "ends": stats.ends,
+        "complete": stats.ends >= args.senders, "members_ok": members_ok,
+        "connection_lost": stats.connection_lost,
+        "totem_confchgs": stats.totem_confchgs, "cpg_confchgs": stats.cpg_confchgs,
+        "send_error": sending.error, "sender_blocked": blocked,
+        "client_start_ns": client_start_ns, "send_start_ns": sending.start_ns,
+        "first_ns": stats.first_ns, "last_ns": stats.last_ns,
+    }
+
+
+def event_kind(event: Any) -> str:
+    """'deliver', 'group' or 'ring' for the CPG event classes of corral.cpg.events."""
+    return {"Deliver": "deliver", "ConfChg": "group", "TotemConfChg": "ring"}.get(
+        type(event).__name__, "other")
+
+
+async def consume(handle: GroupHandle, stats: Stats, senders: int,
+                  members_reached: asyncio.Event, nodes: int) -> None:
+    """Count events until every sender's END message arrived."""
+    try:
+        async for event in handle.events():
+            kind = event_kind(event)
+            if kind == "deliver":
+                stats.deliver(event.nodeid, event.payload, time.monotonic_ns())
+                if stats.ends >= senders:
+                    return
+            elif kind == "group":
+                stats.cpg_confchgs += 1
+                stats.members = len(event.members)
+                if stats.members >= nodes:
+                    members_reached.set()
+            elif kind == "ring":
+                stats.totem_confchgs += 1
+    except (ConnectionError, OSError, RuntimeError):
+        stats.connection_lost = True
+    stats.connection_lost = True
+
+
+async def send_loop(handle: GroupHandle, args: argparse.Namespace, result: SendResult) -> None:
+    loop = asyncio.get_running_loop()
+    padding = bytes(args.size - HEADER.size)
+    period_s = 1.0 / args.rate if args.rate else 0.0
+    result.start_ns = time.monotonic_ns()
+    start_s = loop.time()
+    stop_ns = result.start_ns + args.duration_ms * 1_000_000
+    seq = 0
+    try:
+        while True:
+            if period_s:
+                delay_s = start_s + seq * period_s - loop.time()
+                if delay_s > 0:
+                    await asyncio.sleep(delay_s)
+            now_ns = time.monotonic_ns()
+            if now_ns >= stop_ns:
+                break
+            await handle.mcast(HEADER.pack(MSG_MAGIC, 0, handle.nodeid, 0, seq, now_ns) + padding)
+            seq += 1
+            result.sent = seq
+        result.end_ns = time.monotonic_ns()
+        await handle.mcast(HEADER.pack(MSG_MAGIC, FLAG_END, handle.nodeid, 0, seq,
+                                       time.monotonic_ns()) + padding)
+    except (ConnectionError, OSError, RuntimeError) as error:
+        result.error = repr(error)
+        result.end_ns = time.monotonic_ns()
+    result.finished = True
+
+
+async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    client_start_ns = time.monotonic_ns()
+    deadline_s = args.timeout_ms / 1000
+    handle = await asyncio.wait_for(open_group(args.socket, args.group), deadline_s)
+    stats = Stats(my_nodeid=handle.nodeid)
+    sending = SendResult()
+    members_reached = asyncio.Event()
+    consumer = asyncio.create_task(consume(handle, stats, args.senders, members_reached,
+                                           args.nodes))
+    sender: asyncio.Task[None] | None = None
+    members_ok = False
+
+    async def members_then_send() -> None:
+        nonlocal members_ok, sender
+        await members_reached.wait()
+        members_ok = True
+        if args.send:
+            await asyncio.sleep(args.settle_ms / 1000)
+            sender = asyncio.create_task(send_loop(handle, args, sending))
+            await sender
+
+    starter = asyncio.create_task(members_then_send())
+    remaining_s = deadline_s - (time.monotonic_ns() - client_start_ns) / 1e9
+    await asyncio.wait([consumer], timeout=max(0.0, remaining_s))
+    if sender is not None and not sender.done():
+        await asyncio.wait([sender], timeout=2.0)
+    record = result_record(args, stats, sending, members_ok, client_start_ns)
+    for task in (consumer, starter, sender):
+        if task is not None:
+            task.cancel()
+    return record
+
+
+async def run_watch(args: argparse.Namespace) -> None:
+    handle = await open_group(args.socket, args.group)
+    emit({"event": "joined", "t_ns": time.monotonic_ns()})
+    try:
+        async for event in handle.events():
+            now_ns = time.monotonic_ns()
+            kind = event_kind(event)
+            if kind == "ring":
+                rep, seq = event.ring_id
+                emit({"event": "ring", "t_ns": now_ns, "ring": f"{rep:x}.{seq:x}",
+                      "members": list(event.members)})
+            elif kind == "group":
+                emit({"event": "group", "t_ns": now_ns,
+                      "members": [[m.nodeid, m.reason] for m in event.members],
+                      "left": [[m.nodeid, m.reason] for m in event.left],
+                      "joined": [[m.nodeid, m.reason] for m in event.joined]})
+    except (ConnectionError, OSError, RuntimeError) as error:
+        emit({"event": "exit", "t_ns": time.monotonic_ns(), "error": repr(error)})
+        return
+    emit({"event": "exit", "t_ns": time.monotonic_ns(), "error": None})
+
+
+def follow_log(path: str) -> None:
+    """Print a ring event for every 'Members[N]: ...' line appended to the engine log."""
+    ring = "?"
+    while True:
+        try:
+            handle = open(path, encoding="utf-8", errors="replace")
+            break
+        except FileNotFoundError:
+            time.sleep(0.05)
+    emit({"event": "joined", "t_ns": time.monotonic_ns()})
+    buffer = ""
+    with handle:
+        while True:
+            chunk = handle.read()
+            if not chunk:
+                time.sleep(LOG_POLL_S)
+                continue
+            now_ns = time.monotonic_ns()
+            buffer += chunk
+            *lines, buffer = buffer.split("\n")
+            for line in lines:
+                found = MEMBERSHIP_LINE.search(line)
+                if found:
+                    ring = found.group(1)
+                members = MEMBERS_LINE.search(line)
+                if members:
+                    emit({"event": "ring", "t_ns": now_ns, "ring": ring,
+                          "members": [int(n) for n in members.group(2).split()]})
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="corral_client")
+    parser.add_argument("mode", choices=("bench", "watch", "watch-log"))
+    parser.add_argument("--socket", help="the engine's CPG IPC socket")
+    parser.add_argument("--file", help="engine log to follow (watch-log)")
+    parser.add_argument("--group", default=None)
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--senders", type=int, default=1)
+    parser.add_argument("--send", action="store_true")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--duration-ms", type=int, default=10_000)
+    parser.add_argument("--rate", type=int, default=0)
+    parser.add_argument("--timeout-ms", type=int, default=120_000)
+    parser.add_argument("--settle-ms", type=int, default=500)
+    args = parser.parse_args(argv)
+    if args.group is None:
+        args.group = "bench-watch" if args.mode == "watch" else "bench"
+    if args.mode in ("bench", "watch") and not args.socket:
+        parser.error("--socket is required")
+    if args.mode == "watch-log" and not args.file:
+        parser.error("--file is required")
+    if not HEADER.size <= args.size <= 1 << 20:
+        parser.error(f"--size must be in [{HEADER.size}, 1 MiB]")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.mode == "watch-log":
+        follow_log(args.file)
+        return 0
+    import uvloop
+
+    if args.mode == "watch":
+        uvloop.run(run_watch(args))
+        return 0
+    emit(uvloop.run(run_bench(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        sys.exit(130)

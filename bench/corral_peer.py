@@ -1,0 +1,104 @@
+"""Three Corral engines on the benchmark topology, configured like the corosync peer.
+
+Each node runs `corral engine --config corosync.conf --nodeid N --keyfile K
+--state-dir D --ipc-socket S` inside its network namespace, with the very
+corosync.conf the corosync peer writes (knet, secauth on, same nodelist and
+timers; Corral reads the corosync syntax, see docs/transport.md) and the same
+kind of 128-byte key. Corral has no compiled-in pid lock, so no private mount
+namespace is needed.
+
+The benchmark client is bench/corral_client.py, connected to the node's CPG
+Unix socket. Membership is watched over the same socket when the engine
+serves CPG IPC; without it, from the engine's log lines (`watch-log`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.corosync_peer import render_corosync_conf, write_authkey
+from bench.peer import BenchSpec, Cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = ROOT / "bench" / "corral_client.py"
+
+
+def ipc_available() -> bool:
+    """Whether this tree has the CPG IPC client the benchmark client needs."""
+    return importlib.util.find_spec("corral.cpg.ipc") is not None
+
+
+def corral_version() -> str:
+    out = subprocess.run([sys.executable, "-m", "corral.cli", "version"],
+                         capture_output=True, text=True, check=False).stdout.strip()
+    return out or "unknown"
+
+
+class CorralCluster(Cluster):
+    system = "corral"
+
+    def prepare(self) -> None:
+        self.authkey = self.workdir / "corral-authkey"
+        if not self.authkey.exists():
+            write_authkey(self.authkey)
+        addresses = {node: self.topology.address(node) for node in self.topology.nodes}
+        for node in self.topology.nodes:
+            node_dir = self.node_dir(node)
+            state_dir = node_dir / "state"
+            state_dir.mkdir(exist_ok=True)
+            conf = render_corosync_conf(
+                addresses, self.authkey, state_dir, node_dir / "unused.log",
+                self.settings.token_ms, sched_rr=True,
+            )
+            (node_dir / "corosync.conf").write_text(conf)
+
+    def socket_path(self, node: int) -> Path:
+        return self.node_dir(node) / "cpg.sock"
+
+    def daemon_argv(self, node: int) -> list[str]:
+        node_dir = self.node_dir(node)
+        return self.topology.in_namespace(node, [
+            sys.executable, "-m", "corral.cli", "engine",
+            "--config", str(node_dir / "corosync.conf"),
+            "--nodeid", str(node),
+            "--keyfile", str(self.authkey),
+            "--state-dir", str(node_dir / "state"),
+            "--ipc-socket", str(self.socket_path(node)),
+        ])
+
+    def client_argv(self, node: int, spec: BenchSpec) -> list[str]:
+        argv = [
+            sys.executable, str(CLIENT), "bench",
+            "--socket", str(self.socket_path(node)),
+            "--nodes", str(self.topology.node_count),
+            "--senders", str(spec.senders),
+            "--size", str(spec.size),
+            "--duration-ms", str(spec.duration_ms),
+            "--rate", str(spec.rate_per_s),
+            "--timeout-ms", str(spec.timeout_ms),
+            "--settle-ms", str(spec.settle_ms),
+        ]
+        if spec.is_sender(node):
+            argv.append("--send")
+        return argv
+
+    def watch_argv(self, node: int) -> list[str]:
+        if ipc_available():
+            return [sys.executable, str(CLIENT), "watch", "--socket", str(self.socket_path(node))]
+        return [sys.executable, str(CLIENT), "watch-log",
+                "--file", str(self.node_dir(node) / "daemon.out")]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "system": self.system,
+            "version": corral_version(),
+            "transport": "corral udp (knet-compatible config)",
+            "crypto": "secauth on (aes-256-gcm)",
+            "token_ms": self.settings.token_ms,
+            "membership_watch": "cpg ipc" if ipc_available() else "engine log",
+            "cpg_ipc": ipc_available(),
+        }
