@@ -269,6 +269,10 @@ class Engine:
                 log.error("node failed while leaving: %r", error)
                 status = 1
         requested.cancel()
+        if stopped.done():
+            stopped.exception()  # retrieved: it is logged above or below, not by asyncio
+        else:
+            stopped.cancel()
         self.write_status()
         if self.deliveries is not None:
             self.deliveries.close()
