@@ -360,9 +360,10 @@ class Lrm:
         if state == ServiceState.REQUEST_START_BALANCE and running:
             return ExitCode.IGNORED
         online = state == ServiceState.MIGRATE and sid.startswith("vm:") and running
-        verb = "migrate" if online or state == ServiceState.MIGRATE else "relocate"
+        offline_stop = running and not online
+        verb = "relocate" if offline_stop or state == ServiceState.RELOCATE else "migrate"
         self.env.log("info", f"service {sid} - start {verb} to node '{target}'")
-        if running and not online and self._stop(sid, None) != ExitCode.SUCCESS:
+        if offline_stop and self._stop(sid, None) != ExitCode.SUCCESS:
             return ExitCode.ERROR
         self.env.guest_migrate(sid, target, online)
         if self.env.guest_config_node(sid) == target:

@@ -48,6 +48,7 @@ class Manager:
         self.last_seen_ns: dict[str, int] = {}
         self.crs_mode = CrsMode.BASIC
         self.crs_seen = False
+        self.dynamic_warned = False
         self.rebalance_on_start = False
         self.rules_key: str | None = None
         self.compiled = CompiledRules()
@@ -228,7 +229,9 @@ class Manager:
             return
         mode = datacenter.crs_mode
         if mode == CrsMode.DYNAMIC:
-            self.log("warn", "scheduler mode 'dynamic' is not supported, falling back to 'basic'")
+            if not self.dynamic_warned:
+                self.log("warn", "scheduler mode 'dynamic' is not supported, using 'basic'")
+            self.dynamic_warned = True
             mode = CrsMode.BASIC
         if mode != self.crs_mode:
             if self.crs_mode == CrsMode.BASIC and not self.crs_seen:
@@ -493,6 +496,8 @@ class Manager:
             entry.pop("maintenance_node")
         if placement.node is None:
             self.note_reason(sid, placement.reason or "no node found")
+        elif self.dropped_rules_of.get(sid):
+            self.note_reason(sid, "placed without the rules that were dropped")
         else:
             self.clear_reason(sid)
         if result is not None:

@@ -320,12 +320,14 @@ class Simulation:
             state = cluster.nodes[name]
             if state.crm is not None and not skip_crm:
                 cluster.time_s = now_s
-                if not state.crm.iterate():
+                cluster.check_watchdogs()
+                if state.crm is not None and not state.crm.iterate():
                     state.crm = None
                 now_s += 1
             if state.lrm is not None and not skip_lrm:
                 cluster.time_s = now_s
-                if not state.lrm.iterate():
+                cluster.check_watchdogs()
+                if state.lrm is not None and not state.lrm.iterate():
                     self._lrm_exited(name)
                 now_s += 1
             cluster.time_s = now_s
