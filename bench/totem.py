@@ -363,8 +363,9 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     plan = build_plan(args)
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
-    signal.signal(signal.SIGHUP, raise_keyboard_interrupt)
+    # SIGINT too: a shell starting us in the background may have set it to "ignore".
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, raise_keyboard_interrupt)
     systems = [args.only] if args.only else list(SYSTEMS)
     topology = Topology(prefix=args.prefix, subnet=args.subnet)
     workdir = Path(tempfile.mkdtemp(prefix="crlb-bench-"))

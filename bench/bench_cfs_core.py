@@ -1,0 +1,229 @@
+"""Benchmark of the configuration-tree core and its RocksDB store.
+
+Run:  .venv/bin/python bench/bench_cfs_core.py [--quick] [--dir /var/tmp/x]
+
+Prints, for each figure, ours and the reference's (pmxcfs, measured on this
+kind of machine: shared/anchors/pmxcfs.md section 18; the reference cannot be
+run in the same process, so its figures are quoted, not re-measured):
+
+- apply-path ops/s for create / read / overwrite / rename / delete of 10,000
+  200-byte guest configs, in both durability modes; a "create" is what
+  open(O_CREAT|O_EXCL) + write + close costs: a CREATE and a WRITE operation;
+  an "overwrite" is O_TRUNC + write: a TRUNCATE and a WRITE;
+- bytes the process passed to write() per operation (/proc/self/io wchar,
+  the reference's "daemon writes" metric; it includes RocksDB's own flush and
+  compaction threads), and RocksDB's own counters (WAL, flush, compaction
+  bytes) after a flush and a full compaction;
+- 512 KiB files written in 4 KiB writes: MiB/s and write amplification;
+- store load time with 100,000 guest configs;
+- create and readdir of 270,000 entries in one directory.
+
+The box is shared: wall-clock figures swing; bytes per op do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from corral.cfs.ops import Op
+from corral.cfs.store import Durability, Store
+
+CONFIG = (b"boot: order=scsi0\ncores: 2\nmemory: 2048\nname: vm\nnet0: virtio=AA:BB:CC:DD:EE:FF,"
+          b"bridge=vmbr0\nscsi0: local-lvm:vm-100-disk-0,size=32G\nostype: l26\nsockets: 1\n")[:200]
+GUEST_DIR = "nodes/vm/qemu-server"
+
+
+def wchar() -> int:
+    text = Path("/proc/self/io").read_text()
+    match = re.search(r"^wchar: (\d+)$", text, re.M)
+    return int(match.group(1)) if match else 0
+
+
+def rocks_counters(store: Store) -> dict[str, int]:
+    stats = store.options.get_statistics() or ""
+    out = {}
+    for name in ("rocksdb.wal.bytes", "rocksdb.flush.write.bytes", "rocksdb.compact.write.bytes",
+                 "rocksdb.bytes.written"):
+        match = re.search(re.escape(name) + r" COUNT : (\d+)", stats)
+        out[name] = int(match.group(1)) if match else 0
+    return out
+
+
+def apply(store: Store, op: Op) -> None:
+    outcome = store.apply(op, writer=1, quorate=True)
+    if outcome.errno:
+        raise RuntimeError(f"{op.kind.name} {op.path}: errno {outcome.errno}")
+
+
+def timed(label: str, count: int, body: Callable[[], None], ops_per_item: int,
+          reference: str) -> None:
+    before = wchar()
+    started = time.perf_counter()
+    body()
+    seconds = time.perf_counter() - started
+    written = wchar() - before
+    print(f"  {label:<34} {count / seconds:>10,.0f} /s   {written / count:>8,.0f} B written/item "
+          f"({ops_per_item} op{'s' if ops_per_item > 1 else ''})   reference: {reference}")
+
+
+def mkdirs(store: Store, *paths: str) -> None:
+    for path in paths:
+        apply(store, Op.mkdir(path, 1))
+
+
+def bench_small_files(root: Path, durability: Durability, count: int) -> None:
+    print(f"\n10,000-file workload, durability={durability.value} (count={count})")
+    store = Store(root / f"small-{durability.value}", durability=durability)
+    mkdirs(store, "nodes", "nodes/vm", GUEST_DIR, "nodes/vm2", "nodes/vm2/qemu-server")
+    paths = [f"{GUEST_DIR}/{100 + i}.conf" for i in range(count)]
+
+    def create() -> None:
+        for path in paths:
+            apply(store, Op.create(path, 1, excl=True))
+            apply(store, Op.write(path, 0, CONFIG, 1))
+
+    def read() -> None:
+        for path in paths:
+            if store.read(path, 0, 4096)[1] != CONFIG:
+                raise RuntimeError("read back wrong content")
+
+    def overwrite() -> None:
+        for path in paths:
+            apply(store, Op.truncate(path, 0, 2))
+            apply(store, Op.write(path, 0, CONFIG, 2))
+
+    moved = paths[:count // 10]
+
+    def rename() -> None:
+        for path in moved:
+            apply(store, Op.rename(path, path.replace("nodes/vm/", "nodes/vm2/"), 3))
+
+    def delete() -> None:
+        for path in paths:
+            if path in moved:
+                path = path.replace("nodes/vm/", "nodes/vm2/")
+            apply(store, Op.unlink(path))
+
+    timed("create (create+write 200 B)", count, create, 2, "6,710-6,946/s, 18.1 KB")
+    timed("read 200 B", count, read, 0, "16,420-17,630/s, 0 B")
+    timed("overwrite (truncate+write)", count, overwrite, 2, "7,961-8,251/s, 17.0 KB")
+    timed("rename (migration)", len(moved), rename, 1, "7,927-8,823/s, 8.8 KB")
+    timed("delete", count, delete, 1, "10,421-12,691/s, 6.6 KB")
+    store.close()
+
+
+def bench_disk_bytes_per_create(root: Path, count: int) -> None:
+    print(f"\nDisk bytes per 200 B create, after flush + full compaction ({count} files)")
+    store = Store(root / "bytes", durability=Durability.FSYNC)
+    mkdirs(store, "nodes", "nodes/vm", GUEST_DIR)
+    base = rocks_counters(store)
+    before = wchar()
+    for i in range(count):
+        path = f"{GUEST_DIR}/{100 + i}.conf"
+        apply(store, Op.create(path, 1, excl=True))
+        apply(store, Op.write(path, 0, CONFIG, 1))
+    store.flush()
+    store.compact()
+    time.sleep(0.5)
+    written = wchar() - before
+    counters = {k: v - base[k] for k, v in rocks_counters(store).items()}
+    size = sum(f.stat().st_size for f in (root / "bytes").iterdir() if f.is_file())
+    store.close()
+    print(f"  process write() bytes per file (WAL+flush+compaction+manifest+log): "
+          f"{written / count:,.0f} B   reference: 18.1 KB (limit we aim for: 1.8 KB)")
+    for name, value in counters.items():
+        print(f"  {name:<30} {value / count:>8,.0f} B per file")
+    print(f"  store directory after compaction: {size / count:,.0f} B per file")
+
+
+def bench_chunked_write(root: Path, files: int, durability: Durability) -> None:
+    store = Store(root / f"chunked-{durability.value}", durability=durability)
+    mkdirs(store, "big")
+    block = bytes(range(256)) * 16
+    before = wchar()
+    started = time.perf_counter()
+    for index in range(files):
+        path = f"big/{index}"
+        apply(store, Op.create(path, 1))
+        for offset in range(0, 512 * 1024, 4096):
+            apply(store, Op.write(path, offset, block, 1))
+    seconds = time.perf_counter() - started
+    written = wchar() - before
+    payload = files * 512 * 1024
+    print(f"  512 KiB in 4 KiB writes, {durability.value:<7}: {payload / seconds / 2**20:6.1f} MiB/s, "
+          f"amplification {written / payload:4.2f}x   reference: 2.5-2.9 MiB/s, 166x")
+    store.close()
+
+
+def bench_load(root: Path, count: int) -> None:
+    print(f"\nLoad time with {count:,} guest configs")
+    path = root / "load"
+    store = Store(path, durability=Durability.PROCESS)
+    mkdirs(store, "nodes", *[f"nodes/n{i}" for i in range(10)],
+           *[f"nodes/n{i}/qemu-server" for i in range(10)])
+    started = time.perf_counter()
+    for vmid in range(100, 100 + count):
+        config = f"nodes/n{vmid % 10}/qemu-server/{vmid}.conf"
+        apply(store, Op.create(config, 1))
+        apply(store, Op.write(config, 0, CONFIG, 1))
+    store.sync()
+    print(f"  built in {time.perf_counter() - started:.1f} s")
+    store.close()
+    started = time.perf_counter()
+    store = Store(path)
+    seconds = time.perf_counter() - started
+    print(f"  open + rebuild index and guest list: {seconds:.2f} s for "
+          f"{len(store.state.guests):,} guests (target < 10 s)")
+    store.close()
+
+
+def bench_readdir(root: Path, count: int) -> None:
+    print(f"\nOne directory with {count:,} entries")
+    store = Store(root / "readdir", durability=Durability.PROCESS)
+    mkdirs(store, "many")
+    started = time.perf_counter()
+    for index in range(count):
+        apply(store, Op.create(f"many/{index}", 1))
+    print(f"  create: {count / (time.perf_counter() - started):,.0f} files/s   "
+          f"reference: ~4,400 files/s (61.5 s for 270k)")
+    tree = store.state.tree
+    directory = tree.lookup("many")
+    assert directory is not None
+    started = time.perf_counter()
+    listed, cookie = 0, 0
+    while page := tree.readdir(directory, cookie, 4096):
+        listed += len(page)
+        cookie += len(page)
+    print(f"  readdir (pages of 4096): {time.perf_counter() - started:.3f} s for {listed:,}   "
+          f"reference: 517 s")
+    store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts (smoke run)")
+    parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    args = parser.parse_args()
+    scale = 10 if args.quick else 1
+    root = Path(tempfile.mkdtemp(prefix="corral-cfs-bench-", dir=args.dir))
+    try:
+        for durability in (Durability.FSYNC, Durability.PROCESS):
+            bench_small_files(root, durability, 10_000 // scale)
+        bench_disk_bytes_per_create(root, 10_000 // scale)
+        print("\n512 KiB files written in 4 KiB writes (20 files)")
+        for durability in (Durability.FSYNC, Durability.PROCESS):
+            bench_chunked_write(root, 20 // (2 if args.quick else 1), durability)
+        bench_load(root, 100_000 // scale)
+        bench_readdir(root, 270_000 // scale)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
