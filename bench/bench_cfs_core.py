@@ -24,6 +24,7 @@ The box is shared: wall-clock figures swing; bytes per op do not.
 from __future__ import annotations
 
 import argparse
+import random
 import re
 import shutil
 import tempfile
@@ -34,8 +35,19 @@ from pathlib import Path
 from corral.cfs.ops import Op
 from corral.cfs.store import Durability, Store
 
-CONFIG = (b"boot: order=scsi0\ncores: 2\nmemory: 2048\nname: vm\nnet0: virtio=AA:BB:CC:DD:EE:FF,"
-          b"bridge=vmbr0\nscsi0: local-lvm:vm-100-disk-0,size=32G\nostype: l26\nsockets: 1\n")[:200]
+_RNG = random.Random(20261126)
+
+
+def config_for(vmid: int) -> bytes:
+    """A realistic 200-byte guest config, different per guest (an identical
+    payload would flatter the compressed sizes)."""
+    mac = ":".join(f"{_RNG.randrange(256):02X}" for _ in range(6))
+    uuid = f"{_RNG.getrandbits(128):032x}"
+    text = (f"boot: order=scsi0\ncores: {_RNG.choice((1, 2, 4, 8))}\nmemory: "
+            f"{_RNG.choice((1024, 2048, 4096))}\nname: vm{vmid}\nnet0: virtio={mac},bridge=vmbr0\n"
+            f"scsi0: local-lvm:vm-{vmid}-disk-0,size=32G\nsmbios1: uuid={uuid}\n"
+            f"ostype: l26\nsockets: 1\n")
+    return text.encode()[:200].ljust(200, b"#")
 GUEST_DIR = "nodes/vm/qemu-server"
 
 
@@ -82,21 +94,23 @@ def bench_small_files(root: Path, durability: Durability, count: int) -> None:
     store = Store(root / f"small-{durability.value}", durability=durability)
     mkdirs(store, "nodes", "nodes/vm", GUEST_DIR, "nodes/vm2", "nodes/vm2/qemu-server")
     paths = [f"{GUEST_DIR}/{100 + i}.conf" for i in range(count)]
+    contents = [config_for(100 + i) for i in range(count)]
+    updates = [config_for(100 + i) for i in range(count)]
 
     def create() -> None:
-        for path in paths:
+        for path, content in zip(paths, contents, strict=True):
             apply(store, Op.create(path, 1, excl=True))
-            apply(store, Op.write(path, 0, CONFIG, 1))
+            apply(store, Op.write(path, 0, content, 1))
 
     def read() -> None:
-        for path in paths:
-            if store.read(path, 0, 4096)[1] != CONFIG:
+        for path, content in zip(paths, contents, strict=True):
+            if store.read(path, 0, 4096)[1] != content:
                 raise RuntimeError("read back wrong content")
 
     def overwrite() -> None:
-        for path in paths:
+        for path, content in zip(paths, updates, strict=True):
             apply(store, Op.truncate(path, 0, 2))
-            apply(store, Op.write(path, 0, CONFIG, 2))
+            apply(store, Op.write(path, 0, content, 2))
 
     moved = paths[:count // 10]
 
@@ -124,10 +138,11 @@ def bench_disk_bytes_per_create(root: Path, count: int) -> None:
     mkdirs(store, "nodes", "nodes/vm", GUEST_DIR)
     base = rocks_counters(store)
     before = wchar()
+    contents = [config_for(100 + i) for i in range(count)]
     for i in range(count):
         path = f"{GUEST_DIR}/{100 + i}.conf"
         apply(store, Op.create(path, 1, excl=True))
-        apply(store, Op.write(path, 0, CONFIG, 1))
+        apply(store, Op.write(path, 0, contents[i], 1))
     store.flush()
     store.compact()
     time.sleep(0.5)
@@ -171,7 +186,7 @@ def bench_load(root: Path, count: int) -> None:
     for vmid in range(100, 100 + count):
         config = f"nodes/n{vmid % 10}/qemu-server/{vmid}.conf"
         apply(store, Op.create(config, 1))
-        apply(store, Op.write(config, 0, CONFIG, 1))
+        apply(store, Op.write(config, 0, config_for(vmid), 1))
     store.sync()
     print(f"  built in {time.perf_counter() - started:.1f} s")
     store.close()
