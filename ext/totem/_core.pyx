@@ -357,7 +357,7 @@ cdef class TotemCore:
         if self._state == S_STOPPED:
             return
         if self._state != S_INITIAL:
-            others = tuple(sorted(set(self._members) | self._proc) - {self.nodeid})
+            others = tuple(sorted((set(self._members) | self._proc) - {self.nodeid}))
             packet = encode_join(self.nodeid, self._ring_rep, self._ring_seq, JOIN_FLAG_LEAVE,
                                  self._highest_ring_seq, others, (self.nodeid,))
             for i in range(LEAVE_COPIES):
@@ -474,7 +474,6 @@ cdef class TotemCore:
         if h.sender == self.nodeid and not from_self:
             self._stats[ST_OWN] += 1
             return 0
-        self._stats[ST_IN_BASE + h.type - 1] += 1
         if h.type == PKT_MCAST:
             self._on_mcast(packet, p, n)
         elif h.type == PKT_TOKEN:
@@ -554,6 +553,7 @@ cdef class TotemCore:
         if decode_token(p, n, &t) < 0:
             self._stats[ST_MALFORMED] += 1
             return 0
+        self._stats[ST_IN_BASE + PKT_TOKEN - 1] += 1
         if self._state != S_OPERATIONAL and self._state != S_RECOVERY:
             self._stats[ST_WRONG_STATE] += 1
             return 0
@@ -866,6 +866,7 @@ cdef class TotemCore:
         if decode_mcast(p, n, &m, 0) < 0:
             self._stats[ST_MALFORMED] += 1
             return 0
+        self._stats[ST_IN_BASE + PKT_MCAST - 1] += 1
         if m.ring_rep == self._ring_rep and m.ring_seq == self._ring_seq and (
                 self._state == S_OPERATIONAL or self._state == S_RECOVERY):
             stored = self._buf.store(m.seq, packet, m.origin, m.flags)
@@ -985,6 +986,7 @@ cdef class TotemCore:
         if n != HEADER_BYTES:
             self._stats[ST_MALFORMED] += 1
             return 0
+        self._stats[ST_IN_BASE + PKT_HOLD_CANCEL - 1] += 1
         if h.ring_rep != self._ring_rep or h.ring_seq != self._ring_seq:
             self._stats[ST_FOREIGN] += 1
             return 0
@@ -996,6 +998,7 @@ cdef class TotemCore:
         if n != HEADER_BYTES:
             self._stats[ST_MALFORMED] += 1
             return 0
+        self._stats[ST_IN_BASE + PKT_MERGE_DETECT - 1] += 1
         if self._state != S_OPERATIONAL:
             return 0
         if h.ring_rep == self._ring_rep and h.ring_seq == self._ring_seq:
@@ -1059,6 +1062,7 @@ cdef class TotemCore:
         if j is None:
             self._stats[ST_MALFORMED] += 1
             return 0
+        self._stats[ST_IN_BASE + PKT_JOIN - 1] += 1
         sender, _, _, flags, join_ring_seq, proc, failed = j
         if join_ring_seq > self._highest_ring_seq:
             self._highest_ring_seq = join_ring_seq
@@ -1174,6 +1178,7 @@ cdef class TotemCore:
         if c is None:
             self._stats[ST_MALFORMED] += 1
             return 0
+        self._stats[ST_IN_BASE + PKT_COMMIT - 1] += 1
         sender, rep, seq, hop, members, slots = c
         count = len(members)
         if self.nodeid not in members:

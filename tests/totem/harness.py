@@ -59,6 +59,8 @@ class Cluster:
         self.cores: dict[int, TotemCore] = {}
         self.logs: dict[int, NodeLog] = {n: NodeLog() for n in self.nodeids}
         self.cut: set[tuple[int, int]] = set()
+        # Optional filter: return True to drop a packet (source, target, packet).
+        self.drop_filter: Callable[[int, int, bytes], bool] | None = None
         self.packets_sent = 0
         self._queue: list[tuple[int, int, int, bytes]] = []
         self._order = 0
@@ -166,6 +168,8 @@ class Cluster:
         if (source, target) in self.cut:
             return
         if self.loss and self.rng.random() < self.loss:
+            return
+        if self.drop_filter is not None and self.drop_filter(source, target, packet):
             return
         self._order += 1
         heapq.heappush(self._queue, (self.now_ns + self.link_delay_ns, self._order, target, packet))
