@@ -83,7 +83,7 @@ def test_pve_style_file() -> None:
     assert (link1.priority, link1.port, link1.ping_interval_ms) == (10, 5410, 200)
     assert config.ping_timing_ms(link1) == (200, 800)
     # default: token-derived (effective token 2000 + 650 for 3 nodes)
-    assert config.ping_timing_ms(link0) == (662, 1325)
+    assert config.ping_timing_ms(link0) == (331, 1325)
     assert config.quorum == {"provider": "corosync_votequorum", "two_node": "0"}
     assert config.logging["to_syslog"] == "yes"
 

@@ -68,7 +68,7 @@ def test_formation_delivery_persist_and_leave(run: Callable[[Any], Any], tmp_pat
                 configs = [e for e in events[node.nodeid] if e[0] == EV_CONFIG]
                 assert configs[-1][3] == (1, 2, 3)
                 assert load_ring_seq(node.state_dir, node.nodeid) == node.core.ring_seq
-                assert node.counters["timer_fires"] > 3
+                assert node.counters["timer_fires"] >= 2
                 status = node.status()
                 assert status["members"] == (1, 2, 3)
                 assert {row["state"] for row in status["links"]} == {"up", "localhost"}

@@ -96,18 +96,23 @@ def test_passive_failover_and_recovery(run: Callable[[Any], Any]) -> None:
     run(scenario())
 
 
-def test_all_links_down_drops_and_counts(run: Callable[[Any], Any]) -> None:
+def test_all_links_down_still_sends_on_best_link(run: Callable[[Any], Any]) -> None:
     async def scenario() -> None:
-        transports = make_transports(2, 1)
+        transports = make_transports(2, 2)
         collect(transports[0])
-        await transports[0].start()  # node 2 never starts
+        inbox = collect(transports[1])
+        await transports[0].start()
         try:
-            await asyncio.sleep(0.2)
-            transports[0].send(2, b"nobody home")
-            assert transports[0].counters["tx_dropped_no_link"] == 1
+            await asyncio.sleep(0.2)  # node 2 not started: its links stay down
             assert not transports[0].connected(2)
+            await transports[1].start()
+            transports[0].send(2, b"sent anyway")  # before any pong arrived
+            assert transports[0].counters["tx_no_link_up"] == 1
+            assert transports[0].counters["tx_totem_link0"] == 1  # highest priority
+            await wait_for(lambda: inbox == [(1, b"sent anyway")])
         finally:
-            transports[0].close()
+            for transport in transports:
+                transport.close()
 
     run(scenario())
 

@@ -10,7 +10,9 @@
   pong came for `ping_timeout`. `LinkMonitor` holds that logic without I/O.
 - Passive failover: a packet to a node leaves on its UP link with the highest
   priority (lowest link number on ties); it is received on every link. While
-  every link to a node is down, packets to it are dropped and counted, as knet does.
+  every link to a node is down, packets still go out on its highest-priority
+  link (counted): unlike knet, which drops them, so a lossy single link does not
+  turn lost pings into lost tokens and membership churn.
 - Source addresses not in the nodelist of the receiving link are dropped before
   any cryptography (knet's block_unlisted_ips).
 - Bounds: received packets wait in a queue of `MAX_RECEIVE_QUEUE` and are handed
@@ -111,11 +113,13 @@ class LinkMonitor:
                     went_down.append(peer)
         return went_down
 
-    def best_link(self, nodeid: int, links: list[int]) -> PeerLink | None:
+    def best_link(self, nodeid: int, links: list[int], up_only: bool = True) -> PeerLink | None:
+        """The up link of highest priority (lowest number on ties); with
+        up_only=False, the highest-priority link whatever its state."""
         best: PeerLink | None = None
         for linknumber in links:
             peer = self.peers.get((nodeid, linknumber))
-            if peer is None or peer.state is LinkState.DOWN:
+            if peer is None or (up_only and peer.state is LinkState.DOWN):
                 continue
             if best is None or peer.priority > best.priority:
                 best = peer
@@ -224,8 +228,14 @@ class UdpTransport:
     def _send_to_node(self, nodeid: int, packet: bytes) -> None:
         peer = self.monitor.best_link(nodeid, self.links)
         if peer is None:
-            self.counters["tx_dropped_no_link"] += 1
-            return
+            # Every link to this node looks down. Unlike knet we still send, on the
+            # best link: the link check only chooses among links, and Totem's own
+            # token timeout decides about failures. Dropping here would turn a few
+            # lost pings on a lossy single link into a membership change.
+            peer = self.monitor.best_link(nodeid, self.links, up_only=False)
+            self.counters["tx_no_link_up"] += 1
+            if peer is None:
+                return
         self.counters[_TX_TOTEM_LINK_COUNTER[peer.linknumber]] += 1
         self._sendto(peer.linknumber, packet, peer.address)
 
