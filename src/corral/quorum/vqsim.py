@@ -53,6 +53,7 @@ from corral.quorum.core import (
     Effect,
     PersistExpected,
     QuorumCore,
+    QuorumStatus,
     Send,
 )
 from corral.quorum.format import format_status
@@ -95,6 +96,9 @@ class QuorumSim:
         node_votes: Mapping[int, int],
         delayed_persist: bool = False,
         check_one_quorate: bool | None = None,
+        auto_settle: bool = False,
+        down: Iterable[int] = (),
+        groups: Iterable[Iterable[int]] | None = None,
     ) -> None:
         if len(node_votes) > MAX_SIM_NODES:
             raise UsageError(f"at most {MAX_SIM_NODES} simulated nodes")
@@ -103,17 +107,24 @@ class QuorumSim:
         self.now_ns = 0
         self.ring_seq = 0
         self.delayed_persist = delayed_persist
+        self.auto_settle = auto_settle
         self.check_one_quorate = (
             strict_safety_applies(self.config) if check_one_quorate is None else check_one_quorate
         )
         self.nodes = {n: SimNode(n, QuorumCore(self.config, n)) for n in sorted(node_votes)}
+        for nodeid in down:
+            self.nodes[nodeid].up = False
         self.topology: list[frozenset[int]] = [frozenset(self.nodes)]
+        if groups is not None:
+            named = [frozenset(g) for g in groups]
+            seen = set().union(*named) if named else set()
+            self.topology = named + [frozenset({n}) for n in self.nodes if n not in seen]
         self.partitions: dict[int, Partition] = {}  # nodeid -> its partition
         self.clean_leavers: set[int] = set()
         self.log: list[str] = []
         self.steps = 0
         self.replay = ""
-        self._reform()
+        self._step("start")
 
     # ----------------------------------------------------------- operations
 
@@ -159,6 +170,12 @@ class QuorumSim:
         node.up = True
         self.clean_leavers.discard(nodeid)
         self._step(f"up {nodeid}")
+
+    def status(self, nodeid: int) -> QuorumStatus:
+        return self.nodes[nodeid].core.status()
+
+    def quorate_nodes(self) -> list[int]:
+        return [n for n, node in self.nodes.items() if node.up and node.core.quorate]
 
     def set_expected(self, expected_votes: int, on_node: int) -> None:
         self._effects(on_node, self.nodes[on_node].core.set_expected(expected_votes))
@@ -260,6 +277,8 @@ class QuorumSim:
     def _step(self, text: str) -> None:
         self.steps += 1
         self._reform()
+        if self.auto_settle:
+            self.settle()
         self.log.append(f"{self.now_ns // NS_PER_MS:>8} ms  {text}  -> {self.describe()}")
         self.check()
 
