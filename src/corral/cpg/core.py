@@ -152,7 +152,7 @@ class CpgCore:
         self._stats: dict[str, int] = dict.fromkeys(
             (
                 "malformed_dropped", "stale_joinlists", "interim_dropped", "syncs_completed",
-                "syncs_abandoned", "delivered", "submitted", "foreign_dropped", "sync_mismatch",
+                "syncs_abandoned", "delivered", "submitted", "foreign_dropped", "sync_mismatch", "held_during_sync",
             ),
             0,
         )
@@ -423,6 +423,7 @@ class CpgCore:
             return
         self._interim.append((sender, message))
         self._interim_bytes += n_bytes
+        self._stats["held_during_sync"] += 1
 
     def _on_joinlist(self, sender: int, message: wire.JoinlistMsg) -> None:
         if (

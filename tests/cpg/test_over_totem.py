@@ -1,0 +1,299 @@
+"""CpgCore over real TotemCores (ext/totem) in the in-memory Totem harness
+(tests/totem/harness.py, simulated time): formation, joins and messages,
+partition (NODEDOWN on both sides, messages while apart), merge (NODEUP,
+views agree), a crash with messages in flight, and a randomised run with
+loss. Client event logs are checked for per-group virtual synchrony and
+total order, as on the fake bus."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import random
+import sys
+from collections import defaultdict, deque
+from types import ModuleType
+
+import pytest
+
+from corral.cpg.core import CpgCore, SyncState
+from corral.cpg.events import ConfChg, CpgEvent, Deliver, Member, Reason
+
+from .bus import check_total_order, check_virtual_synchrony
+
+_core = pytest.importorskip("corral.totem._core")
+if not hasattr(_core, "TotemCore"):
+    pytest.skip("Totem core not built", allow_module_level=True)
+
+
+def _load_harness() -> ModuleType:
+    path = pathlib.Path(__file__).resolve().parent.parent / "totem" / "harness.py"
+    spec = importlib.util.spec_from_file_location("crl_cpg_totem_harness", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load_harness()
+G = b"grp"
+
+
+class CpgCluster(harness.Cluster):  # type: ignore[misc,name-defined]
+    """The Totem harness with one CpgCore stacked on each TotemCore."""
+
+    def __init__(self, nodeids: tuple[int, ...], **kwargs: object) -> None:
+        super().__init__(nodeids, **kwargs)
+        self.cpg: dict[int, CpgCore] = {}
+        self.fed: dict[int, int] = {}
+        self.to_totem: dict[int, deque[bytes]] = {}
+        self.logs_cpg: dict[tuple[int, int], list[CpgEvent]] = defaultdict(list)
+        self.stamps: dict[tuple[int, int], list[object]] = defaultdict(list)
+        self.position: dict[int, tuple[object, ...]] = {}
+        self.incarnation: dict[int, int] = defaultdict(int)
+
+    def start(self, *nodeids: int) -> None:
+        for nodeid in nodeids or self.nodeids:
+            self.incarnation[nodeid] += 1
+            self.cpg[nodeid] = CpgCore(nodeid)
+            self.fed[nodeid] = len(self.logs[nodeid].events)
+            self.to_totem[nodeid] = deque()
+            self.position[nodeid] = ("boot", nodeid, self.incarnation[nodeid], 0)
+        super().start(*nodeids)
+
+    def crash(self, nodeid: int) -> None:
+        super().crash(nodeid)
+        del self.cpg[nodeid]
+
+    def key(self, nodeid: int, client_id: int) -> tuple[int, int]:
+        return (nodeid, self.incarnation[nodeid] * 1_000_000 + client_id)
+
+    def _drain(self, nodeid: int) -> None:
+        super()._drain(nodeid)
+        cpg = self.cpg.get(nodeid)
+        if cpg is None or nodeid not in self.cores:
+            return
+        events = self.logs[nodeid].events
+        while self.fed[nodeid] < len(events):
+            event = events[self.fed[nodeid]]
+            self.fed[nodeid] += 1
+            self._feed(nodeid, cpg, event)
+        self.to_totem[nodeid].extend(cpg.pop_outbox())
+        submitted = False
+        while self.to_totem[nodeid] and self.cores[nodeid].submit(self.to_totem[nodeid][0]):
+            self.to_totem[nodeid].popleft()
+            submitted = True
+        if submitted:
+            super()._drain(nodeid)
+            self._drain(nodeid)
+
+    def _feed(self, nodeid: int, cpg: CpgCore, event: tuple[object, ...]) -> None:
+        # A stamp shared by every node that sees the same input (the same message
+        # of the same ring, or the same configuration), for the VS checker.
+        kind, pos = event[0], self.position[nodeid]
+        if kind == "msg":
+            sender, payload = event[1], event[2]
+            assert isinstance(sender, int) and isinstance(payload, bytes)
+            self.position[nodeid] = (*pos[:-1], pos[-1] + 1)
+            cpg.deliver(sender, payload)
+        else:
+            conf_kind, ring_id, members = event[1], event[2], event[3]
+            assert isinstance(ring_id, tuple) and isinstance(members, tuple)
+            transitional = conf_kind == harness.CONF_TRANSITIONAL
+            self.position[nodeid] = ("t" if transitional else "r", ring_id, members, 0)
+            if transitional:
+                # Survivors of one old ring share its id; key the window by it.
+                self.position[nodeid] = ("t", pos[1], members, 0)
+            cpg.configuration(transitional, ring_id, members)
+        for client_id, cpg_event in cpg.pop_events():
+            self.logs_cpg[self.key(nodeid, client_id)].append(cpg_event)
+            self.stamps[self.key(nodeid, client_id)].append(self.position[nodeid])
+
+    # ------------------------------------------------------------ API helpers
+
+    def join(self, nodeid: int, client_id: int, pid: int, group: bytes = G) -> None:
+        self.cpg[nodeid].join(client_id, pid, group)
+        self._drain(nodeid)
+
+    def mcast(self, nodeid: int, client_id: int, payload: bytes, group: bytes = G) -> bool:
+        accepted = self.cpg[nodeid].mcast(client_id, group, payload)
+        self._drain(nodeid)
+        return accepted
+
+    def settled(self) -> bool:
+        return self.operational() and all(
+            c.state == SyncState.OPERATIONAL for c in self.cpg.values()
+        ) and not any(self.to_totem[n] for n in self.cpg) and all(
+            self.cores[n].send_queue_len == 0 for n in self.cpg
+        )
+
+    def settle(self, nodes: tuple[int, ...] | None = None, timeout_s: float = 10) -> None:
+        def done() -> bool:
+            group = nodes or tuple(self.cpg)
+            return self.operational(group) and all(
+                self.cpg[n].state == SyncState.OPERATIONAL
+                and not self.to_totem[n]
+                and self.cores[n].send_queue_len == 0
+                for n in group
+            )
+
+        self.run_until(done, harness.seconds(timeout_s))
+        self.run_for(harness.ms(50))
+
+    def deliveries(self, nodeid: int, client_id: int) -> list[bytes]:
+        return [e.payload for e in self.logs_cpg[self.key(nodeid, client_id)]
+                if isinstance(e, Deliver)]
+
+    def confchgs(self, nodeid: int, client_id: int) -> list[ConfChg]:
+        return [e for e in self.logs_cpg[self.key(nodeid, client_id)] if isinstance(e, ConfChg)]
+
+
+class _CheckView:
+    """Adapter so the bus checkers read this cluster's client logs."""
+
+    def __init__(self, cluster: CpgCluster) -> None:
+        self.logs = cluster.logs_cpg
+        self.stamps = cluster.stamps
+
+
+def check(cluster: CpgCluster, nodes: tuple[int, ...]) -> None:
+    digests = {cluster.cpg[n].view_digest() for n in nodes}
+    assert len(digests) == 1, "views differ"
+    check_virtual_synchrony(_CheckView(cluster))  # type: ignore[arg-type]
+    check_total_order(_CheckView(cluster))  # type: ignore[arg-type]
+
+
+def formed(n_nodes: int, **kwargs: object) -> CpgCluster:
+    cluster = CpgCluster(tuple(range(1, n_nodes + 1)), **kwargs)
+    cluster.start()
+    cluster.settle()
+    return cluster
+
+
+def test_groups_and_messages_over_real_totem() -> None:
+    cluster = formed(3)
+    for nodeid in (1, 2, 3):
+        cluster.join(nodeid, 1, 100 + nodeid)
+    cluster.settle()
+    for i in range(30):
+        cluster.mcast(1 + i % 3, 1, b"m%d" % i)
+    cluster.settle()
+    expected = {b"m%d" % i for i in range(30)}
+    orders = [cluster.deliveries(n, 1) for n in (1, 2, 3)]
+    assert set(orders[0]) == expected and orders[0] == orders[1] == orders[2]
+    assert cluster.cpg[2].membership(G) == (Member(1, 101), Member(2, 102), Member(3, 103))
+    check(cluster, (1, 2, 3))
+
+
+def test_partition_and_merge_over_real_totem() -> None:
+    cluster = formed(3)
+    for nodeid in (1, 2, 3):
+        cluster.join(nodeid, 1, 100 + nodeid)
+    cluster.settle()
+    cluster.partition((1, 2), (3,))
+    cluster.settle((1, 2))
+    cluster.settle((3,))
+    assert cluster.confchgs(1, 1)[-1].left == (Member(3, 103, Reason.NODEDOWN),)
+    assert {m.nodeid for m in cluster.confchgs(3, 1)[-1].left} == {1, 2}
+    cluster.mcast(1, 1, b"apart-12")
+    cluster.mcast(3, 1, b"apart-3")
+    cluster.join(3, 2, 203)
+    cluster.settle((1, 2))
+    cluster.settle((3,))
+    assert b"apart-3" not in cluster.deliveries(1, 1)
+    cluster.heal()
+    cluster.settle()
+    merged = cluster.confchgs(1, 1)[-1]
+    assert set(merged.joined) == {Member(3, 103, Reason.NODEUP), Member(3, 203, Reason.NODEUP)}
+    cluster.mcast(3, 2, b"together")
+    cluster.settle()
+    assert all(b"together" in cluster.deliveries(n, 1) for n in (1, 2, 3))
+    check(cluster, (1, 2, 3))
+
+
+def test_crash_with_messages_in_flight_over_real_totem() -> None:
+    cluster = formed(3)
+    for nodeid in (1, 2, 3):
+        cluster.join(nodeid, 1, 100 + nodeid)
+    cluster.settle()
+    for i in range(20):
+        cluster.mcast(1 + i % 3, 1, b"f%d" % i)
+    cluster.crash(3)
+    cluster.settle((1, 2))
+    assert cluster.confchgs(1, 1)[-1].left == (Member(3, 103, Reason.NODEDOWN),)
+    assert cluster.deliveries(1, 1) == cluster.deliveries(2, 1)
+    # Everything nodes 1 and 2 sent reached both (their queues survive the change).
+    sent_by_survivors = {b"f%d" % i for i in range(20) if i % 3 != 2}
+    assert sent_by_survivors <= set(cluster.deliveries(1, 1))
+    cluster.start(3)
+    cluster.join(3, 1, 333)
+    cluster.settle()
+    assert cluster.cpg[1].membership(G)[-1] == Member(3, 333)
+    check(cluster, (1, 2, 3))
+
+
+N_SEEDS = 100 if os.environ.get("CORRAL_SOAK") == "1" else 8
+
+
+@pytest.mark.parametrize("seed", range(N_SEEDS))
+def test_random_partitions_with_loss_over_real_totem(seed: int) -> None:
+    # Bursts of messages, joins and leaves right after each cut and each heal land
+    # in Totem's queue while it gathers, so they arrive during the CPG sync.
+    rng = random.Random(seed)
+    cluster = formed(4, loss=0.02, seed=seed)
+    for nodeid in (1, 2, 3, 4):
+        cluster.join(nodeid, 1, 1000 + nodeid, G)
+    cluster.settle(timeout_s=30)
+    counter = 0
+    extra: dict[int, int] = {}
+
+    def burst() -> None:
+        nonlocal counter
+        for _ in range(4):
+            counter += 1
+            cluster.mcast(rng.choice([1, 2, 3, 4]), 1, b"r%d" % counter)
+        nodeid = rng.choice([1, 2, 3, 4])
+        if nodeid in extra:
+            cluster.cpg[nodeid].leave(extra.pop(nodeid), G)
+        else:
+            extra[nodeid] = 2000 + counter
+            cluster.join(nodeid, extra[nodeid], 2000 + counter)
+        cluster.run_for(harness.ms(rng.randint(100, 1500)))
+
+    for _round in range(4):
+        nodes = [1, 2, 3, 4]
+        rng.shuffle(nodes)
+        cut = rng.randint(1, 3)
+        cluster.partition(tuple(sorted(nodes[:cut])), tuple(sorted(nodes[cut:])))
+        for _ in range(3):
+            burst()
+        cluster.heal()
+        burst()
+        cluster.settle(timeout_s=60)
+        check(cluster, (1, 2, 3, 4))
+    for nodeid in (1, 2, 3, 4):
+        stats = cluster.cpg[nodeid].stats()
+        assert stats["sync_mismatch"] == 0 and stats["malformed_dropped"] == 0
+
+
+def test_messages_sent_while_totem_gathers_are_held_until_sync() -> None:
+    cluster = formed(4)
+    for nodeid in (1, 2, 3, 4):
+        cluster.join(nodeid, 1, 100 + nodeid)
+    cluster.settle()
+    cluster.partition((1, 2), (3, 4))
+    for i in range(5):  # Totem queues these while it detects the cut
+        cluster.mcast(1, 1, b"x%d" % i)
+        cluster.run_for(harness.ms(100))
+    cluster.settle((1, 2))
+    cluster.settle((3, 4))
+    assert cluster.cpg[1].stats()["held_during_sync"] > 0
+    for nodeid in (1, 2):
+        events = cluster.logs_cpg[cluster.key(nodeid, 1)]
+        down = next(i for i, e in enumerate(events)
+                    if isinstance(e, ConfChg) and e.left and e.left[0].nodeid == 3)
+        after = [e.payload for e in events[down:] if isinstance(e, Deliver)]
+        assert after[-4:] == [b"x1", b"x2", b"x3", b"x4"]
+    check(cluster, (1, 2))
