@@ -11,6 +11,7 @@ in-memory replay of the acknowledged prefix of the same operation stream.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -154,3 +155,14 @@ def test_kill_9_loses_no_acknowledged_op_and_leaves_no_partial_op(
             assert got in candidates, f"round {round_number}: acked {acknowledged}"
             assert store.state.tree.check()
             assert _spec(store) == _replay(candidates[got]).spec()
+
+
+def test_group_commit_applies_each_op_atomically(tmp_path: Path) -> None:
+    with _store(tmp_path) as store:
+        ops = [(Op.mkdir("d", 1), 1), (Op.create("d/a", 1), 1), (Op.create("d/a", 1, excl=True), 1),
+               (Op.write("d/a", 0, b"x" * 9000, 1), 2), (Op.mkdir("missing/x", 1), 1)]
+        codes = [outcome.errno for outcome in store.apply_group(ops, quorate=True)]
+        assert codes == [0, 0, errno.EEXIST, 0, errno.ENOENT]
+        spec = _spec(store)
+    with _store(tmp_path) as again:
+        assert _spec(again) == spec and again.read_file("d/a") == b"x" * 9000

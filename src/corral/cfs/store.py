@@ -15,8 +15,11 @@ Durability (the rule: an acknowledged operation is never lost):
 - `Durability.PROCESS` skips the fsync: the WAL record is in the kernel's
   page cache when `apply` returns, which survives `kill -9` of the daemon but
   not a power cut. Use it only where replication on other nodes is the
-  durability (or for group commit: apply several with PROCESS, then `sync()`
-  once before acknowledging them all).
+  durability.
+- Group commit: `apply_group(ops)` writes each op as its own batch without
+  a sync and then syncs the WAL once (under FSYNC) before returning; the
+  caller acknowledges the ops after that. Same guarantee, one fsync per
+  group instead of one per op.
 - WAL recovery mode is point-in-time: a torn tail record after a crash is
   dropped, never half-applied.
 
@@ -82,6 +85,8 @@ class Store:
         self.db = rocksdict.Rdict(str(self.path), self.options)
         self._write_options = rocksdict.WriteOptions()
         self._write_options.sync = durability is Durability.FSYNC
+        self._no_sync = rocksdict.WriteOptions()
+        self._no_sync.sync = False
         self.durability = durability
         self.state = CfsState(limits)
         self.load_problems = self._load()
@@ -132,12 +137,29 @@ class Store:
             self._write(outcome.mutations)
         return outcome
 
+    def apply_group(self, ops: Sequence[tuple[Op, int]], *, quorate: bool) -> list[Outcome]:
+        """Group commit: apply (op, writer) pairs in order, each still its own
+        atomic batch, with one WAL sync for the group (under FSYNC) before
+        returning. Acknowledge the ops only after this returns."""
+        if self.failed:
+            raise InvariantError("store failed earlier; restart the daemon")
+        outcomes = []
+        for op, writer in ops:
+            outcome = self.state.apply(op, writer=writer, quorate=quorate, reader=self)
+            if outcome.mutations:
+                self._write(outcome.mutations, self._no_sync)
+            outcomes.append(outcome)
+        if self.durability is Durability.FSYNC:
+            self.sync()
+        return outcomes
+
     def apply_patch(self, delete: Sequence[str], items: Sequence[PatchItem],
                     touch_dirs: Sequence[tuple[str, int]] = ()) -> None:
         """Persist a resync patch as one atomic batch."""
         self._write(self.state.apply_patch(delete, items, touch_dirs))
 
-    def _write(self, mutations: list[Mutation]) -> None:
+    def _write(self, mutations: list[Mutation],
+               options: rocksdict.WriteOptions | None = None) -> None:
         batch = rocksdict.WriteBatch(raw_mode=True)
         for key, value in mutations:
             if value is None:
@@ -145,15 +167,19 @@ class Store:
             else:
                 batch.put(key, value)
         try:
-            self.db.write(batch, self._write_options)
+            self.db.write(batch, options or self._write_options)
         except Exception as error:
             # Memory is already ahead of disk: refuse everything from now on.
             self.failed = True
             raise InvariantError(f"RocksDB write failed: {error}") from error
 
     def sync(self) -> None:
-        """fsync the WAL (group commit under Durability.PROCESS)."""
-        self.db.flush_wal(True)
+        """fsync the WAL: everything applied so far survives power loss."""
+        try:
+            self.db.flush_wal(True)
+        except Exception as error:
+            self.failed = True
+            raise InvariantError(f"RocksDB WAL sync failed: {error}") from error
 
     # --------------------------------------------------------- maintenance
 
