@@ -1,8 +1,8 @@
 """`corral ha-sim run|check DIR`: run HA scenario directories in the simulator.
 
-run   writes OUT/log (human log, reference line layout) and OUT/events.jsonl (one JSON record
-      per service/node state change, fence acknowledgement, watchdog reset, master change);
-      OUT defaults to DIR/status. --write-expected also stores DIR/expected.jsonl.
+run   writes OUT/log (human log, reference line layout), OUT/events.jsonl (one JSON record
+      per service/node state change, fence acknowledgement, watchdog reset, master change)
+      and OUT/ha-status (`ha status` text at the end); OUT defaults to DIR/status. --write-expected also stores DIR/expected.jsonl.
 check runs DIR and compares the event log with DIR/expected.jsonl, printing a unified diff.
 Exit status: 0 ok, 1 difference, 2 usage or scenario error, 3 safety violation.
 """
@@ -22,6 +22,7 @@ def _write_outputs(result: RunResult, out: pathlib.Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "log").write_text(result.log_text())
     (out / "events.jsonl").write_text(result.events_text())
+    (out / "ha-status").write_text(result.status_text)
 
 
 def _run_one(directory: pathlib.Path, args: argparse.Namespace) -> int:

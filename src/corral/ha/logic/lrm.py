@@ -214,17 +214,18 @@ class Lrm:
         elif self.mode == LrmMode.DISARM and active == 0:
             self._release()
             self._set_state(LrmState.WAIT_FOR_AGENT_LOCK)
-        elif active > 0:
-            if not self._acquire():
-                self._set_state(LrmState.LOST_AGENT_LOCK)
-            else:
-                self._feed()
-        elif self.mode != LrmMode.MAINTENANCE:
+        elif self.mode == LrmMode.ACTIVE:
+            # Maintenance ended: services that could not leave are managed as usual again.
             if self._acquire():
                 self._feed()
                 self._set_state(LrmState.ACTIVE)
             else:
                 self._set_state(LrmState.LOST_AGENT_LOCK)
+        elif active > 0:
+            if not self._acquire():
+                self._set_state(LrmState.LOST_AGENT_LOCK)
+            else:
+                self._feed()
 
     def _work(self, status: dict[str, Any]) -> bool:
         state = self.state

@@ -29,6 +29,7 @@ from corral.ha.logic.lrm import Lrm
 from corral.ha.logic.placement import NodeCapacity, ServiceStats
 from corral.ha.logic.rules import Rule, parse_rules
 from corral.ha.logic.settings import HaTimings, timings_from_mapping
+from corral.ha.logic.status import format_status
 from corral.ha.sim.cluster import FailingResource, SafetyViolation, SimCluster, SimEnv
 
 MAX_NODES = 29
@@ -97,6 +98,7 @@ class RunResult:
     log_lines: list[str]
     events: list[dict[str, Any]]
     error: str | None = None
+    status_text: str = ""
 
     def events_text(self) -> str:
         return "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.events)
@@ -366,7 +368,17 @@ class Simulation:
                 time_s += round_s
         except SafetyViolation as violation:
             error = str(violation)
-        return RunResult(self.cluster.log_lines, self.cluster.events, error)
+        return RunResult(self.cluster.log_lines, self.cluster.events, error, self.status_text())
+
+    def status_text(self) -> str:
+        """`ha status` as the first powered, quorate node would print it at the end."""
+        cluster = self.cluster
+        viewer = next((n for n in sorted(cluster.nodes) if cluster.quorate(n)), None)
+        env = SimEnv(cluster, viewer or sorted(cluster.nodes)[0], "status")
+        return format_status(cluster.manager_status,
+                             {n: cluster.lrm_status.get(n) for n in sorted(cluster.nodes)},
+                             env.read_resources(), viewer is not None, cluster.time_s,
+                             str(cluster.datacenter.crs_mode))
 
 
 def run_scenario(directory: str | pathlib.Path) -> RunResult:
