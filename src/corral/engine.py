@@ -142,6 +142,7 @@ class Engine:
         self.latency_sum_ns = 0
         self.latency_count = 0
         self.cpg: Any = None
+        self.ipc: Any = None
         self.stop_requested = asyncio.Event()
 
     # ---- events --------------------------------------------------------------
@@ -256,13 +257,16 @@ class Engine:
         for task in tasks:
             task.cancel()
         status = 0
-        if stopped.done() and stopped.exception() is not None:
-            log.error("node failed: %r", stopped.exception())
+        failure = stopped.exception() if stopped.done() else None
+        if self.ipc is not None:
+            await self.ipc.close()
+        if self.cpg is not None:
+            await self.cpg.close()
+        if failure is not None:
+            log.error("node failed: %r", failure)
             status = 1
         else:
             log.info("leaving the ring")
-            if self.cpg is not None:
-                await self.cpg.close()
             try:
                 await self.node.stop()
             except Exception as error:
@@ -289,8 +293,11 @@ class Engine:
         self.cpg = CpgService(_CpgView(self.node))
         log.info("CPG service started")
         if self.args.ipc_socket:
-            # TODO(cpg-ipc): serve self.cpg on this socket once the IPC server exists.
-            log.warning("--ipc-socket: the CPG IPC server is not available yet")
+            from corral.cpg.ipc import CpgIpcServer
+
+            self.ipc = CpgIpcServer(self.cpg, self.args.ipc_socket)
+            await self.ipc.start()
+            log.info("CPG IPC server listening on %s", self.args.ipc_socket)
 
 
 class _CpgView:

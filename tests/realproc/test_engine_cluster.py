@@ -223,15 +223,70 @@ def test_bad_packets_dropped_and_counted(make_cluster: Callable[..., LocalCluste
     wait_until(lambda: cluster.status(1)["delivered"] > delivered + 50, 10, "deliveries go on")
 
 
-def test_demo_with_duration(tmp_path: Any) -> None:
+@pytest.mark.parametrize("netns", [True, False], ids=["netns", "loopback"])
+def test_demo_with_duration(tmp_path: Any, netns: bool) -> None:
     prefix = f"crl-tpd{os.getpid() % 100}"
+    extra = [] if netns else ["--no-netns"]
     result = subprocess.run(
-        [sys.executable, "-m", "corral.cli", "demo", "--nodes", "3", "--duration", "12",
-         "--prefix", prefix, "--stats-interval", "2", "--dir", str(tmp_path / "demo")],
+        [sys.executable, "-m", "corral.cli", "demo", "--nodes", "3", "--duration", "10",
+         "--prefix", prefix, "--stats-interval", "2", "--dir", str(tmp_path / "demo"), *extra],
         capture_output=True, text=True, timeout=90,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Members[3]: 1 2 3" in result.stdout, result.stdout[-3000:]
     assert "rates: delivered" in result.stdout
+    assert ("network namespaces" in result.stdout) == netns
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert prefix not in namespaces
+
+
+def test_cpg_over_ipc_on_real_engines(make_cluster: Callable[..., LocalCluster]) -> None:
+    """Three engines serve CPG on their IPC sockets; a client on each node joins one
+    group, sends 30 messages, and all three see the same 90 deliveries in one order."""
+    ipc = pytest.importorskip("corral.cpg.ipc")
+    import asyncio
+
+    from corral.cpg.events import Deliver
+
+    cluster = make_cluster(3, load=None)
+    sockets = {n: os.path.join(cluster.node_dir(n), "cpg.sock") for n in cluster.nodeids}
+    for nodeid in cluster.nodeids:
+        cluster.start(nodeid, ["--ipc-socket", sockets[nodeid]])
+    wait_until(lambda: members_are(cluster, [1, 2, 3], [1, 2, 3]), FORM_TIMEOUT_S, "3 members")
+
+    async def scenario() -> dict[int, list[tuple[int, bytes]]]:
+        clients = {n: await ipc.CpgClient.connect(sockets[n]) for n in cluster.nodeids}
+        handles = {n: await clients[n].join("realproc") for n in cluster.nodeids}
+        await asyncio.wait_for(asyncio.gather(*(
+            _wait_members(handles[n], 3) for n in cluster.nodeids)), 15)
+        seen: dict[int, list[tuple[int, bytes]]] = {n: [] for n in cluster.nodeids}
+
+        async def consume(nodeid: int) -> None:
+            async for event in handles[nodeid].events():
+                if isinstance(event, Deliver):
+                    seen[nodeid].append((event.nodeid, event.payload))
+                    if len(seen[nodeid]) == 90:
+                        return
+
+        consumers = [asyncio.create_task(consume(n)) for n in cluster.nodeids]
+        for index in range(30):
+            for nodeid in cluster.nodeids:
+                await handles[nodeid].mcast(f"{nodeid}:{index}".encode())
+        await asyncio.wait_for(asyncio.gather(*consumers), 20)
+        for client in clients.values():
+            await client.finalize()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[1] == seen[2] == seen[3]
+    for nodeid in cluster.nodeids:
+        own = [p for sender, p in seen[1] if sender == nodeid]
+        assert own == [f"{nodeid}:{i}".encode() for i in range(30)]
+
+
+async def _wait_members(handle: Any, count: int) -> None:
+    import asyncio
+
+    await handle.wait_joined()
+    while len(handle.members()) < count:
+        await asyncio.sleep(0.05)
