@@ -354,12 +354,14 @@ def test_malformed_deliveries_are_counted_and_dropped() -> None:
     before = bus.cores[1].view_digest()
     good = wire.encode_join(G, 5)
     bad = [
-        b"", b"\x01", b"\x02" + good[1:], good[:-1], good + b"\0", b"\x01\x09abc",
-        wire.encode_leave(G, 5, Reason.NODEUP), b"\x01\x03\x00\x00\x00\x00\x00",
+        b"CG", b"CG\x01", b"CG\x02" + good[3:], good[:-1], good + b"\0", b"CG\x01\x09abc",
+        wire.encode_leave(G, 5, Reason.NODEUP), b"CG\x01\x03\x00\x00\x00\x00\x00",
     ]
-    for payload in bad:
+    foreign = [b"", b"\x01\x01\x01g\0\0\0\1", b"CQ\x01\x01"]
+    for payload in bad + foreign:
         bus.inject(2, payload)
     assert bus.cores[1].stats()["malformed_dropped"] == len(bad)
+    assert bus.cores[1].stats()["foreign_payloads"] == len(foreign)
     assert bus.cores[1].view_digest() == before
     # A joinlist for another ring or from a node outside the ring is ignored.
     bus.inject(2, wire.encode_joinlist((9, 9), [(G, 1)]))

@@ -30,7 +30,7 @@ SAMPLES = [
 @pytest.mark.parametrize(("encoded", "expected"), SAMPLES)
 def test_round_trip_and_every_truncation_rejected(encoded: bytes, expected: object) -> None:
     assert wire.decode(encoded) == expected
-    cut_points = range(len(encoded)) if not isinstance(expected, wire.McastMsg) else range(7)
+    cut_points = range(len(encoded)) if not isinstance(expected, wire.McastMsg) else range(9)
     for cut in cut_points:
         with pytest.raises(DecodeError):
             wire.decode(encoded[:cut])
@@ -51,11 +51,11 @@ def test_trailing_garbage_rejected_except_in_mcast_payload(
 
 def test_bounds_enforced() -> None:
     with pytest.raises(DecodeError):  # joinlist entry count above the bound
-        wire.decode(b"\x01\x04" + (1).to_bytes(4, "big") + (1).to_bytes(8, "big") + b"\xff\xff")
+        wire.decode(b"CG\x01\x04" + (1).to_bytes(4, "big") + (1).to_bytes(8, "big") + b"\xff\xff")
     with pytest.raises(DecodeError):  # duplicate joinlist entry
         wire.decode(wire.encode_joinlist((1, 1), [(b"a", 1), (b"a", 1)]))
     with pytest.raises(DecodeError):  # group name longer than 128 bytes
-        wire.decode(b"\x01\x01\x81" + b"g" * 129 + b"\0\0\0\1")
+        wire.decode(b"CG\x01\x01\x81" + b"g" * 129 + b"\0\0\0\1")
     with pytest.raises(DecodeError):  # oversize payload
         wire.decode(wire.encode_mcast(b"g", 1, b"\0" * (wire.MAX_PAYLOAD_BYTES + 1)))
     with pytest.raises(ValueError):
@@ -102,7 +102,8 @@ def test_core_survives_garbage_from_peers(payloads: list[bytes]) -> None:
     core.configuration(False, (1, 4), [1, 2])
     core.join(5, 50, b"g")
     for payload in payloads:
-        core.deliver(2, b"\x01" + payload)
+        core.deliver(2, b"CG\x01" + payload)
         core.deliver(2, payload)
     stats = core.stats()
-    assert stats["malformed_dropped"] + stats["stale_joinlists"] <= 2 * len(payloads)
+    dropped = stats["malformed_dropped"] + stats["stale_joinlists"] + stats["foreign_payloads"]
+    assert dropped <= 2 * len(payloads)

@@ -152,7 +152,7 @@ class CpgCore:
         self._stats: dict[str, int] = dict.fromkeys(
             (
                 "malformed_dropped", "stale_joinlists", "interim_dropped", "syncs_completed",
-                "syncs_abandoned", "delivered", "submitted", "foreign_dropped", "sync_mismatch", "held_during_sync",
+                "syncs_abandoned", "delivered", "submitted", "foreign_dropped", "sync_mismatch", "held_during_sync", "foreign_payloads",
             ),
             0,
         )
@@ -311,6 +311,9 @@ class CpgCore:
         """One Totem delivery; malformed payloads are counted and dropped."""
         try:
             message = wire.decode(payload)
+        except wire.ForeignPayload:
+            self._stats["foreign_payloads"] += 1
+            return
         except DecodeError:
             self._stats["malformed_dropped"] += 1
             return

@@ -202,9 +202,14 @@ class CpgService:
             self._pending.popleft()
 
     async def _flush_later(self) -> None:
-        while self._pending and not self._closed:
-            await self.node.wait_writable()
-            self._pump()
+        try:
+            while self._pending and not self._closed:
+                await self.node.wait_writable()
+                self._pump()
+        except UsageError as exc:
+            # The node stopped: nothing will be sent any more; waiters learn it
+            # from close() when the engine shuts the service down.
+            log.warning("CPG: %d payloads not sent: %s", len(self._pending), exc)
 
     async def _wait_room(self) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

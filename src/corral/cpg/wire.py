@@ -2,13 +2,15 @@
 
 Layout (all integers big-endian):
 
-    version u8 (= WIRE_VERSION) | kind u8 | body
+    magic "CG" | version u8 (= WIRE_VERSION) | kind u8 | body
 
     JOIN      group_len u8 | group | pid u32
     LEAVE     group_len u8 | group | pid u32 | reason u8 (LEAVE or PROCDOWN)
     MCAST     group_len u8 | group | pid u32 | payload (the rest of the message)
     JOINLIST  ring_rep u32 | ring_seq u64 | count u16 | count * (group_len u8 | group | pid u32)
 
+The magic lets CPG share the Totem stream with other services (votequorum
+uses "CQ"): a payload without it is `ForeignPayload`, not CPG's to judge.
 Every read checks the remaining length first; a short, oversized or otherwise
 malformed message raises `DecodeError` (the core counts and drops it). Trailing
 bytes after a fixed-size body are malformed too, so a message has exactly one
@@ -20,10 +22,12 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from corral.cpg.events import Reason
 from corral.errors import DecodeError
 
+WIRE_MAGIC = b"CG"
 WIRE_VERSION = 1
 # corosync's CPG_MAX_NAME_LENGTH.
 MAX_GROUP_NAME_BYTES = 128
@@ -32,10 +36,14 @@ MAX_PAYLOAD_BYTES = 1 << 20
 # Processes one node may have in groups at once (its joinlist entries).
 MAX_ENTRIES_PER_NODE = 1024
 
-_HEADER = struct.Struct(">BB")
+_HEADER = struct.Struct(">2sBB")
 _PID = struct.Struct(">I")
 _PID_REASON = struct.Struct(">IB")
 _JOINLIST_HEAD = struct.Struct(">IQH")
+
+
+class ForeignPayload(DecodeError):
+    """The payload does not start with the CPG magic: another service's message."""
 
 
 class Kind(enum.IntEnum):
@@ -87,16 +95,16 @@ def _group(group: bytes) -> bytes:
 
 
 def encode_join(group: bytes, pid: int) -> bytes:
-    return _HEADER.pack(WIRE_VERSION, Kind.JOIN) + _group(group) + _PID.pack(pid)
+    return _HEADER.pack(WIRE_MAGIC, WIRE_VERSION, Kind.JOIN) + _group(group) + _PID.pack(pid)
 
 
 def encode_leave(group: bytes, pid: int, reason: int) -> bytes:
-    return _HEADER.pack(WIRE_VERSION, Kind.LEAVE) + _group(group) + _PID_REASON.pack(pid, reason)
+    return _HEADER.pack(WIRE_MAGIC, WIRE_VERSION, Kind.LEAVE) + _group(group) + _PID_REASON.pack(pid, reason)
 
 
 def encode_mcast(group: bytes, pid: int, payload: bytes) -> bytes:
     return b"".join(
-        (_HEADER.pack(WIRE_VERSION, Kind.MCAST), _group(group), _PID.pack(pid), payload)
+        (_HEADER.pack(WIRE_MAGIC, WIRE_VERSION, Kind.MCAST), _group(group), _PID.pack(pid), payload)
     )
 
 
@@ -104,7 +112,7 @@ def encode_joinlist(ring_id: tuple[int, int], entries: list[tuple[bytes, int]]) 
     if len(entries) > MAX_ENTRIES_PER_NODE:
         raise ValueError("joinlist too long")
     parts = [
-        _HEADER.pack(WIRE_VERSION, Kind.JOINLIST),
+        _HEADER.pack(WIRE_MAGIC, WIRE_VERSION, Kind.JOINLIST),
         _JOINLIST_HEAD.pack(ring_id[0], ring_id[1], len(entries)),
     ]
     for group, pid in entries:
@@ -130,7 +138,7 @@ class Reader:
         self.pos = end
         return chunk
 
-    def unpack(self, layout: struct.Struct) -> tuple[int, ...]:
+    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
         return layout.unpack(self.take(layout.size))
 
     def group(self) -> bytes:
@@ -151,8 +159,10 @@ class Reader:
 
 def decode(buf: bytes) -> WireMsg:
     """Decode one CPG message; raises DecodeError for anything malformed."""
+    if bytes(buf[:2]) != WIRE_MAGIC:
+        raise ForeignPayload("not a CPG message")
     reader = Reader(bytes(buf))
-    version, kind = reader.unpack(_HEADER)
+    _magic, version, kind = reader.unpack(_HEADER)
     if version != WIRE_VERSION:
         raise DecodeError(f"unknown CPG wire version {version}")
     message: WireMsg
@@ -201,7 +211,9 @@ __all__ = [
     "MAX_ENTRIES_PER_NODE",
     "MAX_GROUP_NAME_BYTES",
     "MAX_PAYLOAD_BYTES",
+    "WIRE_MAGIC",
     "WIRE_VERSION",
+    "ForeignPayload",
     "JoinMsg",
     "JoinlistMsg",
     "Kind",
