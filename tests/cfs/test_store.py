@@ -57,6 +57,7 @@ def test_reopen_gives_the_same_tree(tmp_path: Path) -> None:
         digest, version, spec = store.state.tree.digest, store.state.version, _spec(store)
     with _store(tmp_path) as again:
         assert again.load_problems == []
+        assert again.verify() == []
         assert again.state.tree.digest == digest and again.state.version == version
         assert _spec(again) == spec
         assert len(again.state.guests) == 29
@@ -74,6 +75,23 @@ def test_chunked_writes_touch_only_their_chunks() -> None:
     assert node.read("big") == b"".join(bytes([i % 256]) * 4096 for i in range(128))
     outcome = node.run(Op.write("big", 100_000, b"z" * 10, 1))
     assert sum(len(v or b"") for _k, v in outcome.mutations) < 4096 + 200
+
+
+def test_verify_detects_damaged_chunks(tmp_path: Path) -> None:
+    from corral.cfs import records
+
+    with _store(tmp_path) as store:
+        assert store.apply(Op.create("f", 1), writer=1, quorate=True).ok
+        assert store.apply(Op.write("f", 0, b"a" * 9000, 1), writer=1, quorate=True).ok
+        assert store.verify() == []
+        entry = store.state.tree.lookup("f")
+        assert entry is not None
+        store.db.put(records.chunk_key(entry.ino, 1), b"b" * 4096)
+        assert store.verify() == ["f: content does not match its digest"]
+        store.db.delete(records.chunk_key(entry.ino, 2))
+        assert store.verify() == ["f: chunk count does not match size 9000"]
+        store.db.put(records.chunk_key(999, 0), b"x")
+        assert any("inode 999" in p for p in store.verify())
 
 
 def test_backup_is_consistent_and_restores(tmp_path: Path) -> None:
@@ -154,7 +172,9 @@ def test_kill_9_loses_no_acknowledged_op_and_leaves_no_partial_op(
                           _replay(acknowledged + 2).state.tree.digest: acknowledged + 2}
             assert got in candidates, f"round {round_number}: acked {acknowledged}"
             assert store.state.tree.check()
+            assert store.verify() == []
             assert _spec(store) == _replay(candidates[got]).spec()
+            assert acknowledged > 20, "the child should have been killed mid-stream"
 
 
 def test_group_commit_applies_each_op_atomically(tmp_path: Path) -> None:
@@ -166,3 +186,33 @@ def test_group_commit_applies_each_op_atomically(tmp_path: Path) -> None:
         spec = _spec(store)
     with _store(tmp_path) as again:
         assert _spec(again) == spec and again.read_file("d/a") == b"x" * 9000
+
+
+def test_online_backup_sees_an_op_boundary(tmp_path: Path) -> None:
+    """A backup taken in another thread while ops are applied restores to
+    exactly the state after some op: never a half-applied one."""
+    import threading
+
+    with _store(tmp_path, durability=Durability.PROCESS) as store:
+        assert store.apply(Op.mkdir("d", 1), writer=1, quorate=True).ok
+        for index in range(300):
+            store.apply(Op.create(f"d/{index}", 1), writer=1, quorate=True)
+            store.apply(Op.write(f"d/{index}", 0, bytes([index % 256]) * 9000, 1), writer=1,
+                        quorate=True)
+        digests = {store.state.tree.digest}
+        thread = threading.Thread(target=store.backup, args=(tmp_path / "online.backup",))
+        thread.start()
+        index = 0
+        while thread.is_alive() or index < 50:
+            path = f"d/{index % 300}"
+            store.apply(Op.write(path, 0, bytes([(index * 7) % 256]) * 9000, 2), writer=1,
+                        quorate=True)
+            digests.add(store.state.tree.digest)
+            index += 1
+        thread.join()
+    Store.restore(tmp_path / "online.backup", tmp_path / "restored")
+    with _store(tmp_path, "restored") as restored:
+        assert restored.load_problems == []
+        assert restored.state.tree.digest in digests
+        assert restored.state.tree.check()
+        assert restored.verify() == []

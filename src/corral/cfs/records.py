@@ -47,6 +47,13 @@ def chunk_prefix(ino: int) -> bytes:
     return CHUNK_PREFIX + _INO.pack(ino)
 
 
+def parse_chunk_key(key: bytes) -> tuple[int, int]:
+    if len(key) != 13 or key[:1] != CHUNK_PREFIX:
+        raise DecodeError("not a chunk key")
+    ino, index = _CHUNK.unpack_from(key, 1)
+    return int(ino), int(index)
+
+
 def ino_of_meta_key(key: bytes) -> int:
     if len(key) != 9 or key[:1] != META_PREFIX:
         raise DecodeError("not a metadata key")

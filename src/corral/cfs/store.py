@@ -183,6 +183,36 @@ class Store:
 
     # --------------------------------------------------------- maintenance
 
+    def verify(self) -> list[str]:
+        """Check every stored chunk against the index: each file has exactly
+        its chunks, of the right lengths, summing to its content digest, and
+        no chunk belongs to an unknown inode. Returns the problems found."""
+        problems: list[str] = []
+        sums: dict[int, int] = {}
+        counts: dict[int, int] = {}
+        bound = rocksdict.ReadOptions()
+        bound.set_iterate_upper_bound(bytes([records.CHUNK_PREFIX[0] + 1]))
+        tree = self.state.tree
+        for raw_key, raw_value in self.db.items(from_key=records.CHUNK_PREFIX, read_opt=bound):
+            ino, index = records.parse_chunk_key(_raw(raw_key))
+            value = _raw(raw_value)
+            entry = tree.get(ino)
+            expected = 0 if entry is None else min(
+                rules.CHUNK_SIZE, entry.size - index * rules.CHUNK_SIZE)
+            if entry is None or entry.is_dir or len(value) != expected:
+                problems.append(f"inode {ino} chunk {index}: unexpected ({len(value)} bytes)")
+                continue
+            sums[ino] = (sums.get(ino, 0) + records.chunk_digest(index, value)) & ((1 << 64) - 1)
+            counts[ino] = counts.get(ino, 0) + 1
+        for path, entry in tree.walk():
+            if entry.is_dir:
+                continue
+            if counts.get(entry.ino, 0) != -(-entry.size // rules.CHUNK_SIZE):
+                problems.append(f"{path}: chunk count does not match size {entry.size}")
+            elif sums.get(entry.ino, 0) != entry.content_sum:
+                problems.append(f"{path}: content does not match its digest")
+        return problems
+
     def flush(self) -> None:
         """Write memtables to SST files (used before measuring disk usage)."""
         self.db.flush(True)
