@@ -1033,6 +1033,9 @@ cdef class TotemCore:
         self._proc.add(self.nodeid)
         if extra:
             self._proc.add(extra)
+        # Agreement is per gather round: stale JOINs (possibly from a node
+        # that has died since) must not make a consensus.
+        self._joins = {}
         self._state = S_GATHER
         self._held = False
         self._resume_pending = False
@@ -1108,6 +1111,7 @@ cdef class TotemCore:
             self._proc = new_proc
             self._failed = new_failed
             self._gather_enter(0)
+            self._joins[sender] = (proc, failed)
         return 0
 
     cdef int _on_leave(self, uint32_t sender) except -1:

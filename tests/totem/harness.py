@@ -48,6 +48,8 @@ class Cluster:
         loss: float = 0.0,
         seed: int = 1,
         link_delay_ns: int = LINK_DELAY_NS,
+        jitter_ns: int = 0,
+        duplicate: float = 0.0,
     ) -> None:
         self.nodeids = tuple(sorted(nodeids))
         self.config = config or TotemConfig(token=1000)
@@ -55,6 +57,10 @@ class Cluster:
         self.loss = loss
         self.rng = random.Random(seed)
         self.link_delay_ns = link_delay_ns
+        # jitter > 0 breaks per-link FIFO order (reordering); duplicate is the
+        # probability that a packet copy is delivered twice.
+        self.jitter_ns = jitter_ns
+        self.duplicate = duplicate
         self.now_ns = 0
         self.cores: dict[int, TotemCore] = {}
         self.logs: dict[int, NodeLog] = {n: NodeLog() for n in self.nodeids}
@@ -77,6 +83,7 @@ class Cluster:
     def crash(self, nodeid: int) -> None:
         """The node stops at once: no leave message, its queued packets are lost."""
         del self.cores[nodeid]
+        self.logs[nodeid].events.append(("stop",))
         self._queue = [item for item in self._queue if item[2] != nodeid]
         heapq.heapify(self._queue)
 
@@ -84,6 +91,7 @@ class Cluster:
         self.cores[nodeid].leave(self.now_ns)
         self._drain(nodeid)
         del self.cores[nodeid]
+        self.logs[nodeid].events.append(("stop",))
 
     def partition(self, *groups: tuple[int, ...]) -> None:
         self.cut = set()
@@ -171,8 +179,13 @@ class Cluster:
             return
         if self.drop_filter is not None and self.drop_filter(source, target, packet):
             return
-        self._order += 1
-        heapq.heappush(self._queue, (self.now_ns + self.link_delay_ns, self._order, target, packet))
+        copies = 2 if self.duplicate and self.rng.random() < self.duplicate else 1
+        for _ in range(copies):
+            delay = self.link_delay_ns
+            if self.jitter_ns:
+                delay += self.rng.randrange(self.jitter_ns)
+            self._order += 1
+            heapq.heappush(self._queue, (self.now_ns + delay, self._order, target, packet))
 
     # -- observations ------------------------------------------------------------
 

@@ -1,0 +1,66 @@
+"""Safety checkers over the harness's per-node event logs (total order and EVS)."""
+
+from __future__ import annotations
+
+from corral.totem._core import CONF_REGULAR, CONF_TRANSITIONAL
+
+from .harness import Cluster
+
+
+def segments(events: list[tuple[object, ...]]) -> list[tuple[object, object, list[tuple[object, ...]]]]:
+    """Split a log into (regular ring id, next transitional ring id or None, messages)."""
+    out: list[tuple[object, object, list[tuple[object, ...]]]] = []
+    ring: object = None
+    messages: list[tuple[object, ...]] = []
+    for event in events:
+        if event[0] == "msg":
+            messages.append(event)
+        elif event[0] == "stop":
+            out.append((ring, None, messages))
+            messages = []
+            ring = None
+        elif event[1] == CONF_TRANSITIONAL:
+            out.append((ring, (event[2], event[3]), messages))
+            messages = []
+            ring = None
+        elif event[1] == CONF_REGULAR:
+            if messages:
+                raise AssertionError(f"messages between transitional and regular: {messages[:3]}")
+            ring = event[2]
+    out.append((ring, None, messages))
+    return out
+
+
+def check(cluster: Cluster, alive_only: bool = False) -> None:
+    """Raise AssertionError if the logs break total order or virtual synchrony."""
+    by_ring: dict[object, list[tuple[int, object, list[tuple[object, ...]]]]] = {}
+    for nodeid, log in cluster.logs.items():
+        seen = set()
+        for event in log.events:
+            if event[0] == "msg":
+                key = (event[1], event[2])
+                assert key not in seen, f"node {nodeid} delivered {key!r} twice"
+                seen.add(key)
+        for ring, nxt, messages in segments(log.events):
+            if ring is not None:
+                by_ring.setdefault(ring, []).append((nodeid, nxt, messages))
+    for ring, entries in by_ring.items():
+        # Agreed order: within one configuration every node delivers a prefix
+        # of one common sequence.
+        longest = max((m for _, _, m in entries), key=len)
+        for nodeid, _, messages in entries:
+            assert messages == longest[: len(messages)], (
+                f"ring {ring}: node {nodeid} order differs")
+        # Virtual synchrony: nodes that move together to the same next
+        # configuration delivered exactly the same messages in this one.
+        groups: dict[object, list[tuple[int, list[tuple[object, ...]]]]] = {}
+        for nodeid, nxt, messages in entries:
+            if nxt is not None:
+                groups.setdefault(nxt, []).append((nodeid, messages))
+        for nxt, members in groups.items():
+            trans_members = nxt[1]  # type: ignore[index]
+            # (a member of the transitional set may not have installed it yet)
+            assert {n for n, _ in members} <= set(trans_members), (ring, nxt)
+            first = members[0][1]
+            for nodeid, messages in members[1:]:
+                assert messages == first, f"ring {ring} -> {nxt}: node {nodeid} differs"
