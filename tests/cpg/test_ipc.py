@@ -307,3 +307,22 @@ def test_client_that_stops_reading_is_disconnected(
         run(main)
     assert any("did not read" in r.message for r in caplog.records)
 
+
+
+def test_callback_mode_and_leave_through_the_socket(run: Runner, sock_dir: str) -> None:
+    async def main() -> None:
+        network, _services, servers, paths = await make_node(sock_dir, 1)
+        client = await CpgClient.connect(paths[0])
+        seen: list[CpgEvent] = []
+        handle = await client.join("grp", callback=seen.append)
+        await handle.wait_joined()
+        await handle.mcast(b"cb")
+        await handle.leave()
+        assert [type(e) for e in seen] == [ConfChg, Deliver, ConfChg]
+        assert seen[-1].left == (Member(1, os.getpid(), Reason.LEAVE),)  # type: ignore[union-attr]
+        again = await client.join("grp")  # the group may be joined again after leaving
+        await again.wait_joined()
+        await client.finalize()
+        await shutdown(network, servers)
+
+    run(main)

@@ -232,3 +232,22 @@ def test_join_errors_leave_no_client_behind(run: Runner) -> None:
         await network.stop()
 
     run(main)
+
+
+def test_leave_in_callback_mode_and_no_events_after_leave(run: Runner) -> None:
+    async def main() -> None:
+        network, services = await make_cluster(2)
+        seen: list[CpgEvent] = []
+        handle = await services[1].join("grp", pid=100, callback=seen.append)
+        await handle.wait_joined()
+        await handle.leave()
+        assert seen[-1].left == (Member(1, 100, Reason.LEAVE),)  # type: ignore[union-attr]
+        count = len(seen)
+        network.configure([[1, 2]])  # a totem confchg after the leave reaches nobody
+        await network.settle()
+        assert len(seen) == count
+        again = await services[1].join("grp", pid=100)  # same pid may join again
+        await again.wait_joined()
+        await network.stop()
+
+    run(main)

@@ -475,6 +475,8 @@ class CpgClientHandle:
             await self._waiter
 
     async def _put(self, event: CpgEvent) -> None:
+        if self.closed:
+            return  # after the own leave or a broken connection: nothing more
         if isinstance(event, ConfChg):
             self._note_change(event)
         if self._callback is not None:
@@ -482,13 +484,15 @@ class CpgClientHandle:
                 self._callback(event)
             except Exception:
                 log.exception("CPG client: event callback of group %r raised", self.group)
-            return
-        while len(self._queue) >= self.client.queue_limit and not self.closed:
-            # Stop reading the socket: the server's bounded queue takes the pressure.
-            self._space = asyncio.get_running_loop().create_future()
-            await self._space
-        self._queue.append(event)
-        self._wake()
+        else:
+            while len(self._queue) >= self.client.queue_limit and self.error is None:
+                # Stop reading the socket: the server's bounded queue takes the pressure.
+                self._space = asyncio.get_running_loop().create_future()
+                await self._space
+            if self.error is not None:
+                return
+            self._queue.append(event)
+            self._wake()
         if self.closed and self._left is not None and not self._left.done():
             self._left.set_result(None)
 
@@ -505,10 +509,11 @@ class CpgClientHandle:
         if not self.closed:
             self.closed = True
             self.error = error
-        for future in (self._left, self._joined, self._space):
+        for future in (self._left, self._joined):
             if future is not None and not future.done():
                 future.set_exception(error)
                 future.exception()  # mark retrieved: nobody may be waiting
+        self._wake_space()
         self._wake()
 
     def _wake(self) -> None:

@@ -302,6 +302,8 @@ class CpgHandle:
     # ------------------------------------------------------------ from the service
 
     def _on_event(self, event: CpgEvent) -> None:
+        if self.closed:
+            return  # after the own leave, an overflow or close(): nothing more
         if isinstance(event, ConfChg):
             self._note_own_change(event)
         if self._callback is not None:
@@ -320,7 +322,7 @@ class CpgHandle:
         else:
             self._queue.append(event)
         self._wake()
-        if self._left is not None and self.closed:
+        if self.closed and self._left is not None and not self._left.done():
             self._left.set_result(None)
 
     def _note_own_change(self, event: ConfChg) -> None:
