@@ -60,9 +60,17 @@ class Lrm:
             self.state = new
 
     def request_shutdown(self, kind: str | None) -> None:
-        """kind: 'poweroff', 'reboot' or None for a plain daemon restart."""
+        """kind: 'poweroff', 'reboot' or None for a plain daemon restart.
+
+        The mode is decided and announced right away (as the reference's signal handler
+        does), so the master can react in its next round before this LRM loops again.
+        """
         self.shutdown_requested = True
         self.shutdown_kind = kind
+        if self.state == LrmState.STARTUP:
+            return
+        self._update_mode(self.env.read_manager_status())
+        self.write_status()
 
     def _datacenter(self) -> DatacenterHa:
         try:
