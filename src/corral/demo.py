@@ -282,6 +282,20 @@ def _print_new_lines(cluster: LocalCluster, offsets: dict[int, int]) -> None:
                 print(f"node{nodeid}: {line}", flush=True)
 
 
+def _print_summary(cluster: LocalCluster) -> None:
+    for nodeid in cluster.nodeids:
+        status = cluster.status(nodeid)
+        if not status:
+            continue
+        transport = status.get("transport_stats", {})
+        drops = sum(v for k, v in transport.items() if k.startswith("drop_"))
+        ring = status.get("ring_id") or (0, 0)
+        print(f"corral demo: node{nodeid} delivered {status.get('delivered', 0)} messages, "
+              f"sent {status.get('load_sent', 0)}, last ring {ring[0]:x}.{ring[1]:x}, "
+              f"dropped packets {drops}, max loop lag "
+              f"{status.get('lag', {}).get('loop_lag_max_us', 0) / 1000:.1f} ms", flush=True)
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     workdir = args.dir or tempfile.mkdtemp(prefix="corral-demo-")
@@ -307,6 +321,7 @@ def main(argv: Sequence[str]) -> int:
     finally:
         statuses = {n: cluster.stop(n) for n in cluster.nodeids}
         _print_new_lines(cluster, offsets)
+        _print_summary(cluster)
         if cluster.use_netns:
             cluster.cleanup_netns()
         if not args.dir:
