@@ -107,3 +107,36 @@ def test_core_survives_garbage_from_peers(payloads: list[bytes]) -> None:
     stats = core.stats()
     dropped = stats["malformed_dropped"] + stats["stale_joinlists"] + stats["foreign_payloads"]
     assert dropped <= 2 * len(payloads)
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=300, deadline=None)
+def test_core_mcast_fast_path_agrees_with_the_decoder(tail: bytes) -> None:
+    core = CpgCore(1)
+    core.configuration(True, (0, 0), [1])
+    core.configuration(False, (1, 4), [1])
+    for payload in core.pop_outbox():
+        core.deliver(1, payload)
+    group = tail[1:1 + tail[0]] if tail else b""
+    if group and len(group) == tail[0]:
+        core.join(1, 1, group)
+        for payload in core.pop_outbox():
+            core.deliver(1, payload)
+    core.pop_events()
+    message = b"CG\x01\x03" + tail
+    try:
+        expected = wire.decode(message)
+    except DecodeError:
+        expected = None
+    core.deliver(2, message)
+    delivered = [e for _, e in core.pop_events()]
+    if expected is None:
+        assert delivered == [] and core.stats()["malformed_dropped"] == 1
+    else:
+        assert isinstance(expected, wire.McastMsg)
+        assert core.stats()["malformed_dropped"] == 0
+        if core.client_groups(1):
+            (event,) = delivered
+            assert (event.group, event.pid, event.payload) == (  # type: ignore[union-attr]
+                expected.group, expected.pid, expected.payload
+            )

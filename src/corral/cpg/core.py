@@ -38,6 +38,7 @@ locally and submitted when it completes; nothing is lost.
 from __future__ import annotations
 
 import enum
+import struct
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ MAX_CLIENTS = 4096
 MAX_PID = 0xFFFF_FFFF
 
 NodePid = tuple[int, int]
+_MCAST_PREFIX = wire.WIRE_MAGIC + bytes((wire.WIRE_VERSION, wire.Kind.MCAST))
+_PID = struct.Struct(">I")
 
 
 class ErrorCode(enum.IntEnum):
@@ -309,6 +312,15 @@ class CpgCore:
 
     def deliver(self, sender: int, payload: bytes) -> None:
         """One Totem delivery; malformed payloads are counted and dropped."""
+        if self._state != SyncState.SYNC and payload[:4] == _MCAST_PREFIX:
+            # Hot path: an application message outside a sync, decoded in place.
+            group_end = 5 + payload[4] if len(payload) > 4 else 0
+            if 5 < group_end and group_end + 4 <= len(payload) and payload[4] <= 128 and (
+                len(payload) - group_end - 4 <= wire.MAX_PAYLOAD_BYTES
+            ):
+                (pid,) = _PID.unpack_from(payload, group_end)
+                self._deliver(sender, payload[5:group_end], pid, payload[group_end + 4:])
+                return
         try:
             message = wire.decode(payload)
         except wire.ForeignPayload:
@@ -522,14 +534,17 @@ class CpgCore:
             self._own_left(group, pid)
 
     def _deliver_mcast(self, sender: int, message: wire.McastMsg) -> None:
-        local = self._local.get(message.group)
+        self._deliver(sender, message.group, message.pid, message.payload)
+
+    def _deliver(self, sender: int, group: bytes, pid: int, payload: bytes) -> None:
+        local = self._local.get(group)
         if not local:
             return
-        members = self._view.get(message.group, set())
-        event = Deliver(message.group, sender, message.pid, message.payload)
-        for pid in sorted(local):
-            if (self.nodeid, pid) in members:
-                self._events.append((local[pid], event))
+        members = self._view.get(group, ())
+        event = Deliver(group, sender, pid, payload)
+        for local_pid in sorted(local) if len(local) > 1 else local:
+            if (self.nodeid, local_pid) in members:
+                self._events.append((local[local_pid], event))
                 self._stats["delivered"] += 1
 
     def _node_entry_count(self, nodeid: int) -> int:
