@@ -2,7 +2,7 @@
 
     python bench/corral_client.py bench --socket PATH --nodes N --senders S [--send]
         --size B --duration-ms D [--rate R] [--timeout-ms T] [--settle-ms MS] [--group NAME]
-    python bench/corral_client.py watch --socket PATH [--group NAME]
+    python bench/corral_client.py watch --socket PATH [--group NAME] [--file ENGINE_LOG]
     python bench/corral_client.py watch-log --file ENGINE_LOG
 
 `bench` and `watch` do what bench/peers/corosync/cpgbench.c does against
@@ -12,8 +12,9 @@ padding), the same counters and the same JSON result fields, so the harness
 treats both systems alike. Flow control: where cpgbench sleeps 100 us on
 CS_ERR_TRY_AGAIN, this client awaits the library's own backpressure.
 
-`watch-log` is the fallback membership watcher for an engine without the IPC
-server: it follows the engine's log and stamps each "Members[N]: ..." line
+`watch-log` (and `watch --file LOG` when no CPG socket appears within 15 s) is
+the fallback membership watcher for an engine without the IPC server: it
+follows the engine's log and stamps each "Members[N]: ..." line
 with the monotonic time at which it was read (polled every 2 ms).
 
 This file is run as a script inside a node's network namespace, so it imports
@@ -24,16 +25,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
+import contextlib
 import json
 import re
 import struct
 import sys
 import time
 from array import array
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
+
+from corral.cpg.core import CpgError
+from corral.cpg.events import ConfChg, CpgEvent, Deliver, TotemConfChg
+from corral.cpg.ipc import CpgClient, CpgClientHandle
 
 MSG_MAGIC = 0x43524C42  # "CRLB"
 FLAG_END = 1
@@ -41,29 +46,30 @@ HEADER = struct.Struct("<IIIIQQ")
 # Latency samples kept per run; past this the sample is the first MAX_SAMPLES.
 MAX_SAMPLES = 8_000_000
 LOG_POLL_S = 0.002
+CONNECT_RETRY_S = 0.05
+# How long to wait for the engine's CPG socket to appear.
+CONNECT_TIMEOUT_S = 15.0
+# How long a finished run waits for a sender still inside mcast.
+SENDER_GRACE_S = 2.0
 MEMBERSHIP_LINE = re.compile(r"A new membership \(([0-9a-f]+\.[0-9a-f]+)\) was formed")
 MEMBERS_LINE = re.compile(r"Members\[(\d+)\]:((?: \d+)*)")
 
 
-class GroupHandle(Protocol):
-    """What this client needs from one joined CPG group (see open_group)."""
-
-    nodeid: int
-
-    async def mcast(self, data: bytes) -> None: ...
-
-    def events(self) -> AsyncIterator[Any]: ...
-
-    async def close(self) -> None: ...
-
-
-async def open_group(socket_path: str, group: str) -> GroupHandle:
-    """Connect to the engine's CPG socket and join `group` (raises if impossible)."""
-    try:
-        ipc = importlib.import_module("corral.cpg.ipc")
-    except ImportError:
-        raise RuntimeError("corral.cpg.ipc (the CPG IPC client) is not in this tree yet") from None
-    raise RuntimeError(f"corral.cpg.ipc has no client this benchmark knows ({dir(ipc)})")
+async def open_group(socket_path: str, group: str, timeout_s: float,
+                     callback: Callable[[CpgEvent], None] | None = None,
+                     ) -> tuple[CpgClient, CpgClientHandle]:
+    """Connect to the engine's CPG socket (waiting for it to appear) and join `group`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client = await CpgClient.connect(socket_path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(CONNECT_RETRY_S)
+    handle = await client.join(group, callback=callback)
+    return client, handle
 
 
 @dataclass
@@ -156,35 +162,9 @@ def result_record(args: argparse.Namespace, stats: Stats, sending: SendResult,
     }
 
 
-def event_kind(event: Any) -> str:
-    """'deliver', 'group' or 'ring' for the CPG event classes of corral.cpg.events."""
-    return {"Deliver": "deliver", "ConfChg": "group", "TotemConfChg": "ring"}.get(
-        type(event).__name__, "other")
-
-
-async def consume(handle: GroupHandle, stats: Stats, senders: int,
-                  members_reached: asyncio.Event, nodes: int) -> None:
-    """Count events until every sender's END message arrived."""
-    try:
-        async for event in handle.events():
-            kind = event_kind(event)
-            if kind == "deliver":
-                stats.deliver(event.nodeid, event.payload, time.monotonic_ns())
-                if stats.ends >= senders:
-                    return
-            elif kind == "group":
-                stats.cpg_confchgs += 1
-                stats.members = len(event.members)
-                if stats.members >= nodes:
-                    members_reached.set()
-            elif kind == "ring":
-                stats.totem_confchgs += 1
-    except (ConnectionError, OSError, RuntimeError):
-        stats.connection_lost = True
-    stats.connection_lost = True
-
-
-async def send_loop(handle: GroupHandle, args: argparse.Namespace, result: SendResult) -> None:
+async def send_loop(handle: CpgClientHandle, args: argparse.Namespace,
+                    result: SendResult) -> None:
+    """Multicast for duration_ms (flat out or paced), then one END message."""
     loop = asyncio.get_running_loop()
     padding = bytes(args.size - HEADER.size)
     period_s = 1.0 / args.rate if args.rate else 0.0
@@ -207,65 +187,100 @@ async def send_loop(handle: GroupHandle, args: argparse.Namespace, result: SendR
         result.end_ns = time.monotonic_ns()
         await handle.mcast(HEADER.pack(MSG_MAGIC, FLAG_END, handle.nodeid, 0, seq,
                                        time.monotonic_ns()) + padding)
-    except (ConnectionError, OSError, RuntimeError) as error:
-        result.error = repr(error)
+    except (CpgError, ConnectionError, OSError) as error:
+        result.error = str(error)
         result.end_ns = time.monotonic_ns()
     result.finished = True
 
 
-async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    client_start_ns = time.monotonic_ns()
-    deadline_s = args.timeout_ms / 1000
-    handle = await asyncio.wait_for(open_group(args.socket, args.group), deadline_s)
-    stats = Stats(my_nodeid=handle.nodeid)
-    sending = SendResult()
-    members_reached = asyncio.Event()
-    consumer = asyncio.create_task(consume(handle, stats, args.senders, members_reached,
-                                           args.nodes))
-    sender: asyncio.Task[None] | None = None
-    members_ok = False
+class BenchRun:
+    """One `bench` run: the delivery callback and the waits around the sender."""
 
-    async def members_then_send() -> None:
-        nonlocal members_ok, sender
-        await members_reached.wait()
-        members_ok = True
-        if args.send:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.stats = Stats(my_nodeid=0)
+        self.sending = SendResult()
+        self.members_reached = asyncio.Event()
+        self.all_ended = asyncio.Event()
+
+    def on_event(self, event: CpgEvent) -> None:
+        """Called by the client library for every event, in delivery order."""
+        stats = self.stats
+        if isinstance(event, Deliver):
+            stats.deliver(event.nodeid, event.payload, time.monotonic_ns())
+            if stats.ends >= self.args.senders:
+                self.all_ended.set()
+        elif isinstance(event, ConfChg):
+            stats.cpg_confchgs += 1
+            stats.members = len(event.members)
+            if stats.members >= self.args.nodes:
+                self.members_reached.set()
+        elif isinstance(event, TotemConfChg):
+            stats.totem_confchgs += 1
+
+    async def wait(self, event: asyncio.Event, client: CpgClient, deadline_s: float) -> bool:
+        """Wait for event until the deadline (loop time) or until the connection drops."""
+        loop = asyncio.get_running_loop()
+        while not event.is_set():
+            remaining_s = deadline_s - loop.time()
+            if remaining_s <= 0 or client.closed:
+                self.stats.connection_lost = client.closed
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(remaining_s, 0.1))
+        return True
+
+    async def run(self) -> dict[str, Any]:
+        args = self.args
+        client_start_ns = time.monotonic_ns()
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + args.timeout_ms / 1000
+        client, handle = await open_group(args.socket, args.group,
+                                          min(args.timeout_ms / 1000, CONNECT_TIMEOUT_S),
+                                          self.on_event)
+        self.stats.my_nodeid = client.nodeid
+        members_ok = await self.wait(self.members_reached, client, deadline_s)
+        sender: asyncio.Task[None] | None = None
+        if members_ok and args.send:
             await asyncio.sleep(args.settle_ms / 1000)
-            sender = asyncio.create_task(send_loop(handle, args, sending))
-            await sender
-
-    starter = asyncio.create_task(members_then_send())
-    remaining_s = deadline_s - (time.monotonic_ns() - client_start_ns) / 1e9
-    await asyncio.wait([consumer], timeout=max(0.0, remaining_s))
-    if sender is not None and not sender.done():
-        await asyncio.wait([sender], timeout=2.0)
-    record = result_record(args, stats, sending, members_ok, client_start_ns)
-    for task in (consumer, starter, sender):
-        if task is not None:
-            task.cancel()
-    return record
+            sender = asyncio.create_task(send_loop(handle, args, self.sending))
+        await self.wait(self.all_ended, client, deadline_s)
+        if sender is not None and not sender.done():
+            await asyncio.wait([sender], timeout=SENDER_GRACE_S)
+        record = result_record(args, self.stats, self.sending, members_ok, client_start_ns)
+        if sender is not None:
+            sender.cancel()
+        await client.close()
+        return record
 
 
-async def run_watch(args: argparse.Namespace) -> None:
-    handle = await open_group(args.socket, args.group)
+async def run_watch(args: argparse.Namespace) -> bool:
+    """Print membership events; False if the engine has no CPG socket (fall back to its log)."""
+    try:
+        _client, handle = await open_group(args.socket, args.group, CONNECT_TIMEOUT_S)
+    except (FileNotFoundError, ConnectionRefusedError) as error:
+        if not args.file:
+            raise
+        emit({"event": "fallback", "t_ns": time.monotonic_ns(), "reason": str(error)})
+        return False
     emit({"event": "joined", "t_ns": time.monotonic_ns()})
     try:
         async for event in handle.events():
             now_ns = time.monotonic_ns()
-            kind = event_kind(event)
-            if kind == "ring":
+            if isinstance(event, TotemConfChg):
                 rep, seq = event.ring_id
                 emit({"event": "ring", "t_ns": now_ns, "ring": f"{rep:x}.{seq:x}",
                       "members": list(event.members)})
-            elif kind == "group":
+            elif isinstance(event, ConfChg):
                 emit({"event": "group", "t_ns": now_ns,
                       "members": [[m.nodeid, m.reason] for m in event.members],
                       "left": [[m.nodeid, m.reason] for m in event.left],
                       "joined": [[m.nodeid, m.reason] for m in event.joined]})
-    except (ConnectionError, OSError, RuntimeError) as error:
-        emit({"event": "exit", "t_ns": time.monotonic_ns(), "error": repr(error)})
-        return
+    except (CpgError, ConnectionError, OSError) as error:
+        emit({"event": "exit", "t_ns": time.monotonic_ns(), "error": str(error)})
+        return True
     emit({"event": "exit", "t_ns": time.monotonic_ns(), "error": None})
+    return True
 
 
 def follow_log(path: str) -> None:
@@ -336,9 +351,10 @@ def main(argv: list[str]) -> int:
     import uvloop
 
     if args.mode == "watch":
-        uvloop.run(run_watch(args))
+        if not uvloop.run(run_watch(args)):
+            follow_log(args.file)
         return 0
-    emit(uvloop.run(run_bench(args)))
+    emit(uvloop.run(BenchRun(args).run()))
     return 0
 
 

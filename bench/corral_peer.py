@@ -8,13 +8,13 @@ kind of 128-byte key. Corral has no compiled-in pid lock, so no private mount
 namespace is needed.
 
 The benchmark client is bench/corral_client.py, connected to the node's CPG
-Unix socket. Membership is watched over the same socket when the engine
-serves CPG IPC; without it, from the engine's log lines (`watch-log`).
+Unix socket. Membership is watched over the same socket; an engine that
+serves no CPG socket is watched through its log lines instead (see
+corral_client.py), and `describe()` says which method was used.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -25,11 +25,6 @@ from bench.peer import BenchSpec, Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "bench" / "corral_client.py"
-
-
-def ipc_available() -> bool:
-    """Whether this tree has the CPG IPC client the benchmark client needs."""
-    return importlib.util.find_spec("corral.cpg.ipc") is not None
 
 
 def corral_version() -> str:
@@ -87,10 +82,14 @@ class CorralCluster(Cluster):
         return argv
 
     def watch_argv(self, node: int) -> list[str]:
-        if ipc_available():
-            return [sys.executable, str(CLIENT), "watch", "--socket", str(self.socket_path(node))]
-        return [sys.executable, str(CLIENT), "watch-log",
+        return [sys.executable, str(CLIENT), "watch", "--socket", str(self.socket_path(node)),
                 "--file", str(self.node_dir(node) / "daemon.out")]
+
+    def membership_watch(self) -> str:
+        """'cpg ipc', or 'engine log' if a watcher found no CPG socket and followed the log."""
+        fell_back = any(event.get("event") == "fallback"
+                        for watcher in self.watchers.values() for event in watcher.snapshot())
+        return "engine log" if fell_back else "cpg ipc"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -99,6 +98,5 @@ class CorralCluster(Cluster):
             "transport": "corral udp (knet-compatible config)",
             "crypto": "secauth on (aes-256-gcm)",
             "token_ms": self.settings.token_ms,
-            "membership_watch": "cpg ipc" if ipc_available() else "engine log",
-            "cpg_ipc": ipc_available(),
+            "membership_watch": self.membership_watch(),
         }

@@ -115,17 +115,29 @@ class Cluster(ABC):
         self.watchers[node] = LineWatcher(proc.stdout, f"{self.system}-n{node}")
 
     def wait_ring(self, members: int, nodes: list[int], timeout_s: float = RING_WAIT_S,
-                  after_ns: int = 0) -> dict[int, dict[str, Any]]:
-        """Wait until every watcher in nodes reports a ring of exactly `members` nodes."""
+                  after_ns: int = 0, group_counts: bool = False) -> dict[int, dict[str, Any]]:
+        """Wait until every watcher in nodes reports a ring of exactly `members` nodes.
+
+        With group_counts, a change of the watchers' own group that lists
+        `members` distinct nodes counts too: all watchers see each other, so
+        the ring has them all. That is how readiness is detected when a
+        watcher connected after the ring formed (Corral, like corosync
+        without the initial-totem-conf flag, reports only later changes).
+        """
+        def matches(event: dict[str, Any]) -> bool:
+            if int(event.get("t_ns", 0)) < after_ns:
+                return False
+            if event.get("event") == "ring":
+                return len(event.get("members", [])) == members
+            if group_counts and event.get("event") == "group":
+                return len({entry[0] for entry in event.get("members", [])}) == members
+            return False
+
         deadline = time.monotonic() + timeout_s
         found: dict[int, dict[str, Any]] = {}
         for node in nodes:
             self._check_daemon(node)
-            event = self.watchers[node].wait_for(
-                lambda e: e.get("event") == "ring" and len(e.get("members", [])) == members
-                and int(e.get("t_ns", 0)) >= after_ns,
-                max(0.0, deadline - time.monotonic()),
-            )
+            event = self.watchers[node].wait_for(matches, max(0.0, deadline - time.monotonic()))
             if event is None:
                 raise BenchError(f"{self.system} n{node}: no {members}-member ring "
                                  f"within {timeout_s:.0f} s (see {self.node_dir(node)})")
@@ -167,7 +179,10 @@ class Cluster(ABC):
             except subprocess.TimeoutExpired:
                 self.procs.stop(proc)
                 out = ""
-            results.append(parse_client_output(node, out, proc.returncode))
+            result = parse_client_output(node, out, proc.returncode)
+            if "error" in result:
+                result["error"] += last_line(self.node_dir(node) / "client.err")
+            results.append(result)
         return results
 
     def stop(self) -> None:
@@ -188,3 +203,12 @@ def parse_client_output(node: int, out: str, returncode: int | None) -> dict[str
             return value
     return {"node": node, "error": f"no result (exit status {returncode})", "msgs": 0,
             "gaps": 0, "complete": False}
+
+
+def last_line(path: Path) -> str:
+    """': <last non-empty line of path>' (a client's last complaint), or ''."""
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return f": {lines[-1].strip()[:300]}" if lines else ""

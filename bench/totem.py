@@ -122,7 +122,7 @@ def running_cluster(cls: type[Cluster], topology: Topology, workdir: Path,
     try:
         cluster.start()
         started = time.monotonic()
-        cluster.wait_ring(topology.node_count, list(topology.nodes))
+        cluster.wait_ring(topology.node_count, list(topology.nodes), group_counts=True)
         log(f"{cluster.system}: {topology.node_count}-node ring after "
             f"{time.monotonic() - started:.2f} s")
         yield cluster
@@ -334,6 +334,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--only", choices=SYSTEMS, help="measure only this system")
     parser.add_argument("--tests", default=",".join(Plan().tests),
                         help="comma-separated subset of: idle,throughput,latency,loss,kill")
+    parser.add_argument("--sizes", help="comma-separated message sizes in bytes "
+                        "(default 64,1024,16384)")
+    parser.add_argument("--senders", help="comma-separated sender counts (default 1,3)")
     parser.add_argument("--json", type=Path, help="also write the JSON results here")
     parser.add_argument("--no-sched-rr", action="store_true",
                         help="run corosync with `system { sched_rr: no }` (default: as shipped)")
@@ -349,7 +352,19 @@ def build_plan(args: argparse.Namespace) -> Plan:
     unknown = set(tests) - set(Plan().tests)
     if unknown:
         raise SystemExit(f"unknown tests: {', '.join(sorted(unknown))}")
-    return Plan(**{**asdict(plan), "tests": tests, "sched_rr": not args.no_sched_rr})
+    changes: dict[str, Any] = {"tests": tests, "sched_rr": not args.no_sched_rr}
+    try:
+        if args.sizes:
+            changes["sizes"] = tuple(int(size) for size in args.sizes.split(","))
+        if args.senders:
+            changes["sender_counts"] = tuple(int(count) for count in args.senders.split(","))
+    except ValueError:
+        raise SystemExit("--sizes and --senders take comma-separated integers") from None
+    if not all(32 <= size <= 1 << 20 for size in changes.get("sizes", plan.sizes)):
+        raise SystemExit("message sizes must be in [32, 1048576]")
+    if not all(1 <= count <= 3 for count in changes.get("sender_counts", plan.sender_counts)):
+        raise SystemExit("sender counts must be in [1, 3]")
+    return Plan(**{**asdict(plan), **changes})
 
 
 def raise_keyboard_interrupt(signum: int, frame: Any) -> None:

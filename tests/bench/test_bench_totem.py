@@ -108,7 +108,7 @@ def test_corosync_peer_smoke() -> None:
             topology.create()
             try:
                 cluster.start()
-                cluster.wait_ring(3, list(topology.nodes), timeout_s=30)
+                cluster.wait_ring(3, list(topology.nodes), timeout_s=30, group_counts=True)
                 daemon_pids = [cluster.daemon_pid(node) for node in topology.nodes]
                 for pid in daemon_pids:
                     assert Path(f"/proc/{pid}/comm").read_text().strip() == "corosync"
