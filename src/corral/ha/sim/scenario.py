@@ -288,27 +288,33 @@ class Simulation:
     # --- run loop ------------------------------------------------------------------------
 
     def _finish_shutdown(self, node: str) -> None:
+        """The LRM has exited: stop the CRM (it exits in its next loop), then power off."""
         state = self.cluster.nodes[node]
         source = "reboot" if state.shutdown_kind == "reboot" else "shutdown"
         if state.crm is not None:
+            self.cluster.log("info", source, f"execute crm {node} stop")
             state.crm.request_shutdown()
-            state.crm.iterate()
+            return
         self.cluster.log("info", source, f"execute power {node} off")
         if state.shutdown_kind == "reboot":
             self.power_on_next_round.add(node)
         self.cluster.power_off(node, source)
 
+    def _crm_exited(self, node: str) -> None:
+        state = self.cluster.nodes[node]
+        state.crm = None
+        if state.shutdown_kind and state.lrm is None:
+            self._finish_shutdown(node)
+
     def _lrm_exited(self, node: str) -> None:
         state = self.cluster.nodes[node]
+        state.lrm = None
         if state.restart_lrm:
             state.restart_lrm = False
             self.cluster.log("info", "hardware", f"restarting LRM on '{node}'")
             state.lrm = Lrm(SimEnv(self.cluster, node, "lrm"), self.timings)
         elif state.shutdown_kind:
-            state.lrm = None
             self._finish_shutdown(node)
-        else:
-            state.lrm = None
 
     def _round(self, start_s: int) -> None:
         cluster = self.cluster
@@ -324,7 +330,7 @@ class Simulation:
                 cluster.time_s = now_s
                 cluster.check_watchdogs()
                 if state.crm is not None and not state.crm.iterate():
-                    state.crm = None
+                    self._crm_exited(name)
                 now_s += 1
             if state.lrm is not None and not skip_lrm:
                 cluster.time_s = now_s
