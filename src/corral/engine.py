@@ -4,6 +4,7 @@
                   [--ipc-socket PATH] [--log-deliveries FILE] [--load RATE:SIZE]
                   [--stats-interval S]
     corral engine --generate-key PATH [--key-bytes N]
+    corral engine --print-status --state-dir D
 
 Logs membership changes as corosync does ("A new membership (1.e) was formed.
 Members joined: 2 3", "Members[3]: 1 2 3") and message rates every
@@ -72,11 +73,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--load", metavar="RATE:SIZE", help="messages/s and bytes each")
     parser.add_argument("--stats-interval", type=float, default=5.0, metavar="S")
     parser.add_argument("--generate-key", metavar="PATH", help="write a new key file and exit")
+    parser.add_argument("--print-status", action="store_true",
+                        help="print the links and ring of the engine using --state-dir, and exit")
     parser.add_argument("--key-bytes", type=int, default=auth.KEY_DEFAULT_BYTES)
     args = parser.parse_args(argv)
-    if args.generate_key is None:
-        missing = [f"--{n.replace('_', '-')}" for n in ("config", "nodeid", "state_dir")
-                   if getattr(args, n) is None]
+    if args.print_status:
+        required: tuple[str, ...] = ("state_dir",)
+    elif args.generate_key is None:
+        required = ("config", "nodeid", "state_dir")
+    else:
+        required = ()
+    if required:
+        missing = [f"--{n.replace('_', '-')}" for n in required if getattr(args, n) is None]
         if missing:
             parser.error(f"missing {', '.join(missing)}")
     if args.load is not None:
@@ -327,6 +335,46 @@ def _is_load(payload: object) -> bool:
         payload[0] == LOAD_MAGIC
 
 
+def format_status(status: dict[str, Any]) -> str:
+    """Links and ring in the shape of `corosync-cfgtool -s` plus the ring line."""
+    ring = status.get("ring_id") or (0, 0)
+    members = " ".join(map(str, status.get("members") or ()))
+    lines = [
+        f"Local node ID {status.get('nodeid')}, transport udp (corral)",
+        f"Ring ID: {ring_text((int(ring[0]), int(ring[1])))}  State: {status.get('state')}  "
+        f"Members[{len(status.get('members') or ())}]: {members}",
+    ]
+    rows = sorted(status.get("links") or [], key=lambda r: (r["link"], r["nodeid"]))
+    for link in sorted({row["link"] for row in rows}):
+        lines.append(f"LINK ID {link} udp")
+        for row in (r for r in rows if r["link"] == link):
+            if row["state"] == "localhost":
+                lines.append(f"\taddr\t= {row['address']}")
+                lines.append("\tstatus:")
+        for row in (r for r in rows if r["link"] == link):
+            state = {"localhost": "localhost", "up": "connected"}.get(row["state"], "disconnected")
+            rtt = f" (rtt {row['rtt_ms']} ms)" if row.get("rtt_ms") is not None and \
+                row["state"] == "up" else ""
+            lines.append(f"\t\tnodeid: {row['nodeid']:>3}:\t{state}{rtt}")
+    drops = {k: v for k, v in (status.get("transport_stats") or {}).items()
+             if (k.startswith("drop_") or "dropped" in k) and v}
+    lines.append("Dropped packets: " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items()))
+                                        or "none"))
+    return "\n".join(lines)
+
+
+def print_status(state_dir: str) -> int:
+    path = os.path.join(state_dir, "status.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            status = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        print(f"corral engine: cannot read {path}: {error}", file=sys.stderr)
+        return 2
+    print(format_status(status))
+    return 0
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -334,6 +382,8 @@ def main(argv: Sequence[str]) -> int:
         format=f"%(asctime)s.%(msecs)03d [{args.nodeid or '-'}] %(levelname)s %(message)s",
         datefmt="%b %d %H:%M:%S",
     )
+    if args.print_status:
+        return print_status(args.state_dir)
     try:
         if args.generate_key is not None:
             auth.write_key_file(args.generate_key, args.key_bytes)
