@@ -59,8 +59,9 @@ class LocalCluster:
                  use_netns: bool | None = None, subnet: str = "10.213.0",
                  load: str | None = None, secauth: bool = True,
                  totem_options: dict[str, str] | None = None,
-                 stats_interval_s: float = 5.0) -> None:
+                 stats_interval_s: float = 5.0, n_links: int = 1) -> None:
         self.n_nodes = n_nodes
+        self.n_links = n_links
         self.workdir = workdir
         self.prefix = prefix
         self.use_netns = can_use_netns() if use_netns is None else use_netns
@@ -71,8 +72,6 @@ class LocalCluster:
         self.stats_interval_s = stats_interval_s
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
         self.port = 5405
-        self._netns_made: list[str] = []
-        self._links_made: list[str] = []
 
     # ---- layout --------------------------------------------------------------
 
@@ -80,8 +79,16 @@ class LocalCluster:
     def nodeids(self) -> list[int]:
         return list(range(1, self.n_nodes + 1))
 
-    def address(self, nodeid: int) -> str:
-        return f"{self.subnet}.{nodeid}"
+    def address(self, nodeid: int, link: int = 0) -> str:
+        """Link L uses the subnet with L added to its second octet (10.213.0 -> 10.214.0)."""
+        first, second, third = self.subnet.split(".")
+        return f"{first}.{int(second) + link}.{third}.{nodeid}"
+
+    def bridge(self, link: int) -> str:
+        return f"{self.prefix}-br" if link == 0 else f"{self.prefix}-br{link}"
+
+    def veth(self, nodeid: int, link: int) -> str:
+        return f"{self.prefix}-v{nodeid}" if link == 0 else f"{self.prefix}-v{nodeid}l{link}"
 
     def netns(self, nodeid: int) -> str:
         return f"{self.prefix}-n{nodeid}"
@@ -112,7 +119,8 @@ class LocalCluster:
         else:
             self.port = free_udp_port(self.address(1))
         auth.write_key_file(self.key_path)
-        nodes = [(i, f"node{i}", [self.address(i)]) for i in self.nodeids]
+        nodes = [(i, f"node{i}", [self.address(i, link) for link in range(self.n_links)])
+                 for i in self.nodeids]
         text = render_cluster(f"{self.prefix}-cluster", nodes, secauth=self.secauth,
                               port=self.port, totem_options=self.totem_options)
         with open(self.config_path, "w", encoding="utf-8") as handle:
@@ -121,31 +129,31 @@ class LocalCluster:
             os.makedirs(self.node_dir(nodeid), exist_ok=True)
 
     def _setup_netns(self) -> None:
-        bridge = f"{self.prefix}-br"
         self.cleanup_netns()
-        _run(["ip", "link", "add", bridge, "type", "bridge"])
-        self._links_made.append(bridge)
-        _run(["ip", "link", "set", bridge, "up"])
         for nodeid in self.nodeids:
-            namespace, veth = self.netns(nodeid), f"{self.prefix}-v{nodeid}"
-            _run(["ip", "netns", "add", namespace])
-            self._netns_made.append(namespace)
-            _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
-                  "netns", namespace])
-            self._links_made.append(veth)
-            _run(["ip", "link", "set", veth, "master", bridge, "up"])
-            _run(["ip", "-n", namespace, "addr", "add", f"{self.address(nodeid)}/24", "dev", "eth0"])
-            _run(["ip", "-n", namespace, "link", "set", "eth0", "up"])
-            _run(["ip", "-n", namespace, "link", "set", "lo", "up"])
+            _run(["ip", "netns", "add", self.netns(nodeid)])
+            _run(["ip", "-n", self.netns(nodeid), "link", "set", "lo", "up"])
+        for link in range(self.n_links):
+            bridge = self.bridge(link)
+            _run(["ip", "link", "add", bridge, "type", "bridge"])
+            _run(["ip", "link", "set", bridge, "up"])
+            for nodeid in self.nodeids:
+                namespace, veth, inside = self.netns(nodeid), self.veth(nodeid, link), f"eth{link}"
+                _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", inside,
+                      "netns", namespace])
+                _run(["ip", "link", "set", veth, "master", bridge, "up"])
+                _run(["ip", "-n", namespace, "addr", "add", f"{self.address(nodeid, link)}/24",
+                      "dev", inside])
+                _run(["ip", "-n", namespace, "link", "set", inside, "up"])
 
     def cleanup_netns(self) -> None:
         """Remove this prefix's namespaces and links (also leftovers of a crashed run)."""
         for nodeid in self.nodeids:
             _run(["ip", "netns", "del", self.netns(nodeid)], check=False)
-            _run(["ip", "link", "del", f"{self.prefix}-v{nodeid}"], check=False)
-        _run(["ip", "link", "del", f"{self.prefix}-br"], check=False)
-        self._netns_made.clear()
-        self._links_made.clear()
+            for link in range(self.n_links):
+                _run(["ip", "link", "del", self.veth(nodeid, link)], check=False)
+        for link in range(self.n_links):
+            _run(["ip", "link", "del", self.bridge(link)], check=False)
 
     def close(self) -> None:
         for nodeid in list(self.processes):
@@ -234,9 +242,11 @@ class LocalCluster:
             _run(["ip", "netns", "exec", self.netns(nodeid), "nft", "delete", "table", "inet",
                   "crlfault"], check=False)
 
-    def block(self, nodeid: int, peers: Sequence[int]) -> None:
-        """Drop all UDP between `nodeid` and `peers` (in nodeid's namespace)."""
-        addresses = ", ".join(self.address(p) for p in peers)
+    def block(self, nodeid: int, peers: Sequence[int], links: Sequence[int] | None = None) -> None:
+        """Drop all UDP between `nodeid` and `peers` on `links` (default: every link),
+        with nftables in nodeid's namespace."""
+        chosen = range(self.n_links) if links is None else links
+        addresses = ", ".join(self.address(p, link) for p in peers for link in chosen)
         self.clear_faults(nodeid)
         self.nft(nodeid, f"""table inet crlfault {{
   chain input {{ type filter hook input priority 0; ip saddr {{ {addresses} }} udp dport {self.port} drop; }}

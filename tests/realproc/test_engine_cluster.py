@@ -5,6 +5,8 @@
   without gaps or duplicates;
 - kill -9 of one node: the other two form a new membership; the node restarts
   and rejoins; total order still agrees;
+- 3 nodes with 2 links: cutting link 0 of one node moves traffic to link 1
+  without a membership change, and link 0 comes back;
 - 5 nodes partitioned 2|3 (nftables in the namespaces) form two rings, then merge;
 - 5 % random loss on one node for ~20 s: no membership change, gap-free streams;
 - garbage, replayed (stale incarnation), tampered and foreign-cluster packets sent
@@ -62,11 +64,12 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
 def make_cluster(tmp_path: Any) -> Iterator[Callable[..., LocalCluster]]:
     made: list[LocalCluster] = []
 
-    def factory(n_nodes: int, load: str = "100:200") -> LocalCluster:
+    def factory(n_nodes: int, load: str | None = "100:200", n_links: int = 1) -> LocalCluster:
         serial = next(_serial) + os.getpid() % 50 * 2
         cluster = LocalCluster(n_nodes, str(tmp_path / f"c{serial}"), prefix=f"crl-tp{serial}",
                                use_netns=True, subnet=f"10.213.{100 + serial % 100}",
-                               load=load, totem_options=TOTEM, stats_interval_s=2.0)
+                               load=load, totem_options=TOTEM, stats_interval_s=2.0,
+                               n_links=n_links)
         made.append(cluster)
         cluster.setup()
         return cluster
@@ -173,6 +176,39 @@ def test_loss_without_membership_change(make_cluster: Callable[..., LocalCluster
     logs = check_logs(cluster, [1, 2, 3], gap_free=True)
     counts = [streams_delivered(log) for log in logs]
     assert all(sum(c.values()) > 3000 for c in counts)
+
+
+def link_state(cluster: LocalCluster, nodeid: int, peer: int, link: int) -> str:
+    for row in cluster.status(nodeid).get("links", []):
+        if row["nodeid"] == peer and row["link"] == link:
+            return str(row["state"])
+    return "?"
+
+
+def test_link_failover_without_membership_change(
+        make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster(3, n_links=2)
+    cluster.start_all()
+    wait_until(lambda: members_are(cluster, [1, 2, 3], [1, 2, 3]), FORM_TIMEOUT_S, "3 members")
+    wait_until(lambda: link_state(cluster, 1, 3, 1) == "up", 10, "link 1 up")
+    ring = cluster.status(1)["ring_id"]
+    before = cluster.status(1)["transport_stats"].get("tx_totem_link1", 0)
+    cluster.block(3, [1, 2], links=[0])  # cut link 0 of node 3 only
+    wait_until(lambda: link_state(cluster, 1, 3, 0) == "down", 10, "link 0 to node 3 down")
+    time.sleep(3)
+    assert link_state(cluster, 1, 3, 1) == "up"
+    assert cluster.status(1)["transport_stats"].get("tx_totem_link1", 0) > before + 50
+    cluster.clear_faults(3)
+    wait_until(lambda: link_state(cluster, 1, 3, 0) == "up", 10, "link 0 back up")
+    time.sleep(1)
+    rings = [cluster.status(n)["ring_id"] for n in (1, 2, 3)]
+    for nodeid in (1, 2, 3):
+        assert cluster.stop(nodeid) == 0
+    assert rings == [ring, ring, ring], "membership changed on a link failover"
+    check_logs(cluster, [1, 2, 3], gap_free=True)
+    with open(cluster.log_path(1)) as handle:
+        text = handle.read()
+    assert "link 0 to node 3 is down" in text
 
 
 SENDER = """
