@@ -207,11 +207,17 @@ class CpgCore:
     # ------------------------------------------------------------------ outputs
 
     def pop_outbox(self) -> list[bytes]:
-        out, self._outbox = self._outbox, []
+        out = self._outbox
+        if not out:
+            return []
+        self._outbox = []
         return out
 
     def pop_events(self) -> list[tuple[int, CpgEvent]]:
-        out, self._events = self._events, []
+        out = self._events
+        if not out:
+            return []
+        self._events = []
         return out
 
     # ------------------------------------------------------------------ local API
@@ -290,9 +296,13 @@ class CpgCore:
         kind = event[0]
         if kind == EV_DELIVER:
             sender, payload = event[1], event[2]
-            if not isinstance(sender, int) or not isinstance(payload, bytes | bytearray):
+            if type(payload) is not bytes:
+                if not isinstance(payload, bytes | bytearray | memoryview):
+                    raise UsageError(f"malformed totem delivery event {event!r:.80}")
+                payload = bytes(payload)
+            if not isinstance(sender, int):
                 raise UsageError(f"malformed totem delivery event {event!r:.80}")
-            self.deliver(sender, bytes(payload))
+            self.deliver(sender, payload)
         elif kind == EV_CONFIG:
             conf_kind, ring_id, members = event[1], event[2], event[3]
             if not isinstance(ring_id, tuple) or not isinstance(members, tuple):

@@ -174,19 +174,25 @@ class CpgService:
             self._pump_again = True
             return
         self._pumping = True
+        core, sinks = self.core, self._sinks
         try:
-            self._pump_again = True
-            while self._pump_again:
+            while True:
                 self._pump_again = False
-                self._pending.extend(self.core.pop_outbox())
-                self._submit_pending()
-                for client_id, event in self.core.pop_events():
-                    sink = self._sinks.get(client_id)
+                outbox = core.pop_outbox()
+                if outbox:
+                    self._pending.extend(outbox)
+                if self._pending:
+                    self._submit_pending()
+                for client_id, event in core.pop_events():
+                    sink = sinks.get(client_id)
                     if sink is not None:
                         sink(event)
+                if not self._pump_again:
+                    break
         finally:
             self._pumping = False
-        self._wake_room()
+        if self._room_waiters:
+            self._wake_room()
 
     def _submit_pending(self) -> None:
         while self._pending:
