@@ -1,6 +1,7 @@
 """`corral demo`: a local N-node engine cluster to watch Totem at work.
 
-    corral demo [--nodes N] [--duration S] [--load RATE:SIZE] [--no-netns] [--dir D]
+    corral demo [--nodes N] [--links L] [--duration S] [--load RATE:SIZE] [--no-netns]
+                [--dir D] [--stats-interval S]
 
 Writes a key and a corosync.conf into a demo directory, starts N `corral
 engine` processes and prints their membership changes and message rates until
@@ -268,6 +269,7 @@ class LocalCluster:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="corral demo", description="local multi-node demo")
     parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--links", type=int, default=1, help="links per node (1..8)")
     parser.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
     parser.add_argument("--load", default=DEMO_LOAD, metavar="RATE:SIZE",
                         help=f"per-node message load (default {DEMO_LOAD})")
@@ -278,6 +280,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 1 <= args.nodes <= 16:
         parser.error("--nodes must be 1..16")
+    if not 1 <= args.links <= 8:
+        parser.error("--links must be 1..8")
     return args
 
 
@@ -311,7 +315,8 @@ def main(argv: Sequence[str]) -> int:
     workdir = args.dir or tempfile.mkdtemp(prefix="corral-demo-")
     cluster = LocalCluster(args.nodes, workdir, prefix=args.prefix,
                            use_netns=False if args.no_netns else None,
-                           load=args.load, stats_interval_s=args.stats_interval)
+                           load=args.load, stats_interval_s=args.stats_interval,
+                           n_links=args.links)
     mode = f"network namespaces {args.prefix}-n*" if cluster.use_netns else "127.0.0.x"
     print(f"corral demo: {args.nodes} nodes in {workdir} ({mode}); Ctrl-C to stop", flush=True)
     interrupted = False
