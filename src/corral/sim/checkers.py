@@ -36,7 +36,8 @@ from typing import NoReturn
 
 Proc = tuple[int, int]
 MessageId = tuple[int, int]
-ConfigKey = tuple[int, tuple[int, int], tuple[int, ...]]
+RingKey = tuple[int, ...]
+ConfigKey = tuple[int, RingKey, tuple[int, ...]]
 
 CONF_TRANSITIONAL = 0
 CONF_REGULAR = 1
@@ -80,7 +81,7 @@ class ProcState:
     delivered: dict[MessageId, int] = field(default_factory=dict)
     submitted: list[MessageId] = field(default_factory=list)
     last_counter_from: dict[int, int] = field(default_factory=dict)
-    regular: tuple[tuple[int, int], tuple[int, ...]] | None = None
+    regular: tuple[RingKey, tuple[int, ...]] | None = None
     last_config: ConfigKey | None = None
     segment: list[MessageId] = field(default_factory=list)
 
@@ -91,8 +92,9 @@ class EvsChecker:
         self.procs: dict[Proc, ProcState] = {}
         self.submitted: dict[MessageId, tuple[Proc, bytes]] = {}
         self.deliverers: dict[MessageId, list[Proc]] = {}
-        self.message_ring: dict[MessageId, tuple[int, int]] = {}
-        self.ring_members: dict[tuple[int, int], tuple[tuple[int, ...], Proc]] = {}
+        self.message_ring: dict[MessageId, RingKey] = {}
+        self.ring_members: dict[RingKey, tuple[tuple[int, ...], Proc]] = {}
+        self.disk_epoch: dict[int, int] = {}
         self.segments: dict[tuple[ConfigKey, ConfigKey], tuple[frozenset[MessageId], Proc]] = {}
         # max_position[(p, o)] = max position at o of a message both p and o delivered.
         self.max_position: dict[tuple[Proc, Proc], int] = {}
@@ -101,10 +103,23 @@ class EvsChecker:
 
     # -- inputs -------------------------------------------------------------------
 
-    def on_start(self, proc: Proc) -> None:
+    def on_start(self, proc: Proc, disk_lost: bool = False) -> None:
         if proc in self.procs:
             raise ValueError(f"process {proc_name(proc)} started twice")
         self.procs[proc] = ProcState(proc)
+        if disk_lost:
+            self.disk_epoch[proc[0]] = self.disk_epoch.get(proc[0], 0) + 1
+
+    def _ring_key(self, ring_id: tuple[int, int]) -> RingKey:
+        """The ring id, plus the representative's disk-loss epoch once it lost its disk.
+
+        A node that lost its persisted ring seq can legitimately form a ring id
+        it (or a ring it represented) already used, as corosync can when its
+        ringid file is lost; the epoch keeps those apart instead of reporting a
+        false membership mismatch."""
+        rep, seq = int(ring_id[0]), int(ring_id[1])
+        epoch = self.disk_epoch.get(rep, 0)
+        return (rep, seq, epoch) if epoch else (rep, seq)
 
     def on_crash(self, proc: Proc) -> None:
         self.procs[proc].alive = False
@@ -139,11 +154,14 @@ class EvsChecker:
         left: tuple[int, ...],
     ) -> None:
         state = self.procs[proc]
-        ring_id = (int(ring_id[0]), int(ring_id[1]))
+        ring_id = self._ring_key(ring_id)
         members = tuple(sorted(members))
         if proc[0] not in members:
             self._fail("config-consistency", [proc[0]], f"{proc_name(proc)} installs {kind=} ring {ring_id} {members} without itself")
-        if set(joined) - set(members) or set(left) & set(members):
+        # A node can be in `left` and in `members` of one regular configuration:
+        # it failed and came back (restarted) within one membership change; then
+        # it is in `joined` too. A member that never left cannot have left.
+        if set(joined) - set(members) or set(left) & (set(members) - set(joined)):
             self._fail("config-consistency", [proc[0]], f"{proc_name(proc)} ring {ring_id}: joined {joined} / left {left} disagree with members {members}")
         if kind == self.conf_regular:
             self._check_regular(state, ring_id, members)
@@ -176,7 +194,7 @@ class EvsChecker:
             self._fail("integrity", [proc[0]], f"{proc_name(proc)} delivered {message} before installing any configuration")
         return message
 
-    def _check_same_config(self, state: ProcState, message: MessageId) -> tuple[int, int]:
+    def _check_same_config(self, state: ProcState, message: MessageId) -> RingKey:
         if state.regular is None:  # unreachable: _check_integrity rejects it first
             self._fail("integrity", [state.proc[0]], "delivery outside a configuration")
         ring = state.regular[0]
@@ -215,7 +233,7 @@ class EvsChecker:
                 return message
         return None
 
-    def _check_regular(self, state: ProcState, ring_id: tuple[int, int], members: tuple[int, ...]) -> None:
+    def _check_regular(self, state: ProcState, ring_id: RingKey, members: tuple[int, ...]) -> None:
         proc = state.proc
         known = self.ring_members.get(ring_id)
         if known is None:
@@ -229,7 +247,7 @@ class EvsChecker:
             self._fail("config-consistency", [proc[0]], f"{proc_name(proc)} transitional members {last[2]} not a subset of new ring {ring_id} {members}")
         state.regular = (ring_id, members)
 
-    def _check_transitional(self, state: ProcState, ring_id: tuple[int, int], members: tuple[int, ...]) -> None:
+    def _check_transitional(self, state: ProcState, ring_id: RingKey, members: tuple[int, ...]) -> None:
         proc = state.proc
         if state.regular is None:
             return

@@ -34,7 +34,7 @@ from corral.sim.checkers import (
     parse_payload,
     proc_name,
 )
-from corral.sim.faults import FaultPlan
+from corral.sim.faults import FAULT_NAMES, FaultPlan
 from corral.sim.network import SimNetwork
 from corral.sim.rng import derive_rng
 from corral.sim.scheduler import Scheduler
@@ -119,7 +119,7 @@ class SimOptions:
     verbose: int = 0
 
     def replay_command(self) -> str:
-        faults = ",".join(self.faults) if self.faults else "none"
+        faults = "all" if self.faults == FAULT_NAMES else ",".join(self.faults) or "none"
         return (
             f"python -m corral.sim --seed {self.seed} --nodes {self.nodes} "
             f"--duration-ms {self.duration_ms} --faults {faults} --token-ms {self.token_ms}"
@@ -329,7 +329,7 @@ class Simulation:
         slot.timer_at_ns = -1
         slot.timer_generation += 1
         self._note(f"n{nodeid} starts (incarnation {slot.incarnation}, ring seq {slot.persisted_ring_seq}{', disk lost' if disk_lost else ''})")
-        self.checker.on_start(slot.proc)
+        self.checker.on_start(slot.proc, disk_lost=disk_lost)
         slot.core = self.api.factory(nodeid, self.timers, slot.persisted_ring_seq)
         slot.core.start(self.scheduler.now_ns)
         self._drain(slot)
@@ -490,6 +490,11 @@ class Simulation:
         self._note("liveness phase: network healed, faults off, crashed nodes restart")
         self.network.heal_all()
         self.network.set_plan(FaultPlan())
+        # A pause that is still running ends on its own; the bound starts then.
+        pause_end_ns = max(slot.paused_until_ns for slot in self.slots.values())
+        if pause_end_ns > self.scheduler.now_ns:
+            self.converge_deadline_ns = pause_end_ns + convergence_bound_ns(self.timers)
+            self.scheduler.at(self.converge_deadline_ns, ("deadline",))
         for slot in self.slots.values():
             # A pause still running ends at its time: its backlog is already queued.
             if slot.core is None:
@@ -502,12 +507,14 @@ class Simulation:
         ring = tuple(first.core.ring_id)
         for slot in self.slots.values():
             core = slot.core
+            if slot.paused_until_ns > self.scheduler.now_ns:
+                return
             if core is None or core.state != self.api.state_operational or tuple(core.ring_id) != ring:
                 return
             if tuple(core.members) != self.nodeids:
                 return
             seen = self.checker.procs[slot.proc].regular
-            if seen is None or seen[0] != ring:
+            if seen is None or seen[0][:2] != ring:
                 return
         self.converged_at_ns = self.scheduler.now_ns
         self.converged_ring = (int(ring[0]), int(ring[1]))
@@ -516,7 +523,7 @@ class Simulation:
         self.scheduler.after(drain_bound_ns(self.timers), ("end",))
 
     def _on_deadline(self, event: tuple[Any, ...]) -> None:
-        if self.converged_at_ns >= 0:
+        if self.converged_at_ns >= 0 or self.scheduler.now_ns < self.converge_deadline_ns:
             return
         states = "; ".join(
             f"n{slot.nodeid}: " + ("down" if slot.core is None else f"state {slot.core.state} ring {tuple(slot.core.ring_id)} members {tuple(slot.core.members)}")
@@ -525,7 +532,7 @@ class Simulation:
         bound_ms = convergence_bound_ns(self.timers) / NS_PER_MS
         raise Violation(
             "liveness", list(self.nodeids),
-            f"no single ring of all nodes within {bound_ms:.0f}ms after the heal "
+            f"no single ring of all nodes within {bound_ms:.0f}ms after the heal (or after the last pause ended) "
             f"(bound = 2*token + 3*consensus + merge + 20*join); {states}",
         )
 
