@@ -20,6 +20,7 @@ from corral.ha.logic.lrm import Lrm
 from corral.ha.logic.placement import NodeCapacity, ServiceStats
 from corral.ha.logic.rules import Rule
 from corral.ha.logic.settings import NS_PER_S, HaTimings
+from corral.ha.logic.statusfiles import format_status_file, parse_lrm_status, parse_manager_status
 from corral.ha.logic.types import SAFE_LEFTOVER_LOCKS
 
 LEVELS = {"info": "info", "warn": "warn", "err": "err", "notice": "noti", "email": "emai"}
@@ -202,22 +203,26 @@ class SimEnv:
     def cluster_state_update(self) -> bool:
         return True
 
+    # Status files go through their JSON text form and the validating readers, so the
+    # simulator also checks that everything the logic writes can be read back.
+
     def read_manager_status(self) -> dict[str, Any]:
-        return copy.deepcopy(self.cluster.manager_status)
+        return parse_manager_status(format_status_file(self.cluster.manager_status))
 
     def write_manager_status(self, status: dict[str, Any]) -> bool:
         if not self.quorate():
             return False
-        self.cluster.manager_status = copy.deepcopy(status)
+        self.cluster.manager_status = parse_manager_status(format_status_file(status))
         return True
 
     def read_lrm_status(self, node: str) -> dict[str, Any] | None:
-        return copy.deepcopy(self.cluster.lrm_status.get(node, {}))
+        return parse_lrm_status(format_status_file(self.cluster.lrm_status.get(node, {})), node)
 
     def write_lrm_status(self, status: dict[str, Any]) -> bool:
         if not self.quorate():
             return False
-        self.cluster.lrm_status[self.node] = copy.deepcopy(status)
+        text = format_status_file(status)
+        self.cluster.lrm_status[self.node] = parse_lrm_status(text, self.node)
         return True
 
     def read_resources(self) -> dict[str, ResourceConfig]:

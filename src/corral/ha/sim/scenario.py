@@ -30,6 +30,7 @@ from corral.ha.logic.placement import NodeCapacity, ServiceStats
 from corral.ha.logic.rules import Rule, parse_rules
 from corral.ha.logic.settings import HaTimings, timings_from_mapping
 from corral.ha.logic.status import format_status
+from corral.ha.logic.statusfiles import parse_manager_status
 from corral.ha.sim.cluster import FailingResource, SafetyViolation, SimCluster, SimEnv
 
 MAX_NODES = 29
@@ -86,8 +87,14 @@ def load_scenario(directory: str | pathlib.Path) -> Scenario:
             if (path / "groups").exists() else {}
     except ConfigError as error:
         raise ScenarioError(str(error)) from None
+    try:
+        manager_status = parse_manager_status((path / "manager_status").read_text(),
+                                              "manager_status") \
+            if (path / "manager_status").exists() else {}
+    except ConfigError as error:
+        raise ScenarioError(str(error)) from None
     return Scenario(path=path, nodes=nodes, services=services, commands=commands,
-                    manager_status=_read_json(path / "manager_status", {}),
+                    manager_status=manager_status,
                     rules=rules, groups=groups,
                     datacenter=_read_json(path / "datacenter.cfg", {}),
                     static_stats=_read_json(path / "static_service_stats", {}))
@@ -120,7 +127,6 @@ class Simulation:
         self.cluster.datacenter = datacenter
         self.round_s = max(timings.sim_round_s, 2 * len(scenario.nodes))
         self.skip: dict[str, int] = {"crm": 0, "lrm": 0}
-        self.power_on_next_round: set[str] = set()
         self._setup()
 
     def _setup(self) -> None:
@@ -295,10 +301,12 @@ class Simulation:
             self.cluster.log("info", source, f"execute crm {node} stop")
             state.crm.request_shutdown()
             return
+        reboot = state.shutdown_kind == "reboot"
         self.cluster.log("info", source, f"execute power {node} off")
-        if state.shutdown_kind == "reboot":
-            self.power_on_next_round.add(node)
         self.cluster.power_off(node, source)
+        if reboot:
+            self.cluster.log("info", source, f"execute power {node} on")
+            self.cluster.power_on(node)
 
     def _crm_exited(self, node: str) -> None:
         state = self.cluster.nodes[node]
@@ -318,10 +326,6 @@ class Simulation:
 
     def _round(self, start_s: int) -> None:
         cluster = self.cluster
-        for node in sorted(self.power_on_next_round):
-            cluster.time_s = start_s
-            cluster.power_on(node)
-        self.power_on_next_round.clear()
         now_s = start_s
         skip_crm, skip_lrm = self.skip["crm"] > 0, self.skip["lrm"] > 0
         for name in sorted(cluster.nodes):
