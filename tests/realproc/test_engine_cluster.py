@@ -9,7 +9,8 @@
   without a membership change, and link 0 comes back;
 - 5 nodes partitioned 2|3 (nftables in the namespaces) form two rings, then merge;
 - 5 % random loss on one node for ~20 s: no membership change, gap-free streams;
-- garbage, replayed (stale incarnation), tampered and foreign-cluster packets sent
+- genuine packets captured on the wire and sent again are dropped as replays;
+- garbage, stale-incarnation, tampered and foreign-cluster packets sent
   to a node's port are dropped and counted, and the ring carries on;
 - `corral demo --duration` starts, shows the membership and stops cleanly.
 
@@ -218,6 +219,49 @@ sock.bind((sys.argv[1], 0))
 for line in sys.stdin:
     sock.sendto(bytes.fromhex(line.strip()), (sys.argv[2], int(sys.argv[3])))
 """
+
+
+CAPTURE = """
+import socket, struct, sys, time
+source, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+raw.bind(("eth0", 0))
+raw.settimeout(5)
+wanted = socket.inet_aton(source)
+found = 0
+while found < count:
+    frame = raw.recv(65535)
+    ip = frame[14:]
+    if ip[9] != 17 or ip[12:16] != wanted:
+        continue
+    udp = ip[(ip[0] & 15) * 4:]
+    if struct.unpack(">H", udp[2:4])[0] != port:
+        continue
+    print(udp[8:].hex(), flush=True)
+    found += 1
+"""
+
+
+def test_captured_packets_replayed_are_dropped(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster(3)
+    cluster.start_all()
+    wait_until(lambda: members_are(cluster, [1, 2, 3], [1, 2, 3]), FORM_TIMEOUT_S, "3 members")
+    captured = subprocess.run(
+        ["ip", "netns", "exec", cluster.netns(1), sys.executable, "-c", CAPTURE,
+         cluster.address(2), str(cluster.port), "40"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout
+    assert len(captured.split()) == 40
+    time.sleep(0.5)
+    before = cluster.status(1)["transport_stats"]
+    subprocess.run(["ip", "netns", "exec", cluster.netns(2), sys.executable, "-c", SENDER,
+                    cluster.address(2), cluster.address(1), str(cluster.port)],
+                   input=captured, text=True, check=True)
+    time.sleep(2.5)
+    after = cluster.status(1)["transport_stats"]
+    assert after["drop_replay"] - before.get("drop_replay", 0) == 40
+    assert after["opened"] > before["opened"]  # the genuine stream went on
+    assert cluster.members(1) == [1, 2, 3]
 
 
 def test_bad_packets_dropped_and_counted(make_cluster: Callable[..., LocalCluster]) -> None:
