@@ -251,3 +251,22 @@ def test_leave_in_callback_mode_and_no_events_after_leave(run: Runner) -> None:
         await network.stop()
 
     run(main)
+
+
+def test_service_close_ends_waiting_handles(run: Runner) -> None:
+    async def main() -> None:
+        network, services = await make_cluster(1)
+        handle = await services[1].join("grp", pid=100)
+        await handle.wait_joined()
+        network.pause()
+        leaving = asyncio.ensure_future(handle.leave())
+        await asyncio.sleep(0)
+        await services[1].close()
+        with pytest.raises(CpgError) as info:
+            await leaving
+        assert info.value.code == ErrorCode.LIBRARY
+        with pytest.raises(CpgError):
+            await services[1].join("other")
+        await network.stop()
+
+    run(main)

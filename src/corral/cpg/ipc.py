@@ -58,6 +58,8 @@ MAX_IPC_CLIENTS = 256
 # Events a client-library handle buffers before it stops reading the socket.
 DEFAULT_CLIENT_EVENT_LIMIT = 4096
 FLAG_WAIT = 1
+# How long a closing connection may take to flush what is queued for it.
+FLUSH_GRACE_S = 1.0
 _READ_CHUNK_BYTES = 256 * 1024
 
 _LENGTH = struct.Struct(">I")
@@ -255,9 +257,13 @@ class _Connection:
             self.service.close_client(self.client_id)
             self.closed = True
             self._wake_writer()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer_task
-            self.writer.close()
+            # Let queued replies (FINALIZE's) go out, but never wait on a client
+            # that stopped reading.
+            try:
+                await asyncio.wait_for(writer_task, FLUSH_GRACE_S)
+                self.writer.close()
+            except (TimeoutError, asyncio.CancelledError):
+                self.writer.transport.abort()
 
     # ------------------------------------------------------------ outbound
 
@@ -636,6 +642,7 @@ class CpgClient:
             error = CpgError(ErrorCode.LIBRARY, f"connection to the node broken: {exc}")
         finally:
             self.closed = True
+            self._writer.close()
             self._fail_all(error)
 
     async def _on_frame(self, frame: Frame) -> None:

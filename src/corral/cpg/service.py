@@ -68,6 +68,7 @@ class CpgService:
         self._pending: deque[bytes] = deque()
         self._flusher: asyncio.Task[None] | None = None
         self._sinks: dict[int, EventSink] = {}
+        self._handles: dict[int, CpgHandle] = {}
         self._next_client_id = 1
         self._room_waiters: list[asyncio.Future[None]] = []
         self._pumping = False
@@ -95,6 +96,7 @@ class CpgService:
         except CpgError:
             self.close_client(handle.client_id)
             raise
+        self._handles[handle.client_id] = handle
         return handle
 
     def members(self, name: str | bytes) -> tuple[Member, ...]:
@@ -109,8 +111,11 @@ class CpgService:
     async def close(self) -> None:
         """Disconnect every client and stop the flusher (the node is shutting down)."""
         self._closed = True
+        handles, self._handles = self._handles, {}
         for client_id in list(self._sinks):
             self.close_client(client_id)
+        for handle in handles.values():
+            handle._finish(CpgError(ErrorCode.LIBRARY, "CPG service closed"))
         if self._flusher is not None:
             self._flusher.cancel()
         self._wake_room()
@@ -156,6 +161,7 @@ class CpgService:
 
     def close_client(self, client_id: int) -> None:
         """The client is gone: groups it did not leave see it as PROCDOWN. Idempotent."""
+        self._handles.pop(client_id, None)
         if self._sinks.pop(client_id, None) is None:
             return
         self.core.client_disconnected(client_id)
@@ -343,8 +349,9 @@ class CpgHandle:
             self.closed = True
 
     def _finish(self, error: CpgError | None) -> None:
+        if not self.closed:
+            self.error = error
         self.closed = True
-        self.error = error
         self._wake()
         for future in [self._left, *self._joined_waiters]:
             if future is not None and not future.done():
