@@ -181,6 +181,9 @@ def select_service_node(sid: str, preference: Preference, entry: Mapping[str, An
         return Placement(current)
     if preference == Preference.TRY_NEXT:
         preferred = [n for n in preferred if n not in entry.get("failed_nodes", [])]
+        if not preferred:
+            return Placement(None, "every node of its priority class already failed to "
+                                   "start it")
     before_separate = list(preferred)
     preferred = [n for n in preferred if n not in separate]
     if not preferred:
