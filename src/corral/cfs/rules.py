@@ -32,6 +32,8 @@ _GUEST_CONFIG = re.compile(
     r"nodes/([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)/(qemu-server|lxc|openvz)/([1-9][0-9]{0,9})\.conf"
 )
 GUEST_TYPES = {"qemu-server": "qemu", "lxc": "lxc", "openvz": "openvz"}
+_NODE_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+_GUEST_FILE = re.compile(r"([1-9][0-9]{0,9})\.conf")
 VMID_MAX = (1 << 32) - 1
 
 # Files whose change counters appear in `.version` (what PVE clients watch).
@@ -119,6 +121,19 @@ def guest_config(path: str) -> GuestConfig | None:
     if vmid > VMID_MAX:
         return None
     return GuestConfig(match.group(1), GUEST_TYPES[match.group(2)], vmid)
+
+
+def is_node_name(name: str) -> bool:
+    return _NODE_NAME.fullmatch(name) is not None
+
+
+def guest_file_vmid(name: str) -> int | None:
+    """The VMID of a file named `<id>.conf` in a guest directory, if valid."""
+    match = _GUEST_FILE.fullmatch(name)
+    if match is None:
+        return None
+    vmid = int(match.group(1))
+    return vmid if vmid <= VMID_MAX else None
 
 
 def is_private(path: str) -> bool:

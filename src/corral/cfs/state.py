@@ -131,41 +131,36 @@ class CfsState:
         fail with EEXIST until the conflict is resolved by unlink or rename."""
         self.guests = {}
         self.quarantined = {}
-        found: list[tuple[int, str, rules.GuestConfig]] = []
-        nodes = self.tree.lookup("nodes")
-        if nodes is None or not nodes.is_dir:
-            return []
-        for path, entry in self._guest_candidates():
-            config = rules.guest_config(path)
-            if config is not None and not entry.is_dir:
-                found.append((entry.ino, path, config))
         problems = []
-        for _ino, path, config in sorted(found):
-            holder = self.guests.get(config.vmid)
+        for _ino, vmid, guest in sorted(self._guest_candidates()):
+            holder = self.guests.get(vmid)
             if holder is None:
-                self.guests[config.vmid] = Guest(config.node, config.kind, path)
+                self.guests[vmid] = guest
                 continue
-            self.quarantined[path] = config.vmid
-            problems.append(f"duplicate VMID {config.vmid}: {path} quarantined, {holder.path} kept")
+            self.quarantined[guest.path] = vmid
+            problems.append(f"duplicate VMID {vmid}: {guest.path} quarantined, {holder.path} kept")
         self.guests_version += 1
         return problems
 
-    def _guest_candidates(self) -> list[tuple[str, Entry]]:
-        # Only nodes/<node>/<kind>/<file> can be a guest config: look there
-        # instead of walking the whole tree.
-        out: list[tuple[str, Entry]] = []
+    def _guest_candidates(self) -> list[tuple[int, int, Guest]]:
+        # Only nodes/<node>/<kind>/<id>.conf can be a guest config: look
+        # there instead of matching every path in the tree.
+        out: list[tuple[int, int, Guest]] = []
         nodes = self.tree.lookup("nodes")
-        assert nodes is not None
-        for node in self.tree.readdir(nodes, 0, nodes.child_count):
-            if not node.is_dir:
+        if nodes is None or not nodes.is_dir:
+            return out
+        for node in nodes.children_unsorted():
+            if not node.is_dir or not rules.is_node_name(node.name):
                 continue
-            for kind in rules.GUEST_TYPES:
-                directory = node.get_child(kind)
+            for kind_dir, kind in rules.GUEST_TYPES.items():
+                directory = node.get_child(kind_dir)
                 if directory is None or not directory.is_dir:
                     continue
-                prefix = f"nodes/{node.name}/{kind}/"
-                for entry in self.tree.readdir(directory, 0, directory.child_count):
-                    out.append((prefix + entry.name, entry))
+                prefix = f"nodes/{node.name}/{kind_dir}/"
+                for entry in directory.children_unsorted():
+                    vmid = None if entry.is_dir else rules.guest_file_vmid(entry.name)
+                    if vmid is not None:
+                        out.append((entry.ino, vmid, Guest(node.name, kind, prefix + entry.name)))
         return out
 
     # ------------------------------------------------------------- reading

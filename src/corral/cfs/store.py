@@ -99,12 +99,8 @@ class Store:
         head = records.Head.unpack(head_value) if head_value is not None else None
         bound = rocksdict.ReadOptions()
         bound.set_iterate_upper_bound(bytes([records.META_PREFIX[0] + 1]))
-        unpack = records.unpack_meta
-        ino_of = records.ino_of_meta_key
-        recs = [
-            unpack(ino_of(_raw(key)), _raw(value))
-            for key, value in self.db.items(from_key=records.META_PREFIX, read_opt=bound)
-        ]
+        recs = records.unpack_meta_items(
+            self.db.items(from_key=records.META_PREFIX, read_opt=bound))
         return self.state.load(head, recs)
 
     # ------------------------------------------------------------- reading
