@@ -10,7 +10,9 @@ from corral.ha.logic.rules import (
     RESOURCE_AFFINITY,
     Rule,
     check_rules,
+    check_rules_for_write,
     compile_rules,
+    rule_states,
     rules_from_groups,
 )
 
@@ -115,3 +117,20 @@ def test_groups_become_node_affinity_rules() -> None:
     assert len(rules) == 1
     assert rules[0].ident == "ha-group-g1" and rules[0].resources == ["vm:1"]
     assert rules[0].strict and rules[0].nodes == {"node1": 2, "node2": 0}
+
+
+def test_rule_states_and_write_time_report() -> None:
+    existing = [node_rule("a", ["vm:1"], {"node1": 0}),
+                affinity_rule("off", ["vm:5"], "positive")]
+    existing[1].disabled = True
+    states = rule_states(existing, NODES)
+    assert states == {"a": "in use", "off": "disabled"}
+    conflicting = node_rule("b", ["vm:1"], {"node2": 0})
+    problems = check_rules_for_write(existing, conflicting, NODES)
+    assert problems == [
+        "rule 'a' would be ignored: resource 'vm:1' is already used in another node affinity rule",
+        "rule 'b' would be ignored: resource 'vm:1' is already used in another node affinity rule",
+    ]
+    # replacing rule 'a' itself is fine
+    assert check_rules_for_write(existing, node_rule("a", ["vm:1"], {"node3": 0}), NODES) == []
+    assert rule_states([*existing, conflicting], NODES)["b"].startswith("ignored (conflicts)")

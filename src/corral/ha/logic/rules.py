@@ -247,3 +247,28 @@ def compile_rules(rules: list[Rule], nodes: list[str]) -> CompiledRules:
             for other in apart:
                 compiled.negative.setdefault(other, set()).add(peer)
     return compiled
+
+
+def rule_states(rules: list[Rule], nodes: list[str]) -> dict[str, str]:
+    """What `ha rules config` shows per rule: 'in use', 'disabled' or 'ignored (conflicts)'."""
+    dropped = dict(check_rules(rules, nodes))
+    states = {}
+    for rule in rules:
+        if rule.disabled:
+            states[rule.ident] = "disabled"
+        elif rule.ident in dropped:
+            states[rule.ident] = f"ignored (conflicts): {dropped[rule.ident]}"
+        else:
+            states[rule.ident] = "in use"
+    return states
+
+
+def check_rules_for_write(existing: list[Rule], changed: Rule, nodes: list[str]) -> list[str]:
+    """Problems the rule set would have after adding or replacing `changed`, for the write path.
+
+    Returns one message per rule that would be ignored; the caller shows them (and may refuse
+    the write) so conflicts surface when the rule is saved, not later in the master's log.
+    """
+    rules = [*(r for r in existing if r.ident != changed.ident), changed]
+    return [f"rule '{ident}' would be ignored: {reason}"
+            for ident, reason in check_rules(rules, nodes)]
