@@ -205,21 +205,35 @@ def test_lms_with_atb_goes_down_to_one() -> None:
 
 
 def test_lms_without_wfa_allows_two_quorate_sides_after_regrouping() -> None:
-    """Why the simulator's strict check excludes LMS without wait_for_all."""
+    """LMS assumes the nodes gone are dead; a partition breaks that assumption."""
     sim = make(LMS, count=5, check_one_quorate=False)
     sim.split([[1, 2, 3], [4, 5]])
     sim.wait_ms(10_000)
     sim.split([[1, 2], [3], [4, 5]])
     sim.wait_ms(10_000)
-    sim.split([[1, 2], [3, 4, 5]])
+    sim.split([[1, 2], [3, 4, 5]])  # 3 never lowered with {1, 2}; 4 and 5 never did
     assert len(sim.quorate_partitions()) == 2
     safe = make({**LMS, "wait_for_all": "1"}, count=5)
     safe.split([[1, 2, 3], [4, 5]])
     safe.wait_ms(10_000)
     safe.split([[1, 2], [3], [4, 5]])
     safe.wait_ms(10_000)
-    safe.split([[1, 2], [3, 4, 5]])
+    safe.split([[1, 2], [3, 4, 5]])  # wait_for_all re-armed on 3, 4, 5: they wait
     assert safe.quorate_nodes() == [1, 2]
+
+
+def test_lms_with_wfa_and_atb_still_trusts_that_the_gone_are_gone() -> None:
+    """Found by the swarm (seed 1373): why the strict check excludes LMS entirely."""
+    options = {**LMS, "wait_for_all": "1", "auto_tie_breaker": "1",
+               "auto_tie_breaker_node": "highest"}
+    sim = make(options, count=3, check_one_quorate=False)
+    sim.split([[2, 3], [1]])
+    sim.split([[1, 3], [2]])  # 1 stops waiting: 3 is quorate; only 3 saw a node leave
+    sim.wait_ms(10_001)
+    assert numbers(sim, 3) == (2, 2, 2, 2, True) and numbers(sim, 1)[0] == 3
+    sim.split([[1, 2], [3]])
+    # 3 holds the tie at expected 2; 1 still counts 2 of 3 votes as a majority.
+    assert sim.quorate_partitions() == [frozenset({1, 2}), frozenset({3})]
 
 
 # ---------------------------------------------------------------- auto_tie_breaker

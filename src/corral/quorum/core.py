@@ -161,6 +161,8 @@ class QuorumCore:
     ) -> list[Effect]:
         """A new ring formed; `left_clean` are nodes that shut down cleanly."""
         new = self._check_membership(ring_id, members)
+        if ring_id == self.ring_id:
+            return []  # the same ring reported twice: nothing changed
         old = set(self.members)
         left = old - set(new)
         clean = {n for n in left if n in left_clean or NodeFlag.LEAVING in self._peers[n].flags}
@@ -307,8 +309,8 @@ class QuorumCore:
             raise UsageError(f"{len(new)} members exceed the limit of {MAX_NODES}")
         if any(not 1 <= n <= MAX_NODEID for n in new):
             raise UsageError("a member nodeid is out of range")
-        if self.ring_id is not None and ring_id[1] <= self.ring_id[1]:
-            raise UsageError(f"ring sequence {ring_id[1]} does not follow {self.ring_id[1]}")
+        if ring_id == self.ring_id and new != self.members:
+            raise UsageError(f"ring {ring_id} reported again with other members {new}")
         return new
 
     def _admit(self, new: tuple[int, ...], old: set[int]) -> None:
@@ -506,11 +508,12 @@ class QuorumCore:
             return min(previous) in here
         if mode == "highest":
             return max(previous) in here
+        # The first listed node that was in the previous partition decides. A listed
+        # node from outside it is skipped even if it is here now: the other half
+        # cannot know where it went, and must come to the same answer.
         for nodeid in self.config.auto_tie_breaker_nodes:
-            if nodeid in here:
-                return True
             if nodeid in previous:
-                return False
+                return nodeid in here
         return False
 
     def _drain(self) -> list[Effect]:
