@@ -222,3 +222,48 @@ def test_live_nodes_in_different_rings_are_caught() -> None:
     checker.on_config(A, CONF_REGULAR, RING2, (1,), (), (2, 3))
     with expect("membership-agreement"):
         checker.check_final([A, B])
+
+
+def test_node_that_failed_and_came_back_in_one_change_passes() -> None:
+    # C crashed and restarted as C2 before A and B noticed: it is in `left`
+    # (of the old ring) and in `joined` and `members` (of the new one).
+    checker = cluster(A, B, C)
+    checker.on_crash(C)
+    c2 = (3, 2)
+    checker.on_start(c2)
+    checker.on_config(c2, CONF_REGULAR, (3, 4), (3,), (), ())
+    for proc in (A, B, c2):
+        checker.on_config(proc, CONF_TRANSITIONAL, RING2, (3,) if proc == c2 else (1, 2), (), ())
+        joined = (1, 2) if proc == c2 else (3,)
+        checker.on_config(proc, CONF_REGULAR, RING2, (1, 2, 3), joined, () if proc == c2 else (3,))
+    checker.check_final([A, B, c2])
+
+
+def test_member_in_left_without_rejoining_is_caught() -> None:
+    checker = cluster(A, B, C)
+    with expect("config-consistency"):
+        checker.on_config(A, CONF_REGULAR, RING2, (1, 2, 3), (), (3,))
+
+
+def test_ring_id_reused_after_disk_loss_is_not_a_mismatch() -> None:
+    # B forms ring (2, 8) with A; later B restarts with its ring seq lost and
+    # forms (2, 8) again, alone. Only the disk-loss epoch tells them apart.
+    checker = EvsChecker()
+    for proc in (A, B):
+        checker.on_start(proc)
+        checker.on_config(proc, CONF_REGULAR, (2, 8), (1, 2), (1, 2), ())
+    checker.on_crash(B)
+    b2 = (2, 2)
+    checker.on_start(b2, disk_lost=True)
+    checker.on_config(b2, CONF_REGULAR, (2, 8), (2,), (), ())
+    b3 = (2, 3)
+    checker.on_start(b3)
+    with expect("config-consistency"):
+        checker.on_config(b3, CONF_REGULAR, (2, 8), (2, 3), (3,), ())
+
+
+def test_different_transitional_members_for_one_transition_are_caught() -> None:
+    checker = cluster(A, B, C)
+    checker.on_config(A, CONF_TRANSITIONAL, RING2, (1, 2), (), (3,))
+    with expect("config-consistency"):
+        checker.on_config(B, CONF_TRANSITIONAL, RING2, (2,), (), (1, 3))

@@ -15,8 +15,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from corral.sim.cluster import RunResult, SimOptions, run_seed
+from corral.sim.cluster import RunResult, SimOptions, convergence_bound_ns, run_seed
 from corral.sim.faults import FAULT_NAMES, parse_faults
+from corral.totem.config import NS_PER_MS
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -78,15 +79,22 @@ def main_soak(argv: Sequence[str]) -> int:
     except ValueError as error:
         parser.error(str(error))
     started = time.perf_counter()
-    failures: list[RunResult] = []
     if args.jobs > 1:
         with multiprocessing.Pool(args.jobs) as pool:
-            results = pool.imap(_run_one, options)
-            failures = [result for result in results if not result.ok]
+            results = list(pool.imap(_run_one, options))
     else:
-        failures = [result for result in map(_run_one, options) if not result.ok]
+        results = [_run_one(option) for option in options]
+    failures = [result for result in results if not result.ok]
     elapsed = time.perf_counter() - started
     print(f"{len(options)} seeds in {elapsed:.1f}s, {len(failures)} failed")
+    converge_ms = sorted(r.converge_ns / NS_PER_MS for r in results if r.converge_ns >= 0)
+    if converge_ms:
+        bound_ms = convergence_bound_ns(options[0].totem_config().timers(options[0].nodes)) / NS_PER_MS
+        print(
+            f"convergence after heal: median {converge_ms[len(converge_ms) // 2]:.0f}ms, "
+            f"p99 {converge_ms[int(len(converge_ms) * 0.99)]:.0f}ms, max {converge_ms[-1]:.0f}ms "
+            f"(bound {bound_ms:.0f}ms); simulated {sum(r.sim_ns for r in results) / 1e9:.0f}s"
+        )
     for result in failures:
         first_line = result.report.splitlines()[0] if result.report else "?"
         print(f"  seed {result.options.seed}: {first_line}")

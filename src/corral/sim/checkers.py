@@ -19,7 +19,8 @@ Checks, each raising `Violation(checker, nodes, detail)` at the first breach:
 - config-consistency: members of a regular ring id are identical everywhere;
   a process is a member of every configuration it installs; ring seqs strictly
   increase at a process; a transitional configuration is a subset of the old
-  ring and of the next one; joined/left agree with members;
+  ring and of the next one, and the same at every process that moves from
+  the same old ring to the same new ring; joined/left agree with members;
 - virtual-synchrony: processes that install the same two consecutive
   configurations delivered the same set of messages between them (this also
   gives "a message delivered at a sender that stays in the ring is delivered at
@@ -95,6 +96,7 @@ class EvsChecker:
         self.message_ring: dict[MessageId, RingKey] = {}
         self.ring_members: dict[RingKey, tuple[tuple[int, ...], Proc]] = {}
         self.disk_epoch: dict[int, int] = {}
+        self.transitional_members: dict[tuple[RingKey, RingKey], tuple[tuple[int, ...], Proc]] = {}
         self.segments: dict[tuple[ConfigKey, ConfigKey], tuple[frozenset[MessageId], Proc]] = {}
         # max_position[(p, o)] = max position at o of a message both p and o delivered.
         self.max_position: dict[tuple[Proc, Proc], int] = {}
@@ -254,6 +256,13 @@ class EvsChecker:
         old_members = state.regular[1]
         if not set(members) <= set(old_members):
             self._fail("config-consistency", [proc[0]], f"{proc_name(proc)} transitional {ring_id} {members} not a subset of old ring {state.regular[0]} {old_members}")
+        # Everyone moving from the same old ring to the same new ring moves together.
+        transition = (state.regular[0], ring_id)
+        known = self.transitional_members.get(transition)
+        if known is None:
+            self.transitional_members[transition] = (members, proc)
+        elif known[0] != members:
+            self._fail("config-consistency", [proc[0], known[1][0]], f"from ring {state.regular[0]} to {ring_id}: {proc_name(proc)} has transitional members {members}, {proc_name(known[1])} has {known[0]}")
 
     def _check_segment(self, state: ProcState, key: ConfigKey) -> None:
         if state.last_config is None:
