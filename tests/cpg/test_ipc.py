@@ -326,3 +326,22 @@ def test_callback_mode_and_leave_through_the_socket(run: Runner, sock_dir: str) 
         await shutdown(network, servers)
 
     run(main)
+
+
+def test_many_frames_in_one_chunk_and_client_limit(run: Runner, sock_dir: str) -> None:
+    frames = b"".join(encode_event(Deliver(b"g", 1, 2, b"%d" % i)) for i in range(5000))
+    decoded = FrameDecoder().feed(frames)
+    assert [decode_event(f).payload for f in decoded] == [  # type: ignore[arg-type,union-attr]
+        b"%d" % i for i in range(5000)
+    ]
+
+    async def main() -> None:
+        network, _services, servers, paths = await make_node(sock_dir, 1, max_clients=1)
+        first = await CpgClient.connect(paths[0])
+        with pytest.raises((CpgError, ConnectionError)):
+            await CpgClient.connect(paths[0])  # refused: the server closes it at once
+        assert await first.local_get() == 1
+        await first.finalize()
+        await shutdown(network, servers)
+
+    run(main)

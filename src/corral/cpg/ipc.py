@@ -181,32 +181,40 @@ class FrameDecoder:
         self._max = max_frame_bytes
 
     def feed(self, data: bytes) -> list[Frame | OversizeFrame]:
-        self._buf += data
+        buf = self._buf
+        buf += data
         out: list[Frame | OversizeFrame] = []
-        while True:
-            if self._skip_bytes:
-                dropped = min(self._skip_bytes, len(self._buf))
-                del self._buf[:dropped]
-                self._skip_bytes -= dropped
+        # Parse at an offset and trim once: deleting each frame from the front
+        # of the buffer would make a large read quadratic.
+        pos = 0
+        try:
+            while True:
                 if self._skip_bytes:
+                    dropped = min(self._skip_bytes, len(buf) - pos)
+                    pos += dropped
+                    self._skip_bytes -= dropped
+                    if self._skip_bytes:
+                        return out
+                if len(buf) - pos < _LENGTH.size + _HEADER.size:
                     return out
-            if len(self._buf) < _LENGTH.size + _HEADER.size:
-                return out
-            (length,) = _LENGTH.unpack_from(self._buf)
-            version, msg_type, request_id = _HEADER.unpack_from(self._buf, _LENGTH.size)
-            if version != IPC_VERSION:
-                raise DecodeError(f"unknown CPG IPC version {version}")
-            if length < _HEADER.size:
-                raise DecodeError(f"frame length {length} below header size")
-            if length > self._max:
-                out.append(OversizeFrame(msg_type, request_id))
-                self._skip_bytes = _LENGTH.size + length
-                continue
-            if len(self._buf) < _LENGTH.size + length:
-                return out
-            body = bytes(self._buf[_LENGTH.size + _HEADER.size:_LENGTH.size + length])
-            del self._buf[:_LENGTH.size + length]
-            out.append(Frame(msg_type, request_id, body))
+                (length,) = _LENGTH.unpack_from(buf, pos)
+                version, msg_type, request_id = _HEADER.unpack_from(buf, pos + _LENGTH.size)
+                if version != IPC_VERSION:
+                    raise DecodeError(f"unknown CPG IPC version {version}")
+                if length < _HEADER.size:
+                    raise DecodeError(f"frame length {length} below header size")
+                if length > self._max:
+                    out.append(OversizeFrame(msg_type, request_id))
+                    self._skip_bytes = _LENGTH.size + length
+                    continue
+                end = pos + _LENGTH.size + length
+                if len(buf) < end:
+                    return out
+                out.append(Frame(msg_type, request_id,
+                                 bytes(buf[pos + _LENGTH.size + _HEADER.size:end])))
+                pos = end
+        finally:
+            del buf[:pos]
 
 
 # ---------------------------------------------------------------- server
@@ -616,6 +624,8 @@ class CpgClient:
         self._next_request = (self._next_request + 1) & 0xFFFF_FFFF or 1
         future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
+        # Written before the first await: concurrent callers' requests (mcasts
+        # pipelined by the benchmark client) reach the node in call order.
         self._writer.write(encode_frame(msg_type, request_id, body))
         try:
             await self._writer.drain()
