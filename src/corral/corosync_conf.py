@@ -327,6 +327,13 @@ def _check_nodes(nodes: tuple[NodeSpec, ...], nodelist: Section, source: str) ->
             raise ConfSyntaxError(section.line, f"duplicate node name {node.name!r}", source)
         seen_ids.add(node.nodeid)
         seen_names.add(node.name)
+    seen_addresses: dict[tuple[int, str], int] = {}
+    for node, section in zip(nodes, nodelist.sections("node"), strict=True):
+        for link, address in node.addrs.items():
+            other = seen_addresses.setdefault((link, address), node.nodeid)
+            if other != node.nodeid:
+                raise ConfSyntaxError(section.line, f"ring{link}_addr {address} is also node "
+                                      f"{other}'s address", source)
     link_sets = {frozenset(node.addrs) for node in nodes}
     if len(link_sets) != 1:
         raise ConfSyntaxError(nodelist.line, "nodes list different ringX_addr links; every "

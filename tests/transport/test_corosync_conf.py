@@ -165,6 +165,8 @@ def test_bad_totem_values(totem_body: str, message: str) -> None:
     ("node {\n nodeid: 0\n ring0_addr: 10.0.0.1\n}", "outside"),
     ("node {\n nodeid: 1\n ring0_addr: 10.0.0.1\n colour: red\n}", "unknown node option"),
     ("", "empty nodelist"),
+    ("node {\n nodeid: 1\n ring0_addr: 10.0.0.1\n}\nnode {\n nodeid: 2\n ring0_addr: 10.0.0.1\n}",
+     "also node 1"),
 ])
 def test_bad_nodelists(nodes: str, message: str) -> None:
     text = "totem {\n  version: 2\n}\nnodelist {\n" + nodes + "\n}\n"

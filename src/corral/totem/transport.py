@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import ipaddress
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -38,6 +40,8 @@ from corral.totem.auth import KIND_PING, KIND_PONG, KIND_TOTEM, PacketAuthentica
 BROADCAST = 0
 MAX_RECEIVE_QUEUE = 8192
 MAX_SEND_BUFFER_BYTES = 4 << 20
+# Requested SO_RCVBUF/SO_SNDBUF (the kernel caps it at net.core.[rw]mem_max).
+SOCKET_BUFFER_BYTES = 4 << 20
 PING = struct.Struct(">BQ")  # link number, sender's monotonic send time (ns)
 NS_PER_MS = 1_000_000
 
@@ -126,6 +130,22 @@ class LinkMonitor:
         return best
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket bound to exactly (host, port), with large kernel
+    buffers so a burst of frames (a full window after a token) is not dropped."""
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class _LinkProtocol(asyncio.DatagramProtocol):
     def __init__(self, owner: UdpTransport, linknumber: int) -> None:
         self.owner = owner
@@ -189,10 +209,10 @@ class UdpTransport:
         self._loop = asyncio.get_running_loop()
         try:
             for link in self.config.links:
-                address = (self.local.addrs[link.linknumber], link.port)
+                sock = bound_socket(self.local.addrs[link.linknumber], link.port)
                 transport, _ = await self._loop.create_datagram_endpoint(
                     lambda number=link.linknumber: _LinkProtocol(self, number),  # type: ignore[misc]
-                    local_addr=address,
+                    sock=sock,
                 )
                 self._sockets[link.linknumber] = transport
         except OSError:
