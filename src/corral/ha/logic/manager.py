@@ -121,6 +121,13 @@ class Manager:
             self.log("info", f"service '{sid}' stays on node "
                              f"'{self.service_status[sid].get('node')}': {reason}")
 
+    def note_missing_guest(self, sid: str) -> None:
+        """A configured resource whose guest config exists on no node cannot be managed."""
+        reason = "guest configuration not found on any node, not managed"
+        if self.reasons.get(sid) != reason:
+            self.reasons[sid] = reason
+            self.log("warn", f"service '{sid}': {reason}")
+
     def clear_reason(self, sid: str) -> None:
         self.reasons.pop(sid, None)
         self.service_status.get(sid, {}).pop("reason", None)
@@ -246,6 +253,9 @@ class Manager:
         for sid in sorted(self.resources):
             resource = self.resources[sid]
             if sid in self.service_status or resource.state == RequestedState.IGNORED:
+                continue
+            if resource.node is None:
+                self.note_missing_guest(sid)
                 continue
             state = (ServiceState.REQUEST_START if resource.state == RequestedState.STARTED
                      else ServiceState.REQUEST_STOP)
