@@ -161,3 +161,7 @@ quorum {
     config = QuorumConfig.from_cluster(ClusterConfig.from_text(text))
     assert config.node_votes == ((1, 2), (2, 1))
     assert config.expected_votes == 3 and config.two_node and config.wait_for_all
+    assert QuorumConfig.from_conf_text(text) == config
+    with_device = text.replace("two_node: 1", "device {\n        model: net\n    }")
+    with pytest.raises(ConfigError, match=r"quorum\.device: a quorum device"):
+        QuorumConfig.from_conf_text(with_device)

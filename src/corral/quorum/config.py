@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from corral.corosync_conf import ClusterConfig, parse
 from corral.errors import ConfigError
 
 # Bounds of the quorum configuration (named so tests and docs can refer to them).
@@ -128,13 +129,21 @@ class QuorumConfig:
         )
 
     @classmethod
-    def from_cluster(cls, cluster: object) -> QuorumConfig:
-        """Build from a `corral.corosync_conf.ClusterConfig` (its `quorum` and `nodes`)."""
-        options = getattr(cluster, "quorum", {})
-        nodes = getattr(cluster, "nodes", ())
-        return cls.from_options(
-            dict(options), {node.nodeid: node.quorum_votes for node in nodes}
-        )
+    def from_cluster(cls, cluster: ClusterConfig, has_device: bool = False) -> QuorumConfig:
+        """Build from a parsed `ClusterConfig` (its `quorum` options and nodelist).
+
+        `ClusterConfig.quorum` holds only the section's options, so a `device { }`
+        subsection is invisible there: use `from_conf_text` when reading a file."""
+        votes = {node.nodeid: node.quorum_votes for node in cluster.nodes}
+        return cls.from_options(dict(cluster.quorum), votes, has_device)
+
+    @classmethod
+    def from_conf_text(cls, text: str, source: str = "corosync.conf") -> QuorumConfig:
+        """Build from corosync.conf text, refusing a `quorum { device { } }` section."""
+        root = parse(text, source)
+        quorum = root.section("quorum")
+        has_device = quorum is not None and bool(quorum.sections("device"))
+        return cls.from_cluster(ClusterConfig.from_tree(root, source), has_device)
 
 
 def _check_keys(options: Mapping[str, str], has_device: bool) -> None:
