@@ -169,3 +169,33 @@ def test_core_exception_stops_node(run: Callable[[Any], Any], tmp_path: Any) -> 
             await broken.stop(leave=False)
 
     run(scenario())
+
+
+class ByteLimitedCore(FakeCore):
+    """Refuses by bytes while send_queue_room (messages) still shows room."""
+
+    def submit(self, payload: bytes) -> bool:
+        if sum(map(len, self._queue)) + len(payload) > 10:
+            return False
+        return super().submit(payload)
+
+
+def test_wait_writable_does_not_spin_on_byte_limit(run: Callable[[Any], Any],
+                                                  tmp_path: Any) -> None:
+    async def scenario() -> None:
+        (template,) = make_nodes(1, str(tmp_path))
+        node = TotemNode(1, TotemConfig().timers(1), template.transport, template.state_dir,
+                         core_factory=ByteLimitedCore)
+        await node.start()
+        try:
+            assert node.submit(b"x" * 8)
+            assert not node.submit(b"x" * 8)
+            assert node.core.send_queue_room > 0
+            fires = node.counters["timer_fires"]
+            await asyncio.wait_for(node.wait_writable(), 2.0)
+            assert node.counters["timer_fires"] > fires  # waited for the core to move
+            assert node.submit(b"x" * 8)
+        finally:
+            await node.stop()
+
+    run(scenario())

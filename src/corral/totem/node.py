@@ -152,7 +152,7 @@ class TotemNode:
         self.failed: BaseException | None = None
         self.running = False
         self.counters = {
-            "packets_in": 0, "packets_out": 0, "batches": 0, "events": 0, "delivered": 0,
+            "packets_in": 0, "packets_out": 0, "batches": 0, "events": 0,
             "ring_seq_writes": 0, "timer_fires": 0, "submit_rejected": 0,
         }
         self.lag = {"loop_lag_max_us": 0, "loop_lag_last_us": 0, "timer_late_max_us": 0}
@@ -220,8 +220,13 @@ class TotemNode:
         return accepted
 
     async def wait_writable(self) -> None:
-        """Return when the core's send queue has room again (or the node stopped)."""
-        while self.running and self.core.send_queue_room <= 0:
+        """Return when the core's send queue has room again (or the node stopped).
+
+        After a rejected submit this waits for the core to process at least one
+        more input, even if `send_queue_room` counts free message slots: the
+        core may have refused for its byte limit, and returning at once would
+        make the caller spin."""
+        while self.running and (not self._writable.is_set() or self.core.send_queue_room <= 0):
             self._writable.clear()
             await self._writable.wait()
         if not self.running:
