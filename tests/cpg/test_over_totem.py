@@ -249,9 +249,9 @@ N_SEEDS = 100 if os.environ.get("CORRAL_SOAK") == "1" else 8
 
 
 @pytest.mark.parametrize("seed", range(N_SEEDS))
-def test_random_partitions_with_loss_over_real_totem(seed: int) -> None:
-    # Bursts of messages, joins and leaves right after each cut and each heal land
-    # in Totem's queue while it gathers, so they arrive during the CPG sync.
+def test_random_partitions_and_crashes_with_loss_over_real_totem(seed: int) -> None:
+    # Bursts of messages, joins and leaves right after each cut, crash and heal
+    # land in Totem's queue while it gathers, so they arrive during the CPG sync.
     rng = random.Random(seed)
     cluster = formed(4, loss=0.02, seed=seed)
     for nodeid in (1, 2, 3, 4):
@@ -260,12 +260,13 @@ def test_random_partitions_with_loss_over_real_totem(seed: int) -> None:
     counter = 0
     extra: dict[int, int] = {}
 
-    def burst() -> None:
+    def burst(alive: list[int] | None = None) -> None:
         nonlocal counter
+        alive = alive or [1, 2, 3, 4]
         for _ in range(4):
             counter += 1
-            cluster.mcast(rng.choice([1, 2, 3, 4]), 1, b"r%d" % counter)
-        nodeid = rng.choice([1, 2, 3, 4])
+            cluster.mcast(rng.choice(alive), 1, b"r%d" % counter)
+        nodeid = rng.choice(alive)
         if nodeid in extra:
             cluster.cpg[nodeid].leave(extra.pop(nodeid), G)
         else:
@@ -276,11 +277,22 @@ def test_random_partitions_with_loss_over_real_totem(seed: int) -> None:
     for _round in range(4):
         nodes = [1, 2, 3, 4]
         rng.shuffle(nodes)
-        cut = rng.randint(1, 3)
-        cluster.partition(tuple(sorted(nodes[:cut])), tuple(sorted(nodes[cut:])))
-        for _ in range(3):
-            burst()
-        cluster.heal()
+        if rng.random() < 0.25:
+            # A crash: the node's processes go NODEDOWN; it restarts empty and
+            # its first process joins again.
+            victim = nodes[0]
+            cluster.crash(victim)
+            extra.pop(victim, None)
+            for _ in range(2):
+                burst(alive=[n for n in (1, 2, 3, 4) if n != victim])
+            cluster.start(victim)
+            cluster.join(victim, 1, 1000 + victim, G)
+        else:
+            cut = rng.randint(1, 3)
+            cluster.partition(tuple(sorted(nodes[:cut])), tuple(sorted(nodes[cut:])))
+            for _ in range(3):
+                burst()
+            cluster.heal()
         burst()
         cluster.settle(timeout_s=60)
         check(cluster, (1, 2, 3, 4))
