@@ -881,8 +881,10 @@ cdef class TotemCore:
             self._deliver()
             return 0
         if (m.ring_rep == self._old_rep and m.ring_seq == self._old_seq
-                and not (m.flags & MCAST_FLAG_ENCAPSULATED) and self._state != S_OPERATIONAL):
-            # A late frame of the old ring: keep it, recovery may need it.
+                and not (m.flags & MCAST_FLAG_ENCAPSULATED) and self._state == S_GATHER):
+            # A late frame of the old ring: keep it for recovery. Only in
+            # GATHER: once this node has reported what it holds (its commit
+            # slot), it must not deliver anything its peers were not told of.
             if self._old_buf.store(m.seq, packet, m.origin, m.flags) <= 0:
                 self._stats[ST_DUP_MCAST] += 1
             return 0
@@ -928,6 +930,21 @@ cdef class TotemCore:
             buf.delivered += 1
             idx = buf.delivered & RING_MASK
             self._deliver_frame(<bytes>buf.packets[idx], buf.origins[idx])
+        return 0
+
+    cdef int _deliver_old_ring_past_gaps(self, set trans) except -1:
+        """In the transitional configuration: old-ring frames held past a gap
+        nobody could fill, if their sender moves on with us (every member of
+        the transitional set holds the same frames after recovery)."""
+        cdef FrameBuffer buf = self._old_buf
+        cdef Py_ssize_t idx
+        cdef uint64_t s = buf.delivered
+        while s < buf.high:
+            s += 1
+            idx = s & RING_MASK
+            if buf.seqs[idx] == s and buf.origins[idx] in trans:
+                self._deliver_frame(<bytes>buf.packets[idx], buf.origins[idx])
+        buf.delivered = buf.aru
         return 0
 
     cdef int _deliver_frame(self, bytes packet, uint32_t origin) except -1:
@@ -1341,6 +1358,7 @@ cdef class TotemCore:
         trans = self._trans
         left = tuple(sorted(set(self._old_members) - set(trans)))
         self._events.append((EV_CONFIG, CONF_TRANSITIONAL, ring, trans, (), left))
+        self._deliver_old_ring_past_gaps(set(trans))
         # A fragmented message whose start belonged to the old configuration
         # can never complete; its sender starts it again in the new ring.
         self._reassembly = {}

@@ -54,7 +54,10 @@ def run_seed(seed: int) -> Cluster:
             back = rng.choice(sorted(down))
             down.discard(back)
             if rng.random() < 0.3:
-                cluster.logs[back].persisted_ring_seq = 0  # restarted with its disk lost
+                # Restarted with its disk lost: the shell then seeds the ring
+                # seq from the wall clock (here: simulated microseconds), so
+                # ring ids stay unique (see TotemCore's ring_seq argument).
+                cluster.logs[back].persisted_ring_seq = cluster.now_ns // 1000
             cluster.start(back)
         elif roll < 0.19:
             k = rng.randint(1, n - 1)

@@ -74,7 +74,11 @@ STAT_NAMES: tuple[str, ...]
 
 class TotemCore:
     nodeid: int
-    def __init__(self, nodeid: int, timers: TotemTimers, ring_seq: int = 0) -> None: ...
+    def __init__(self, nodeid: int, timers: TotemTimers, ring_seq: int = 0) -> None:
+        """ring_seq: the last value take_ring_seq_to_persist() returned (persisted).
+        If it was lost (disk loss), pass a value above any ring seq the cluster
+        may have used, e.g. wall-clock milliseconds * 4: ring ids must never be
+        reused, or stale packets of an old ring could be taken for the new one."""
     def start(self, now_ns: int) -> None: ...
     def receive(self, now_ns: int, packet: bytes) -> None:
         """Feed one packet (after transport authentication). Malformed or foreign
