@@ -86,6 +86,30 @@ def test_quorate_then_partition(run: Callable[[Main], None]) -> None:
     run(main)
 
 
+def test_services_started_after_the_ring_formed(run: Callable[[Main], None]) -> None:
+    async def main() -> None:
+        # Two of five nodes: nobody becomes quorate, so only the re-announcement on a
+        # group join lets node 2 hear node 1's NODEINFO, sent before node 2 joined.
+        network = FakeNetwork([1, 2])
+        config = QuorumConfig.from_options({}, {n: 1 for n in range(1, 6)})
+        cpgs = {n: CpgService(node) for n, node in network.nodes.items()}
+        network.start()
+        network.configure([[1, 2]])
+        await network.settle()
+        services = {}
+        for nodeid in (1, 2):
+            services[nodeid] = QuorumService(cpgs[nodeid], config)
+            await services[nodeid].start()
+            await network.settle()
+        await until(lambda: not any(s.status().syncing for s in services.values()))
+        assert numbers(services[2]) == (5, 5, 2, 3, False)
+        await services[1].set_expected(3)
+        await until(lambda: all(s.quorate for s in services.values()))
+        await network.stop()
+
+    run(main)
+
+
 def test_expected_on_a_lone_node(run: Callable[[Main], None]) -> None:
     async def main() -> None:
         network, services = await cluster({})

@@ -245,6 +245,12 @@ class QuorumCore:
         message = SetExpected(self.nodeid, self.ring_id, expected_votes)
         return [Send(message.encode())]
 
+    def announce(self) -> list[Effect]:
+        """Send this node's NODEINFO again (a peer's quorum service just joined the group
+        and missed the announcement made at the ring change)."""
+        self._announce()
+        return self._drain()
+
     def leave(self) -> list[Effect]:
         """Announce a clean shutdown so that allow_downscale counts this as a clean leave."""
         self._leaving = True

@@ -188,6 +188,10 @@ class QuorumService:
             for member in event.left:
                 if member.reason == Reason.LEAVE:
                     self._left_cleanly.add(member.nodeid)
+            if event.joined:
+                # A quorum service that joins the group late missed our NODEINFO for
+                # this ring, and we cannot sync without its: announce again.
+                self._feed(self.core.announce())
         elif isinstance(event, TotemConfChg):
             clean, self._left_cleanly = self._left_cleanly, set()
             clean -= set(event.members)
