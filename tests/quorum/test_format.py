@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import pytest
+
+from corral.errors import UsageError
 from corral.quorum.config import QuorumConfig
 from corral.quorum.core import QuorumCore
 from corral.quorum.format import (
@@ -137,6 +140,17 @@ def test_not_quorate_lines_and_flags_order() -> None:
     )
     text = format_status(two_node.status(), datetime(2026, 1, 1))
     assert "Flags:            2Node Quorate WaitForAll \n" in text
+
+
+def test_status_json_round_trip() -> None:
+    import json
+
+    from corral.quorum.core import QuorumStatus
+
+    status = drive(0x2F, [1, 2, 3]).status()
+    assert QuorumStatus.from_dict(json.loads(json.dumps(status.to_dict()))) == status
+    with pytest.raises(UsageError, match="not a quorum status"):
+        QuorumStatus.from_dict({"nodeid": 1})
 
 
 def test_ctime_and_unknown_names() -> None:

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from corral.errors import DecodeError, UsageError
 from corral.quorum.config import MAX_EXPECTED_VOTES, MAX_NODEID, MAX_NODES, QuorumConfig
@@ -117,6 +118,43 @@ class QuorumStatus:
     tracked_expected: int
     config_mismatch: tuple[int, ...]
     dropped: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (the node's status.json carries it for the CLI)."""
+        data = asdict(self)
+        data["ring_id"] = list(self.ring_id) if self.ring_id is not None else None
+        data["members"] = [asdict(m) for m in self.members]
+        data["flags"] = list(self.flags)
+        data["config_mismatch"] = list(self.config_mismatch)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuorumStatus:
+        """Inverse of `to_dict`; a missing or mistyped field raises UsageError."""
+        try:
+            ring = data["ring_id"]
+            return cls(
+                nodeid=int(data["nodeid"]),
+                ring_id=(int(ring[0]), int(ring[1])) if ring is not None else None,
+                quorate=bool(data["quorate"]),
+                members=tuple(
+                    MemberStatus(int(m["nodeid"]), int(m["votes"]), int(m["expected_votes"]),
+                                 bool(m["local"]))
+                    for m in data["members"]
+                ),
+                expected_votes=int(data["expected_votes"]),
+                highest_expected=int(data["highest_expected"]),
+                total_votes=int(data["total_votes"]),
+                quorum=int(data["quorum"]),
+                flags=tuple(str(f) for f in data["flags"]),
+                waiting_for_all=bool(data["waiting_for_all"]),
+                syncing=bool(data["syncing"]),
+                tracked_expected=int(data["tracked_expected"]),
+                config_mismatch=tuple(int(n) for n in data["config_mismatch"]),
+                dropped={str(k): int(v) for k, v in data.get("dropped", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise UsageError(f"not a quorum status: {error!r}") from None
 
 
 class QuorumCore:
