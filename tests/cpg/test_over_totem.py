@@ -320,3 +320,18 @@ def test_messages_sent_while_totem_gathers_are_held_until_sync() -> None:
         after = [e.payload for e in events[down:] if isinstance(e, Deliver)]
         assert after[-4:] == [b"x1", b"x2", b"x3", b"x4"]
     check(cluster, (1, 2))
+
+
+def test_largest_payload_and_longest_names_over_real_totem() -> None:
+    from corral.cpg import wire
+
+    cluster = formed(2)
+    group = b"n" * wire.MAX_GROUP_NAME_BYTES
+    cluster.join(1, 1, 0xFFFF_FFFF, group)
+    cluster.join(2, 1, 7, group)
+    cluster.settle()
+    big = bytes(range(256)) * (wire.MAX_PAYLOAD_BYTES // 256)
+    assert len(big) == wire.MAX_PAYLOAD_BYTES
+    assert cluster.mcast(1, 1, big, group)
+    cluster.settle()
+    assert cluster.deliveries(2, 1) == [big] and cluster.deliveries(1, 1) == [big]
