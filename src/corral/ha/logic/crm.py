@@ -36,6 +36,8 @@ class Crm:
         if not self.env.quorate():
             return False
         status = self.env.read_manager_status()
+        if status is None or not self.env.cluster_state_update():
+            return False
         me = self.env.nodename()
         for entry in (status.get("service_status") or {}).values():
             if entry.get("state") == ServiceState.FENCE and entry.get("node") == me:
@@ -50,7 +52,7 @@ class Crm:
         if not self.watchdog_active:
             self.env.watchdog_open()
             self.watchdog_active = True
-        self.manager = Manager(self.env, self.timings, self.env.read_manager_status())
+        self.manager = Manager(self.env, self.timings, self.env.read_manager_status() or {})
         self.idle_rounds = 0
         self.env.emit({"type": "master", "node": self.env.nodename()})
 

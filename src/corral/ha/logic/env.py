@@ -33,7 +33,8 @@ class HaEnvironment(Protocol):
         """Refresh cached cluster state; False means skip this round."""
 
     # --- shared files --------------------------------------------------------------------
-    def read_manager_status(self) -> dict[str, Any]: ...
+    def read_manager_status(self) -> dict[str, Any] | None:
+        """None if the cluster filesystem cannot be read."""
     def write_manager_status(self, status: dict[str, Any]) -> bool: ...
     def read_lrm_status(self, node: str) -> dict[str, Any] | None:
         """None if the file cannot be read."""

@@ -51,6 +51,7 @@ class Lrm:
         self.stop_all_pending = False
         self.stop_failed = False
         self.exited = False
+        self.status_unreadable = False
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -67,9 +68,10 @@ class Lrm:
         """
         self.shutdown_requested = True
         self.shutdown_kind = kind
-        if self.state == LrmState.STARTUP:
+        status = self.env.read_manager_status()
+        if self.state == LrmState.STARTUP or status is None:
             return
-        self._update_mode(self.env.read_manager_status())
+        self._update_mode(status)
         self.write_status()
 
     def _datacenter(self) -> DatacenterHa:
@@ -131,6 +133,9 @@ class Lrm:
         if self.exited:
             return False
         status = self.env.read_manager_status()
+        if status is None:
+            return self._without_manager_status()
+        self.status_unreadable = False
         if self.state == LrmState.STARTUP:
             if not self.env.quorate():
                 return True
@@ -140,6 +145,18 @@ class Lrm:
         self._update_mode(status)
         self._transition(status)
         return self._work(status)
+
+    def _without_manager_status(self) -> bool:
+        """Cluster filesystem unreadable: do nothing but keep (or lose) the lock honestly."""
+        if not self.status_unreadable:
+            self.env.log("warn", "unable to read manager status, skipping rounds until it is")
+        self.status_unreadable = True
+        if self.state in (LrmState.ACTIVE, LrmState.MAINTENANCE) and self.has_lock:
+            if self._acquire():
+                self._feed()
+            else:
+                self._set_state(LrmState.LOST_AGENT_LOCK)
+        return True
 
     def _update_mode(self, status: dict[str, Any]) -> None:
         if self.shutdown_requested and self.shutdown_mode is None:
@@ -242,7 +259,8 @@ class Lrm:
         if state == LrmState.ACTIVE:
             if self.shutdown_requested:
                 return self._shutdown_work(status)
-            self.manage_resources(status)
+            if self.env.cluster_state_update():
+                self.manage_resources(status)
         elif state == LrmState.LOST_AGENT_LOCK:
             if self.shutdown_requested and self.active_count(status) == 0:
                 return self._exit()

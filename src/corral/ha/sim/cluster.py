@@ -39,6 +39,8 @@ class SimNode:
     crm: Crm | None = None
     lrm: Lrm | None = None
     shutdown_kind: str | None = None  # "poweroff" / "reboot" while a shutdown is running
+    cfs_readable: bool = True  # cfs NODE rw work|fail
+    cfs_update_ok: bool = True  # cfs NODE update work|fail
     restart_lrm: bool = False
 
 
@@ -149,7 +151,7 @@ class SimCluster:
     # --- locks ---------------------------------------------------------------------------
 
     def lock(self, name: str, holder: str) -> bool:
-        if not self.quorate(holder):
+        if not self.quorate(holder) or not self.nodes[holder].cfs_readable:
             return False
         current = self.locks.get(name)
         expired = current is not None and \
@@ -201,25 +203,32 @@ class SimEnv:
                 for name, n in self.cluster.nodes.items()}
 
     def cluster_state_update(self) -> bool:
-        return True
+        return self.cluster.nodes[self.node].cfs_update_ok
+
+    def _cfs_writable(self) -> bool:
+        return self.quorate() and self.cluster.nodes[self.node].cfs_readable
 
     # Status files go through their JSON text form and the validating readers, so the
     # simulator also checks that everything the logic writes can be read back.
 
-    def read_manager_status(self) -> dict[str, Any]:
+    def read_manager_status(self) -> dict[str, Any] | None:
+        if not self.cluster.nodes[self.node].cfs_readable:
+            return None
         return parse_manager_status(format_status_file(self.cluster.manager_status))
 
     def write_manager_status(self, status: dict[str, Any]) -> bool:
-        if not self.quorate():
+        if not self._cfs_writable():
             return False
         self.cluster.manager_status = parse_manager_status(format_status_file(status))
         return True
 
     def read_lrm_status(self, node: str) -> dict[str, Any] | None:
+        if not self.cluster.nodes[self.node].cfs_readable:
+            return None
         return parse_lrm_status(format_status_file(self.cluster.lrm_status.get(node, {})), node)
 
     def write_lrm_status(self, status: dict[str, Any]) -> bool:
-        if not self.quorate():
+        if not self._cfs_writable():
             return False
         text = format_status_file(status)
         self.cluster.lrm_status[self.node] = parse_lrm_status(text, self.node)

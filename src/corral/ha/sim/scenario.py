@@ -184,7 +184,8 @@ class Simulation:
         handler = {"power": self._cmd_power, "network": self._cmd_network,
                    "reboot": self._cmd_shutdown, "shutdown": self._cmd_shutdown,
                    "restart-lrm": self._cmd_restart_lrm, "crm": self._cmd_crm,
-                   "service": self._cmd_service, "skip-round": self._cmd_skip}.get(verb)
+                   "service": self._cmd_service, "skip-round": self._cmd_skip,
+                   "cfs": self._cmd_cfs}.get(verb)
         if handler is None:
             raise ScenarioError(f"cmdlist: unknown command {line!r}")
         try:
@@ -284,6 +285,16 @@ class Simulation:
         if sid in cluster.running[source]:
             cluster.running[source].discard(sid)
             cluster.running[target].add(sid)
+
+    def _cmd_cfs(self, words: list[str]) -> None:
+        state = self.cluster.nodes[self._node(words[1])]
+        what, how = words[2], words[3]
+        if what not in ("rw", "update") or how not in ("work", "fail"):
+            raise ScenarioError("cmdlist: cfs NODE rw|update work|fail")
+        if what == "rw":
+            state.cfs_readable = how == "work"
+        else:
+            state.cfs_update_ok = how == "work"
 
     def _cmd_skip(self, words: list[str]) -> None:
         kind = words[1]
