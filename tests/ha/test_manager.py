@@ -67,3 +67,15 @@ def test_node_with_fence_service_never_becomes_master() -> None:
     masters = [e["node"] for e in result.events if e["type"] == "master"]
     assert masters and "node1" not in masters[:1]
     assert masters[0] == "node2"
+
+
+def test_crm_command_queue_is_bounded() -> None:
+    from corral.ha.logic.manager import MAX_COMMANDS_PER_ROUND
+
+    simulation = Simulation(load_scenario(SCENARIOS / "migrate-vm"))
+    simulation.cluster.crm_commands = ["arm-ha"] * (MAX_COMMANDS_PER_ROUND + 5)
+    result = simulation.run()
+    assert any(f"dropping all but the first {MAX_COMMANDS_PER_ROUND}" in line
+               for line in result.log_lines)
+    assert sum("got crm command: arm-ha" in line for line in result.log_lines) == \
+        MAX_COMMANDS_PER_ROUND

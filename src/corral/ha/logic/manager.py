@@ -29,6 +29,7 @@ from corral.ha.logic.types import (
 
 GONE_NODE_DELETE_NS = 3600 * 1_000_000_000
 MAX_FIXPOINT_PASSES = 32
+MAX_COMMANDS_PER_ROUND = 1000
 KEPT_ON_CHANGE = ("node", "failed_nodes", "maintenance_node")
 BUSY_FOR_DISARM = frozenset({ServiceState.FENCE, ServiceState.RECOVERY, ServiceState.MIGRATE,
                              ServiceState.RELOCATE})
@@ -618,7 +619,12 @@ class Manager:
     # --- crm commands --------------------------------------------------------------------
 
     def _process_commands(self) -> None:
-        for line in self.env.read_crm_commands():
+        lines = self.env.read_crm_commands()
+        if len(lines) > MAX_COMMANDS_PER_ROUND:
+            self.log("err", f"{len(lines)} crm commands queued, dropping all but the first "
+                            f"{MAX_COMMANDS_PER_ROUND}")
+            lines = lines[:MAX_COMMANDS_PER_ROUND]
+        for line in lines:
             self.log("info", f"got crm command: {line}")
             try:
                 command = parse_crm_command(line)
