@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -104,9 +105,14 @@ def main_soak(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "soak":
-        return main_soak(args[1:])
-    return main_single(args)
+    try:
+        if args and args[0] == "soak":
+            return main_soak(args[1:])
+        return main_single(args)
+    except BrokenPipeError:
+        # Output piped into `head` and friends: stop quietly, as other CLIs do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def describe_packet(packet: bytes) -> str:
         return f"{kind} ring ({rep}, {seq}){extra}"
     return packet[:16].hex()
 MAX_EVENTS = 5_000_000
+PPM = 1_000_000
 
 
 def convergence_bound_ns(timers: TotemTimers) -> int:
@@ -171,6 +172,20 @@ class NodeSlot:
     timer_generation: int = 0
     counter: int = 0
     paused_until_ns: int = -1
+    # The node's monotonic clock: offset + t * (1 + rate_ppm / 1e6) of global time t.
+    clock_offset_ns: int = 0
+    clock_rate_ppm: int = 0
+
+    def local_ns(self, global_ns: int) -> int:
+        return self.clock_offset_ns + global_ns + global_ns * self.clock_rate_ppm // PPM
+
+    def global_ns(self, local_ns: int) -> int:
+        """The first global time at which this node's clock reads at least `local_ns`."""
+        elapsed = local_ns - self.clock_offset_ns
+        estimate = max(0, elapsed * PPM // (PPM + self.clock_rate_ppm) - 1)
+        while self.local_ns(estimate) < local_ns:
+            estimate += 1
+        return estimate
 
     @property
     def proc(self) -> Proc:
@@ -194,6 +209,10 @@ class Simulation:
         self.workload_rng = derive_rng(seed, "workload")
         self.checker = EvsChecker((self.api.conf_transitional, self.api.conf_regular))
         self.slots = {nodeid: NodeSlot(nodeid) for nodeid in self.nodeids}
+        if self.plan.clock_drift_ppm:
+            for slot in self.slots.values():
+                slot.clock_rate_ppm = self.fault_rng.randint(-self.plan.clock_drift_ppm, self.plan.clock_drift_ppm)
+                slot.clock_offset_ns = self.fault_rng.randrange(1 << 50)
         self.digest = hashlib.blake2b(digest_size=16)
         self.trace: deque[tuple[int, str | tuple[Any, ...]]] = deque(maxlen=TRACE_KEEP)
         self.packet_trace: deque[tuple[int, int, int, bytes]] = deque(maxlen=PACKET_TRACE_KEEP)
@@ -281,7 +300,7 @@ class Simulation:
         self.packet_trace.append((self.scheduler.now_ns, source, destination, packet[:PACKET_HEAD_BYTES]))
         if self.options.verbose >= 2:
             self._note(f"n{source} -> n{destination} {describe_packet(packet)}")
-        slot.core.receive(self.scheduler.now_ns, packet)
+        slot.core.receive(slot.local_ns(self.scheduler.now_ns), packet)
         self._drain(slot)
 
     def _on_timer(self, event: tuple[Any, ...]) -> None:
@@ -293,7 +312,7 @@ class Simulation:
             return
         slot.timer_at_ns = -1
         self.digest.update(b"t%d@%d;" % (nodeid, self.scheduler.now_ns))
-        slot.core.tick(self.scheduler.now_ns)
+        slot.core.tick(slot.local_ns(self.scheduler.now_ns))
         self._drain(slot)
 
     def _on_submit(self, event: tuple[Any, ...]) -> None:
@@ -331,7 +350,7 @@ class Simulation:
         self._note(f"n{nodeid} starts (incarnation {slot.incarnation}, ring seq {slot.persisted_ring_seq}{', disk lost' if disk_lost else ''})")
         self.checker.on_start(slot.proc, disk_lost=disk_lost)
         slot.core = self.api.factory(nodeid, self.timers, slot.persisted_ring_seq)
-        slot.core.start(self.scheduler.now_ns)
+        slot.core.start(slot.local_ns(self.scheduler.now_ns))
         self._drain(slot)
 
     def _drain(self, slot: NodeSlot) -> None:
@@ -349,7 +368,7 @@ class Simulation:
             slot.timer_generation += 1
             slot.timer_at_ns = deadline
             if deadline >= 0:
-                self.scheduler.at(deadline, ("timer", slot.nodeid, slot.timer_generation))
+                self.scheduler.at(slot.global_ns(deadline), ("timer", slot.nodeid, slot.timer_generation))
 
     def _on_core_event(self, slot: NodeSlot, event: tuple[Any, ...]) -> None:
         if event[0] == self.api.ev_deliver:
@@ -433,7 +452,7 @@ class Simulation:
             return
         slot = up[rng.randrange(len(up))]
         self._note(f"n{slot.nodeid} leaves gracefully")
-        slot.core.leave(now_ns)
+        slot.core.leave(slot.local_ns(now_ns))
         self._drain(slot)
         # The core is stopped: it keeps nothing worth driving; restart it later.
         self._crash(slot, why="left")

@@ -16,7 +16,9 @@ Fault classes (names used by `--faults`):
 - disklost: as crash, but the persisted ring seq is lost too;
 - pause: a node stops processing for a while (like SIGSTOP), then handles the
   backlog of packets and timers at once;
-- leave: a node leaves gracefully (`TotemCore.leave`) and restarts later.
+- leave: a node leaves gracefully (`TotemCore.leave`) and restarts later;
+- drift: every node's clock has its own rate (up to +-5 %) and a large random
+  offset, for the whole run (it is hardware, not a network fault).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from corral.sim.rng import derive_rng
 
 FAULT_NAMES: tuple[str, ...] = (
     "delay", "loss", "dup", "reorder", "partition", "asym", "crash", "disklost", "pause", "leave",
+    "drift",
 )
 
 NS_PER_MS = 1_000_000
@@ -64,6 +67,7 @@ class FaultPlan:
     pause_interval_ns: int = 0
     pause_duration_ns: int = 0
     leave_interval_ns: int = 0
+    clock_drift_ppm: int = 0
 
     @classmethod
     def choose(cls, seed: int, allowed: tuple[str, ...], token_ns: int) -> FaultPlan:
@@ -100,6 +104,8 @@ class FaultPlan:
             values["pause_duration_ns"] = rng.randint(token_ns // 10, 2 * token_ns)
         if "leave" in on:
             values["leave_interval_ns"] = rng.randint(2 * token_ns, 8 * token_ns)
+        if "drift" in on:
+            values["clock_drift_ppm"] = rng.choice((100, 1_000, 10_000, 50_000))
         return cls(**values)  # type: ignore[arg-type]
 
     def active(self) -> list[str]:
@@ -126,6 +132,8 @@ class FaultPlan:
             names.append("pause")
         if self.leave_interval_ns:
             names.append("leave")
+        if self.clock_drift_ppm:
+            names.append(f"drift(+-{self.clock_drift_ppm / 10_000:g}%)")
         return names
 
     def describe(self) -> str:
