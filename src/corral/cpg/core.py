@@ -74,6 +74,13 @@ MAX_INTERIM_BYTES = 128 << 20
 MAX_CLIENTS = 4096
 MAX_PID = 0xFFFF_FFFF
 
+# Counters of stats(); docs/cpg.md says what each means.
+STAT_NAMES = (
+    "submitted", "delivered", "syncs_completed", "syncs_abandoned", "held_during_sync",
+    "malformed_dropped", "foreign_payloads", "stale_joinlists", "interim_dropped",
+    "foreign_dropped", "sync_mismatch",
+)
+
 NodePid = tuple[int, int]
 _MCAST_PREFIX = wire.WIRE_MAGIC + bytes((wire.WIRE_VERSION, wire.Kind.MCAST))
 _PID = struct.Struct(">I")
@@ -152,13 +159,7 @@ class CpgCore:
         self._joinlists: dict[int, tuple[tuple[bytes, int], ...]] = {}
         self._interim: list[tuple[int, wire.WireMsg]] = []
         self._interim_bytes = 0
-        self._stats: dict[str, int] = dict.fromkeys(
-            (
-                "malformed_dropped", "stale_joinlists", "interim_dropped", "syncs_completed",
-                "syncs_abandoned", "delivered", "submitted", "foreign_dropped", "sync_mismatch", "held_during_sync", "foreign_payloads",
-            ),
-            0,
-        )
+        self._stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
 
     # ------------------------------------------------------------------ queries
 
@@ -322,11 +323,15 @@ class CpgCore:
 
     def deliver(self, sender: int, payload: bytes) -> None:
         """One Totem delivery; malformed payloads are counted and dropped."""
-        if self._state != SyncState.SYNC and payload[:4] == _MCAST_PREFIX:
-            # Hot path: an application message outside a sync, decoded in place.
-            group_end = 5 + payload[4] if len(payload) > 4 else 0
-            if 5 < group_end and group_end + 4 <= len(payload) and payload[4] <= 128 and (
-                len(payload) - group_end - 4 <= wire.MAX_PAYLOAD_BYTES
+        if self._state != SyncState.SYNC and payload[:4] == _MCAST_PREFIX and len(payload) > 4:
+            # Hot path: an application message outside a sync, decoded in place
+            # with the same checks as wire.decode (a test compares the two).
+            name_bytes = payload[4]
+            group_end = 5 + name_bytes
+            if (
+                1 <= name_bytes <= wire.MAX_GROUP_NAME_BYTES
+                and group_end + 4 <= len(payload)
+                and len(payload) - group_end - 4 <= wire.MAX_PAYLOAD_BYTES
             ):
                 (pid,) = _PID.unpack_from(payload, group_end)
                 self._deliver(sender, payload[5:group_end], pid, payload[group_end + 4:])
