@@ -296,6 +296,10 @@ def _print_new_lines(cluster: LocalCluster, offsets: dict[int, int]) -> None:
                 print(f"node{nodeid}: {line}", flush=True)
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _print_summary(cluster: LocalCluster) -> None:
     for nodeid in cluster.nodeids:
         status = cluster.status(nodeid)
@@ -321,6 +325,8 @@ def main(argv: Sequence[str]) -> int:
     print(f"corral demo: {args.nodes} nodes in {workdir} ({mode}); Ctrl-C to stop", flush=True)
     interrupted = False
     offsets: dict[int, int] = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupt)  # clean up on these too, not only Ctrl-C
     try:
         cluster.setup()
         cluster.start_all()
