@@ -308,10 +308,11 @@ class _Connection:
         try:
             while True:
                 while self.outbound:
-                    frame = self.outbound.popleft()
-                    self.writer.write(frame)
+                    batch = list(self.outbound)
+                    self.outbound.clear()
+                    self.writer.writelines(batch)
                     await self.writer.drain()
-                    self.outbound_bytes -= len(frame)
+                    self.outbound_bytes -= sum(map(len, batch))
                 if self.closed:
                     return
                 self._wake = asyncio.get_running_loop().create_future()
@@ -385,6 +386,7 @@ class CpgIpcServer:
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
