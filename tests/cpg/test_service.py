@@ -270,3 +270,22 @@ def test_service_close_ends_waiting_handles(run: Runner) -> None:
         await network.stop()
 
     run(main)
+
+
+def test_a_failing_sink_drops_only_that_client(run: Runner) -> None:
+    async def main() -> None:
+        network, services = await make_cluster(1)
+        service = services[1]
+
+        def broken(event: CpgEvent) -> None:
+            raise RuntimeError("bug in a client")
+
+        bad = service.open_client(55, broken)
+        service.client_join(bad, b"grp")
+        good = await service.join("grp", pid=66)
+        await network.settle()
+        await until(good, left_is(Member(1, 55, Reason.PROCDOWN)))
+        assert service.stats()["clients"] == 1
+        await network.stop()
+
+    run(main)

@@ -192,7 +192,13 @@ class CpgService:
                 for client_id, event in core.pop_events():
                     sink = sinks.get(client_id)
                     if sink is not None:
-                        sink(event)
+                        try:
+                            sink(event)
+                        except Exception:
+                            # One broken client must not stop the node's Totem
+                            # listener: log it and drop that client (PROCDOWN).
+                            log.exception("CPG: event sink of client %d raised", client_id)
+                            self.close_client(client_id)
                 if not self._pump_again:
                     break
         finally:
