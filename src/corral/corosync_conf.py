@@ -12,7 +12,7 @@ config_version, the totem timing options (`TotemConfig.from_mapping`),
 encryption (`secauth`, `crypto_cipher`, `crypto_hash`), links (`interface`
 sections: link number, priority, ping/pong settings, port), the nodelist
 (name, nodeid, ringX_addr, quorum_votes), and the `quorum`/`logging`
-sections as plain dicts.
+sections, and `system` (e.g. `state_dir`), as plain dicts.
 """
 
 from __future__ import annotations
@@ -177,6 +177,7 @@ class ClusterConfig:
     link_mode: str = "passive"
     quorum: dict[str, str] = field(default_factory=dict)
     logging: dict[str, str] = field(default_factory=dict)
+    system: dict[str, str] = field(default_factory=dict)
 
     def node(self, nodeid: int) -> NodeSpec:
         for node in self.nodes:
@@ -235,6 +236,7 @@ class ClusterConfig:
             key = error.key.removeprefix("totem.")
             raise ConfSyntaxError(totem.line_of(key), str(error), source) from None
         quorum, logging = root.section("quorum"), root.section("logging")
+        system = root.section("system")
         return cls(
             cluster_name=totem.options.get("cluster_name", "corral"),
             config_version=_int(totem, "config_version", 0, source, minimum=0),
@@ -246,6 +248,7 @@ class ClusterConfig:
             link_mode=_read_link_mode(totem, source),
             quorum=dict(quorum.options) if quorum else {},
             logging=dict(logging.options) if logging else {},
+            system=dict(system.options) if system else {},
         )
 
 

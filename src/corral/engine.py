@@ -67,7 +67,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--config", help="corosync.conf")
     parser.add_argument("--nodeid", type=int, help="this node's nodeid in the nodelist")
     parser.add_argument("--keyfile", help=f"cluster key (default: totem.keyfile or {DEFAULT_KEYFILE})")
-    parser.add_argument("--state-dir", help="directory for ringid_<nodeid> and status.json")
+    parser.add_argument("--state-dir", help="directory for ringid_<nodeid> and status.json "
+                        "(default: system.state_dir of the config)")
     parser.add_argument("--ipc-socket", help="unix socket of the CPG IPC server")
     parser.add_argument("--log-deliveries", metavar="FILE")
     parser.add_argument("--load", metavar="RATE:SIZE", help="messages/s and bytes each")
@@ -80,7 +81,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.print_status:
         required: tuple[str, ...] = ("state_dir",)
     elif args.generate_key is None:
-        required = ("config", "nodeid", "state_dir")
+        required = ("config", "nodeid")
     else:
         required = ()
     if required:
@@ -389,6 +390,9 @@ def main(argv: Sequence[str]) -> int:
             auth.write_key_file(args.generate_key, args.key_bytes)
             return 0
         config = ClusterConfig.from_file(args.config)
+        args.state_dir = args.state_dir or config.system.get("state_dir")
+        if not args.state_dir:
+            raise ConfigError("--state-dir", "not given and no system.state_dir in the config")
         key = auth.read_key_file(args.keyfile or config.keyfile or DEFAULT_KEYFILE)
         _core_constants()
         engine = Engine(args, config, key)

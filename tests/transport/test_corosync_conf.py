@@ -45,6 +45,10 @@ quorum {
   two_node: 0
 }
 
+system {
+  state_dir: /var/lib/corral
+}
+
 totem {
   cluster_name: prod
   config_version: 7
@@ -86,6 +90,7 @@ def test_pve_style_file() -> None:
     assert config.ping_timing_ms(link0) == (331, 1325)
     assert config.quorum == {"provider": "corosync_votequorum", "two_node": "0"}
     assert config.logging["to_syslog"] == "yes"
+    assert config.system == {"state_dir": "/var/lib/corral"}
 
 
 def test_round_trip() -> None:

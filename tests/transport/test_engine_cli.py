@@ -46,6 +46,8 @@ def test_generate_key_and_errors(tmp_path: Any, capsys: pytest.CaptureFixture[st
     assert engine.main(["--config", str(conf), "--nodeid", "7", "--keyfile", key,
                         "--state-dir", state]) == 2
     assert "nodeid 7" in capsys.readouterr().err
+    assert engine.main(["--config", str(conf), "--nodeid", "1", "--keyfile", key]) == 2
+    assert "--state-dir" in capsys.readouterr().err
 
 
 def test_missing_arguments_exit_with_usage() -> None:
