@@ -191,3 +191,15 @@ def test_fuzz_mutated_packets(payload: bytes, index: int, value: int, encrypt: b
     packet[index] = value
     opened = make(2, encrypt).open(bytes(packet))
     assert (opened is None) == changed
+
+
+def test_forged_incarnations_do_not_fill_the_key_cache() -> None:
+    receiver = make(2, True)
+    assert receiver.open(make(1, True).seal(auth.KIND_TOTEM, b"genuine")) is not None
+    forger = auth.PacketAuthenticator(bytes(reversed(KEY)), "alpha", 1, 1, NODES, encrypt=True)
+    forger.cluster_id = receiver.cluster_id
+    for incarnation in range(1000, 1100):
+        forger.incarnation = incarnation
+        assert receiver.open(forger.seal(auth.KIND_TOTEM, b"x")) is None
+    assert receiver.drops["bad_mac"] == 100
+    assert len(receiver._aead) == 1  # only the genuine sender's key

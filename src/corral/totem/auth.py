@@ -250,11 +250,15 @@ class PacketAuthenticator:
         header = packet[:HEADER_BYTES]
         if self.encrypt:
             nonce = struct.pack(">IQ", sender, counter)
+            cached = self._aead.get((sender, incarnation))
+            aead = cached or self._derive_aead(sender, incarnation)
             try:
-                aead = self._sender_aead(sender, incarnation)
-                return aead.decrypt(nonce, packet[HEADER_BYTES:], header)
+                plaintext = aead.decrypt(nonce, packet[HEADER_BYTES:], header)
             except InvalidTag:
                 return None
+            if cached is None:  # cache only keys that opened a packet: forgeries cannot churn it
+                self._remember_aead(sender, incarnation, aead)
+            return plaintext
         body = packet[:-TAG_BYTES]
         expected = hashlib.blake2b(body, key=self._mac_key, digest_size=TAG_BYTES).digest()
         if not hmac.compare_digest(expected, packet[-TAG_BYTES:]):
@@ -263,14 +267,20 @@ class PacketAuthenticator:
 
     def _sender_aead(self, sender: int, incarnation: int) -> AESGCM:
         """The AES-256-GCM key of one sender incarnation (cached, bounded)."""
-        cache_key = (sender, incarnation)
-        aead = self._aead.get(cache_key)
+        aead = self._aead.get((sender, incarnation))
         if aead is None:
-            if len(self._aead) >= MAX_CACHED_SENDER_KEYS:
-                self._aead.clear()
-            label = struct.pack(">IQ", sender, incarnation)
-            aead = self._aead[cache_key] = AESGCM(_subkey(self._encryption_root, label))
+            aead = self._derive_aead(sender, incarnation)
+            self._remember_aead(sender, incarnation, aead)
         return aead
+
+    def _derive_aead(self, sender: int, incarnation: int) -> AESGCM:
+        label = struct.pack(">IQ", sender, incarnation)
+        return AESGCM(_subkey(self._encryption_root, label))
+
+    def _remember_aead(self, sender: int, incarnation: int, aead: AESGCM) -> None:
+        if len(self._aead) >= MAX_CACHED_SENDER_KEYS:
+            self._aead.clear()
+        self._aead[(sender, incarnation)] = aead
 
     def _drop(self, reason: DropReason) -> Opened | None:
         """Count a dropped packet; returns None so callers can `return self._drop(...)`."""
