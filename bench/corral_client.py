@@ -46,11 +46,15 @@ HEADER = struct.Struct("<IIIIQQ")
 # Latency samples kept per run; past this the sample is the first MAX_SAMPLES.
 MAX_SAMPLES = 8_000_000
 LOG_POLL_S = 0.002
+# mcasts a sender keeps in flight (see Pipeline).
+DEFAULT_WINDOW = 32
 CONNECT_RETRY_S = 0.05
 # How long to wait for the engine's CPG socket to appear.
 CONNECT_TIMEOUT_S = 15.0
 # How long a finished run waits for a sender still inside mcast.
 SENDER_GRACE_S = 2.0
+# Past timeout + this, a run reports what it counted even if a library call hangs.
+WATCHDOG_EXTRA_S = 5.0
 MEMBERSHIP_LINE = re.compile(r"A new membership \(([0-9a-f]+\.[0-9a-f]+)\) was formed")
 MEMBERS_LINE = re.compile(r"Members\[(\d+)\]:((?: \d+)*)")
 
@@ -162,10 +166,52 @@ def result_record(args: argparse.Namespace, stats: Stats, sending: SendResult,
     }
 
 
+class Pipeline:
+    """Keeps up to `window` mcasts in flight on one handle.
+
+    cpg_mcast_joined hands a message to corosync's IPC ring and returns
+    without waiting for an answer (flow control aside); CpgClientHandle.mcast
+    waits for the node's reply. Keeping a bounded number of mcasts in flight
+    gives the Corral client the same freedom. Order is kept: each mcast
+    writes its request before its first await, and tasks start in creation
+    order.
+    """
+
+    def __init__(self, handle: CpgClientHandle, window: int) -> None:
+        self.handle = handle
+        self.room = asyncio.Semaphore(window)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.error: BaseException | None = None
+
+    async def send(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        await self.room.acquire()
+        task = asyncio.create_task(self._one(data))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _one(self, data: bytes) -> None:
+        try:
+            await self.handle.mcast(data)
+        except (CpgError, ConnectionError, OSError) as error:
+            if self.error is None:
+                self.error = error
+        finally:
+            self.room.release()
+
+    async def drain(self) -> None:
+        if self.tasks:
+            await asyncio.wait(set(self.tasks))
+        if self.error is not None:
+            raise self.error
+
+
 async def send_loop(handle: CpgClientHandle, args: argparse.Namespace,
                     result: SendResult) -> None:
     """Multicast for duration_ms (flat out or paced), then one END message."""
     loop = asyncio.get_running_loop()
+    pipeline = Pipeline(handle, args.window)
     padding = bytes(args.size - HEADER.size)
     period_s = 1.0 / args.rate if args.rate else 0.0
     result.start_ns = time.monotonic_ns()
@@ -181,15 +227,16 @@ async def send_loop(handle: CpgClientHandle, args: argparse.Namespace,
             now_ns = time.monotonic_ns()
             if now_ns >= stop_ns:
                 break
-            await handle.mcast(HEADER.pack(MSG_MAGIC, 0, handle.nodeid, 0, seq, now_ns) + padding)
+            await pipeline.send(HEADER.pack(MSG_MAGIC, 0, handle.nodeid, 0, seq, now_ns) + padding)
             seq += 1
             result.sent = seq
         result.end_ns = time.monotonic_ns()
-        await handle.mcast(HEADER.pack(MSG_MAGIC, FLAG_END, handle.nodeid, 0, seq,
-                                       time.monotonic_ns()) + padding)
+        await pipeline.send(HEADER.pack(MSG_MAGIC, FLAG_END, handle.nodeid, 0, seq,
+                                        time.monotonic_ns()) + padding)
+        await pipeline.drain()
     except (CpgError, ConnectionError, OSError) as error:
         result.error = str(error)
-        result.end_ns = time.monotonic_ns()
+        result.end_ns = result.end_ns or time.monotonic_ns()
     result.finished = True
 
 
@@ -231,8 +278,20 @@ class BenchRun:
         return True
 
     async def run(self) -> dict[str, Any]:
-        args = self.args
+        """The run, bounded: past the timeout, report what was counted (like cpgbench)."""
         client_start_ns = time.monotonic_ns()
+        try:
+            return await asyncio.wait_for(self._run(client_start_ns),
+                                          self.args.timeout_ms / 1000 + WATCHDOG_EXTRA_S)
+        except (TimeoutError, FileNotFoundError, ConnectionRefusedError, CpgError) as error:
+            record = result_record(self.args, self.stats, self.sending,
+                                   self.members_reached.is_set(), client_start_ns)
+            record["error"] = f"{type(error).__name__}: {error}" if str(error) else \
+                f"{type(error).__name__}: the engine did not answer in time"
+            return record
+
+    async def _run(self, client_start_ns: int) -> dict[str, Any]:
+        args = self.args
         loop = asyncio.get_running_loop()
         deadline_s = loop.time() + args.timeout_ms / 1000
         client, handle = await open_group(args.socket, args.group,
@@ -250,7 +309,8 @@ class BenchRun:
         record = result_record(args, self.stats, self.sending, members_ok, client_start_ns)
         if sender is not None:
             sender.cancel()
-        await client.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(client.close(), SENDER_GRACE_S)
         return record
 
 
@@ -331,6 +391,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rate", type=int, default=0)
     parser.add_argument("--timeout-ms", type=int, default=120_000)
     parser.add_argument("--settle-ms", type=int, default=500)
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                        help="mcasts in flight (1: wait for each reply)")
     args = parser.parse_args(argv)
     if args.group is None:
         args.group = "bench-watch" if args.mode == "watch" else "bench"
@@ -338,6 +400,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--socket is required")
     if args.mode == "watch-log" and not args.file:
         parser.error("--file is required")
+    if not 1 <= args.window <= 4096:
+        parser.error("--window must be in [1, 4096]")
     if not HEADER.size <= args.size <= 1 << 20:
         parser.error(f"--size must be in [{HEADER.size}, 1 MiB]")
     return args

@@ -291,26 +291,40 @@ def measure_system(system: str, topology: Topology, workdir: Path, plan: Plan) -
     return result
 
 
+def restart_cluster(cluster: Cluster) -> None:
+    """Fresh daemons after a failed case, so one broken run does not fail all that follow."""
+    log(f"{cluster.system}: restarting the cluster after a failed case")
+    cluster.stop()
+    cluster.start()
+    nodes = list(cluster.topology.nodes)
+    cluster.wait_ring(cluster.topology.node_count, nodes, group_counts=True)
+
+
+def run_cases(cluster: Cluster, specs: list[BenchSpec], result: SystemResult,
+              into: list[dict[str, Any]], what: str) -> None:
+    for spec in specs:
+        case = guarded(result, f"{what} {spec.size}x{spec.senders}",
+                       partial(run_case, cluster, spec))
+        if case:
+            into.append(case)
+        if case is None or "error" in case:
+            guarded(result, "restart", partial(restart_cluster, cluster))
+
+
 def run_steady_tests(cluster: Cluster, plan: Plan, result: SystemResult) -> None:
     if "idle" in plan.tests:
         result.idle = guarded(result, "idle cpu", lambda: measure_idle(cluster, plan)) or {}
         if result.idle:
             log(f"{cluster.system}: idle CPU {result.idle['total_pct']:.2f} % of one core")
     if "throughput" in plan.tests:
-        for senders in plan.sender_counts:
-            for size in plan.sizes:
-                spec = BenchSpec(size=size, senders=senders, duration_ms=plan.duration_ms)
-                case = guarded(result, f"throughput {size}x{senders}",
-                               partial(run_case, cluster, spec))
-                if case:
-                    result.throughput.append(case)
+        specs = [BenchSpec(size=size, senders=senders, duration_ms=plan.duration_ms)
+                 for senders in plan.sender_counts for size in plan.sizes]
+        run_cases(cluster, specs, result, result.throughput, "throughput")
     if "latency" in plan.tests:
-        for senders in plan.sender_counts:
-            spec = BenchSpec(size=plan.latency_size, senders=senders,
-                             duration_ms=plan.duration_ms, rate_per_s=plan.latency_rate_per_s)
-            case = guarded(result, f"latency x{senders}", partial(run_case, cluster, spec))
-            if case:
-                result.latency.append(case)
+        specs = [BenchSpec(size=plan.latency_size, senders=senders, duration_ms=plan.duration_ms,
+                           rate_per_s=plan.latency_rate_per_s)
+                 for senders in plan.sender_counts]
+        run_cases(cluster, specs, result, result.latency, "latency")
     if "loss" in plan.tests:
         result.loss = guarded(result, "loss", lambda: measure_loss(cluster, plan)) or {}
 
@@ -398,13 +412,24 @@ def main(argv: list[str]) -> int:
         log("interrupted; cleaned up")
         return 130
     finally:
-        if args.keep:
-            log(f"configs and logs kept in {workdir}")
+        failed = any(report.get(system, {}).get("errors") or has_case_errors(report.get(system))
+                     for system in systems)
+        if args.keep or failed:
+            log(f"configs and logs kept in {workdir}"
+                + ("" if args.keep else " (a measurement failed)"))
+            report["meta"]["workdir"] = str(workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     save_report(report, args.json)
     print_report(report)
     return 0
+
+
+def has_case_errors(system: dict[str, Any] | None) -> bool:
+    if not system:
+        return False
+    cases = system.get("throughput", []) + system.get("latency", []) + [system.get("loss") or {}]
+    return any("error" in case for case in cases)
 
 
 def save_report(report: dict[str, Any], extra_path: Path | None) -> None:
