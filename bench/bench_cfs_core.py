@@ -76,11 +76,14 @@ def apply(store: Store, op: Op) -> None:
 def timed(label: str, count: int, body: Callable[[], None], ops_per_item: int,
           reference: str) -> None:
     before = wchar()
+    cpu_before = time.process_time()
     started = time.perf_counter()
     body()
     seconds = time.perf_counter() - started
+    cpu_us = (time.process_time() - cpu_before) / count * 1e6
     written = wchar() - before
-    print(f"  {label:<34} {count / seconds:>10,.0f} /s   {written / count:>8,.0f} B written/item "
+    print(f"  {label:<30} {count / seconds:>9,.0f} /s  CPU {cpu_us:5.0f} us  "
+          f"{written / count:>6,.0f} B written/item "
           f"({ops_per_item} op{'s' if ops_per_item > 1 else ''})   reference: {reference}")
 
 
@@ -124,11 +127,11 @@ def bench_small_files(root: Path, durability: Durability, count: int) -> None:
                 path = path.replace("nodes/vm/", "nodes/vm2/")
             apply(store, Op.unlink(path))
 
-    timed("create (create+write 200 B)", count, create, 2, "6,710-6,946/s, 18.1 KB")
-    timed("read 200 B", count, read, 0, "16,420-17,630/s, 0 B")
-    timed("overwrite (truncate+write)", count, overwrite, 2, "7,961-8,251/s, 17.0 KB")
-    timed("rename (migration)", len(moved), rename, 1, "7,927-8,823/s, 8.8 KB")
-    timed("delete", count, delete, 1, "10,421-12,691/s, 6.6 KB")
+    timed("create (create+write 200 B)", count, create, 2, "6,710-6,946/s, 89-92 us, 18.1 KB")
+    timed("read 200 B", count, read, 0, "16,420-17,630/s, 30-32 us, 0 B")
+    timed("overwrite (truncate+write)", count, overwrite, 2, "7,961-8,251/s, 75-81 us, 17.0 KB")
+    timed("rename (migration)", len(moved), rename, 1, "7,927-8,823/s, 60-70 us, 8.8 KB")
+    timed("delete", count, delete, 1, "10,421-12,691/s, 49-64 us, 6.6 KB")
     store.close()
 
 

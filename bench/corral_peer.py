@@ -76,6 +76,7 @@ class CorralCluster(Cluster):
             "--rate", str(spec.rate_per_s),
             "--timeout-ms", str(spec.timeout_ms),
             "--settle-ms", str(spec.settle_ms),
+            "--window", str(self.settings.corral_window),
         ]
         if spec.is_sender(node):
             argv.append("--send")
@@ -98,5 +99,6 @@ class CorralCluster(Cluster):
             "transport": "corral udp (knet-compatible config)",
             "crypto": "secauth on (aes-256-gcm)",
             "token_ms": self.settings.token_ms,
+            "client_window": self.settings.corral_window,
             "membership_watch": self.membership_watch(),
         }

@@ -37,6 +37,8 @@ class ClusterSettings:
 
     token_ms: int | None = None
     sched_rr: bool = True
+    # mcasts Corral's benchmark client keeps in flight (see bench/corral_client.py).
+    corral_window: int = 32
 
 
 @dataclass(frozen=True)

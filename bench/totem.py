@@ -69,6 +69,7 @@ class Plan:
     kill_repeats: int = 2
     kill_settle_s: float = 3.0
     sched_rr: bool = True
+    corral_window: int = 32
     tests: tuple[str, ...] = ("idle", "throughput", "latency", "loss", "kill")
 
     @classmethod
@@ -241,7 +242,8 @@ def measure_loss(cluster: Cluster, plan: Plan) -> dict[str, Any]:
 def measure_kill(cls: type[Cluster], topology: Topology, workdir: Path, plan: Plan,
                  token_ms: int | None) -> dict[str, Any]:
     """kill -9 node KILLED_NODE's daemon; time until each survivor reports a 2-node ring."""
-    settings = ClusterSettings(token_ms=token_ms, sched_rr=plan.sched_rr)
+    settings = ClusterSettings(token_ms=token_ms, sched_rr=plan.sched_rr,
+                               corral_window=plan.corral_window)
     with running_cluster(cls, topology, workdir, settings) as cluster:
         time.sleep(plan.kill_settle_s)
         survivors = [node for node in topology.nodes if node != KILLED_NODE]
@@ -268,7 +270,7 @@ def summarize_kills(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def measure_system(system: str, topology: Topology, workdir: Path, plan: Plan) -> SystemResult:
     cls = cluster_class(system)
     result = SystemResult(system)
-    settings = ClusterSettings(sched_rr=plan.sched_rr)
+    settings = ClusterSettings(sched_rr=plan.sched_rr, corral_window=plan.corral_window)
     steady = [t for t in ("idle", "throughput", "latency", "loss") if t in plan.tests]
     if steady:
         try:
@@ -354,6 +356,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the JSON results here")
     parser.add_argument("--no-sched-rr", action="store_true",
                         help="run corosync with `system { sched_rr: no }` (default: as shipped)")
+    parser.add_argument("--corral-window", type=int, default=32,
+                        help="mcasts Corral's client keeps in flight (1: wait for each reply)")
     parser.add_argument("--keep", action="store_true", help="keep configs and logs (workdir)")
     parser.add_argument("--prefix", default="crlb-", help="namespace name prefix")
     parser.add_argument("--subnet", default="10.213.0", help="first three octets of the subnet")
@@ -366,7 +370,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
     unknown = set(tests) - set(Plan().tests)
     if unknown:
         raise SystemExit(f"unknown tests: {', '.join(sorted(unknown))}")
-    changes: dict[str, Any] = {"tests": tests, "sched_rr": not args.no_sched_rr}
+    if not 1 <= args.corral_window <= 4096:
+        raise SystemExit("--corral-window must be in [1, 4096]")
+    changes: dict[str, Any] = {"tests": tests, "sched_rr": not args.no_sched_rr,
+                               "corral_window": args.corral_window}
     try:
         if args.sizes:
             changes["sizes"] = tuple(int(size) for size in args.sizes.split(","))
