@@ -14,12 +14,17 @@ synchrony and total order over the collected client events.
 
 from __future__ import annotations
 
-import itertools
 from collections import defaultdict, deque
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from corral.cpg.core import CpgCore, SyncState
-from corral.cpg.events import ConfChg, CpgEvent, Deliver, TotemConfChg
+from corral.cpg.checkers import (
+    total_order_violations,
+    view_agreement_violations,
+    virtual_synchrony_violations,
+)
+from corral.cpg.core import CpgCore
+from corral.cpg.events import ConfChg, CpgEvent, Deliver
 
 
 @dataclass
@@ -34,7 +39,9 @@ class Bus:
     # Parallel to logs: the bus input that produced each event. Events produced by
     # one delivery (or one configuration of one transitional set or ring) share
     # it, so checkers can tell one confchg from a later one with equal content.
-    stamps: dict[tuple[int, int], list[int]] = field(default_factory=lambda: defaultdict(list))
+    stamps: dict[tuple[int, int], list[Hashable]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
     stamp: int = 0
     incarnation: dict[int, int] = field(default_factory=dict)
     seq: int = 0
@@ -175,69 +182,18 @@ class Bus:
 
 def check_views_agree(bus: Bus) -> None:
     """Every operational node of a ring has the same view of every group."""
-    for ring in {r for n, r in bus.ring_of.items() if r and n in bus.cores}:
-        digests = {n: bus.cores[n].view_digest() for n in ring}
-        states = {n: bus.cores[n].state for n in ring}
-        assert all(s == SyncState.OPERATIONAL for s in states.values()), states
-        first = digests[ring[0]]
-        for nodeid, digest in digests.items():
-            assert digest == first, f"node {nodeid} view differs in ring {ring}"
-
-
-StampedChg = tuple[int, ConfChg]
-
-
-def _segments(
-    events: list[CpgEvent], stamps: list[int], group: bytes
-) -> list[tuple[StampedChg, StampedChg, list]]:
-    """(confchg, next confchg, deliveries between) for one group in one client log;
-    each confchg is paired with the bus stamp of the input that produced it."""
-    out: list[tuple[StampedChg, StampedChg, list]] = []
-    current: StampedChg | None = None
-    between: list = []
-    for event, stamp in zip(events, stamps, strict=True):
-        if isinstance(event, ConfChg) and event.group == group:
-            if current is not None:
-                out.append((current, (stamp, event), between))
-            current, between = (stamp, event), []
-        elif isinstance(event, Deliver) and event.group == group:
-            between.append((event.nodeid, event.pid, event.payload))
-    return out
+    rings = {r for n, r in bus.ring_of.items() if r and n in bus.cores}
+    problems = view_agreement_violations(bus.cores, sorted(rings))
+    assert not problems, problems
 
 
 def check_virtual_synchrony(bus: Bus) -> int:
-    """Clients that see the same two consecutive confchgs of a group deliver the
-    same messages between them. Returns how many segment pairs were compared."""
-    compared = 0
-    groups = {
-        e.group for log in bus.logs.values() for e in log if isinstance(e, ConfChg)
-    }
-    for group in sorted(groups):
-        seen: dict[tuple[StampedChg, StampedChg], tuple[tuple[int, int], list]] = {}
-        for key, log in sorted(bus.logs.items()):
-            for first, second, between in _segments(log, bus.stamps[key], group):
-                prior = seen.get((first, second))
-                if prior is None:
-                    seen[(first, second)] = (key, between)
-                    continue
-                compared += 1
-                assert prior[1] == between, (
-                    f"group {group!r}: clients {prior[0]} and {key} saw the same confchgs "
-                    f"but delivered {len(prior[1])} vs {len(between)} messages between"
-                )
+    """Per-group virtual synchrony over all client logs; returns pairs compared."""
+    compared, problems = virtual_synchrony_violations(bus.logs, bus.stamps)
+    assert not problems, problems
     return compared
 
 
 def check_total_order(bus: Bus) -> None:
-    """Any two clients deliver the messages they have in common in the same order
-    (payloads must be unique)."""
-    orders = {
-        key: [e.payload for e in log if isinstance(e, Deliver)] for key, log in bus.logs.items()
-    }
-    for (_, a), (_, b) in itertools.combinations(sorted(orders.items()), 2):
-        common = set(a) & set(b)
-        assert [p for p in a if p in common] == [p for p in b if p in common]
-
-
-def totem_confchgs(bus: Bus, nodeid: int, client_id: int) -> list[TotemConfChg]:
-    return [e for e in bus.events(nodeid, client_id) if isinstance(e, TotemConfChg)]
+    problems = total_order_violations(bus.logs)
+    assert not problems, problems
