@@ -401,4 +401,8 @@ def main(argv: Sequence[str]) -> int:
         return 2
     import uvloop
 
-    return int(uvloop.run(engine.run()))
+    try:
+        return int(uvloop.run(engine.run()))
+    except CorralError as error:  # e.g. the configured address is not on this host
+        print(f"corral engine: {error}", file=sys.stderr)
+        return 2

@@ -1,6 +1,6 @@
 """`corral engine` argument handling without starting a node: --load parsing, key
 generation, a bad config exits 2 naming the line, a missing key exits 2, an unknown
-nodeid exits 2, --print-status formats a status file like corosync-cfgtool -s, and
+nodeid or an address that is not on this host exits 2, --print-status formats a status file like corosync-cfgtool -s, and
 ring ids print as corosync does."""
 
 from __future__ import annotations
@@ -48,6 +48,17 @@ def test_generate_key_and_errors(tmp_path: Any, capsys: pytest.CaptureFixture[st
     assert "nodeid 7" in capsys.readouterr().err
     assert engine.main(["--config", str(conf), "--nodeid", "1", "--keyfile", key]) == 2
     assert "--state-dir" in capsys.readouterr().err
+
+
+def test_address_not_on_this_host_exits_2(tmp_path: Any,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    key = str(tmp_path / "authkey")
+    engine.main(["--generate-key", key])
+    conf = tmp_path / "corosync.conf"
+    conf.write_text(render_cluster("c", [(1, "a", ["192.0.2.1"]), (2, "b", ["192.0.2.2"])]))
+    assert engine.main(["--config", str(conf), "--nodeid", "1", "--keyfile", key,
+                        "--state-dir", str(tmp_path / "s")]) == 2
+    assert "cannot bind 192.0.2.1" in capsys.readouterr().err
 
 
 def test_missing_arguments_exit_with_usage() -> None:

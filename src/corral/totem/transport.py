@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from corral.corosync_conf import ClusterConfig, LinkSpec
-from corral.errors import UsageError
+from corral.errors import ConfigError, UsageError
 from corral.totem.auth import KIND_PING, KIND_PONG, KIND_TOTEM, PacketAuthenticator
 
 BROADCAST = 0
@@ -209,14 +209,21 @@ class UdpTransport:
         self._loop = asyncio.get_running_loop()
         try:
             for link in self.config.links:
-                sock = bound_socket(self.local.addrs[link.linknumber], link.port)
+                host = self.local.addrs[link.linknumber]
+                try:
+                    sock = bound_socket(host, link.port)
+                except OSError as error:
+                    raise ConfigError(f"nodelist.node{self.nodeid}.ring{link.linknumber}_addr",
+                                      f"cannot bind {host} port {link.port}: "
+                                      f"{error.strerror or error}") from None
                 transport, _ = await self._loop.create_datagram_endpoint(
                     lambda number=link.linknumber: _LinkProtocol(self, number),  # type: ignore[misc]
                     sock=sock,
                 )
                 self._sockets[link.linknumber] = transport
-        except OSError:
+        except (OSError, ConfigError):
             self.close()
+            self._loop = None
             raise
         for number in self.links:
             self._send_pings(number)
