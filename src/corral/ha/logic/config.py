@@ -260,6 +260,45 @@ class DatacenterHa:
     rebalance_on_start: bool = False
     max_workers: int = 4
     timings: dict[str, Any] = field(default_factory=dict)
+    rebalance: AutoRebalance = field(default_factory=lambda: AutoRebalance())
+
+
+@dataclass
+class AutoRebalance:
+    """crs ha-auto-rebalance* keys (static mode only)."""
+
+    enabled: bool = False
+    threshold: float = 0.3
+    hold_rounds: int = 3
+    margin: float = 0.1
+    method: str = "bruteforce"
+
+
+def parse_float(value: Any, key: str, minimum: float, maximum: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"expected a number, got {value!r}") from None
+    if not minimum <= number <= maximum:
+        raise ConfigError(key, f"must be between {minimum} and {maximum}, got {number}")
+    return number
+
+
+def _auto_rebalance_key(rebalance: AutoRebalance, key: str, value: Any, where: str) -> None:
+    if key == "ha-auto-rebalance":
+        rebalance.enabled = parse_bool(str(value), where)
+    elif key == "ha-auto-rebalance-threshold":
+        rebalance.threshold = parse_float(value, where, 0.0, 10.0)
+    elif key == "ha-auto-rebalance-hold-duration":
+        rebalance.hold_rounds = parse_int(value, where, 1, 1000)
+    elif key == "ha-auto-rebalance-margin":
+        rebalance.margin = parse_float(value, where, 0.0, 1.0)
+    elif key == "ha-auto-rebalance-method":
+        if value not in ("bruteforce", "topsis"):
+            raise ConfigError(where, "must be 'bruteforce' or 'topsis'")
+        rebalance.method = str(value)
+    else:
+        raise ConfigError(where, "unknown crs property")
 
 
 def parse_property_string(value: str, key: str) -> dict[str, str]:
@@ -300,7 +339,7 @@ def datacenter_from_mapping(data: dict[str, Any], filename: str = "datacenter.cf
         elif key == "ha-rebalance-on-start":
             result.rebalance_on_start = parse_bool(str(value), f"{filename}: crs.{key}")
         elif key.startswith("ha-auto-rebalance"):
-            continue  # accepted for compatibility; automatic rebalancing is not implemented
+            _auto_rebalance_key(result.rebalance, key, value, f"{filename}: crs.{key}")
         else:
             raise ConfigError(f"{filename}: crs.{key}", "unknown crs property")
     if "max_workers" in data:

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from corral.errors import ConfigError, InvariantError
-from corral.ha.logic.config import ResourceConfig, parse_crm_command
+from corral.ha.logic.config import AutoRebalance, ResourceConfig, parse_crm_command
 from corral.ha.logic.env import HaEnvironment
 from corral.ha.logic.placement import Placement, UsageModel, select_service_node
+from corral.ha.logic.rebalance import choose_move, imbalance, node_loads
 from corral.ha.logic.rules import CompiledRules, compile_rules, rules_from_groups
 from corral.ha.logic.settings import HaTimings
 from corral.ha.logic.types import (
@@ -51,6 +52,8 @@ class Manager:
         self.crs_seen = False
         self.dynamic_warned = False
         self.rebalance_on_start = False
+        self.auto_rebalance = AutoRebalance()
+        self.imbalance_rounds = 0
         self.rules_key: str | None = None
         self.compiled = CompiledRules()
         self.dropped_rules_of: dict[str, list[str]] = {}
@@ -168,6 +171,7 @@ class Manager:
         if self.disarm:
             self._disarm_round()
         else:
+            self._auto_rebalance_step()
             self._fixpoint(sorted(self.service_status))
         self.write_status()
 
@@ -249,6 +253,7 @@ class Manager:
             self.crs_mode = mode
         self.crs_seen = True
         self.rebalance_on_start = datacenter.rebalance_on_start
+        self.auto_rebalance = datacenter.rebalance
 
     def _sync_services(self) -> None:
         for sid in sorted(self.resources):
@@ -295,6 +300,34 @@ class Manager:
             self.log("warn", f"Drop rule '{rule_id}', because {reason}.")
             for sid in by_id[rule_id].resources:
                 self.dropped_rules_of.setdefault(sid, []).append(rule_id)
+
+    # --- automatic rebalancing -----------------------------------------------------------
+
+    def _auto_rebalance_step(self) -> None:
+        """At most one motion per round, only when imbalance stayed high for hold rounds."""
+        settings = self.auto_rebalance
+        if not settings.enabled or self.crs_mode != CrsMode.STATIC:
+            self.imbalance_rounds = 0
+            return
+        if any(e["state"] in MOTION_STATES or e.get("cmd") for e in self.service_status.values()):
+            return
+        usage = self.usage()
+        before = imbalance(node_loads(usage).values())
+        if before <= settings.threshold:
+            self.imbalance_rounds = 0
+            return
+        self.imbalance_rounds += 1
+        if self.imbalance_rounds < settings.hold_rounds:
+            return
+        self.imbalance_rounds = 0
+        move = choose_move(usage, self.service_status, self.compiled, settings.method)
+        if move is None or (before - move.after) / before < settings.margin:
+            return
+        verb = "migrate" if move.leader.startswith("vm:") else "relocate"
+        self.log("info", f"auto rebalance - {verb} {move.leader} to {move.target} (expected "
+                         f"change for imbalance from {before:.2f} to {move.after:.2f})")
+        self._queue_motion(f"{verb} {move.leader} {move.target}", verb, move.leader,
+                           move.target)
 
     # --- state machine -------------------------------------------------------------------
 

@@ -83,16 +83,35 @@ class UsageModel:
         self.cpu = {n: 0.0 for n in self.nodes}
         self.memory = {n: 0.0 for n in self.nodes}
 
-    def _service_cpu(self, sid: str, node: str) -> float:
-        maxcpu = self.stats.get(sid, ServiceStats()).maxcpu
+    def stats_of(self, sid: str) -> ServiceStats:
+        return self.stats.get(sid, ServiceStats())
+
+    def service_cpu(self, sid: str, node: str) -> float:
+        """Cores the service is assumed to use on `node` (maxcpu 0 = the whole node)."""
+        maxcpu = self.stats_of(sid).maxcpu
         return maxcpu if maxcpu > 0 else self.capacities[node].cores
+
+    def criteria(self, cpu: Mapping[str, float], memory: Mapping[str, float]) -> list[float]:
+        """The four TOPSIS criteria (avg/max cpu load, avg/max memory load) of a cluster state."""
+        cpu_loads, memory_loads = [], []
+        for node in self.nodes:
+            capacity = self.capacities[node]
+            cpu_loads.append(cpu[node] / capacity.cores if capacity.cores > 0 else 0.0)
+            memory_loads.append(memory[node] / capacity.memory_bytes
+                                if capacity.memory_bytes > 0 else 0.0)
+
+        def average(loads: list[float]) -> float:
+            return 1.0 + math.sqrt(sum(x * x for x in loads) / len(loads)) if loads else 1.0
+
+        return [average(cpu_loads), 1.0 + max(cpu_loads, default=0.0),
+                average(memory_loads), 1.0 + max(memory_loads, default=0.0)]
 
     def add(self, sid: str, node: str) -> None:
         if node not in self.count:
             return
         self.count[node] += 1
-        self.cpu[node] += self._service_cpu(sid, node)
-        self.memory[node] += self.stats.get(sid, ServiceStats()).maxmem_bytes
+        self.cpu[node] += self.service_cpu(sid, node)
+        self.memory[node] += self.stats_of(sid).maxmem_bytes
 
     def add_services(self, service_status: Mapping[str, Mapping[str, Any]],
                      skip: str | None = None) -> None:
@@ -115,22 +134,10 @@ class UsageModel:
         return {n: -c for n, c in zip(candidates, closeness, strict=True)}
 
     def _criteria_if_started_on(self, sid: str, candidate: str) -> list[float]:
-        cpu_loads, memory_loads = [], []
-        for node in self.nodes:
-            capacity = self.capacities[node]
-            cpu = self.cpu[node]
-            memory = self.memory[node]
-            if node == candidate:
-                cpu += self._service_cpu(sid, node)
-                memory += self.stats.get(sid, ServiceStats()).maxmem_bytes
-            cpu_loads.append(cpu / capacity.cores if capacity.cores > 0 else 0.0)
-            memory_loads.append(memory / capacity.memory_bytes if capacity.memory_bytes > 0 else 0.0)
-
-        def average(loads: list[float]) -> float:
-            return 1.0 + math.sqrt(sum(x * x for x in loads) / len(loads)) if loads else 1.0
-
-        return [average(cpu_loads), 1.0 + max(cpu_loads, default=0.0),
-                average(memory_loads), 1.0 + max(memory_loads, default=0.0)]
+        cpu, memory = dict(self.cpu), dict(self.memory)
+        cpu[candidate] += self.service_cpu(sid, candidate)
+        memory[candidate] += self.stats_of(sid).maxmem_bytes
+        return self.criteria(cpu, memory)
 
 
 @dataclass(frozen=True)
