@@ -287,3 +287,32 @@ def test_unknown_limits_are_config_errors() -> None:
         rules.Limits(file_size_max_bytes=0)
     with pytest.raises(ConfigError):
         rules.Limits(file_size_max_bytes=2000, total_size_max_bytes=1000)
+
+
+_dup_paths = st.sampled_from([
+    "nodes/a/qemu-server/100.conf", "nodes/b/qemu-server/100.conf", "nodes/a/lxc/100.conf",
+    "nodes/b/qemu-server/101.conf", "d/tmp1", "d/tmp2",
+])
+_dup_ops = st.one_of(
+    st.builds(Op.create, _dup_paths, st.integers(0, 3), st.booleans()),
+    st.builds(Op.write, _dup_paths, st.integers(0, 10), st.binary(max_size=20), st.integers(0, 3)),
+    st.builds(Op.unlink, _dup_paths),
+    st.builds(Op.rename, _dup_paths, _dup_paths),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(stream=st.lists(_dup_ops, max_size=25))
+def test_guest_list_with_duplicates_matches_a_reload(stream: list[Op]) -> None:
+    """Whatever ops follow a load with duplicate VMIDs, the running guest list
+    equals the one a restarted node would rebuild (oldest config wins)."""
+    node = _node()
+    items = [PatchItem(path, False, 1, 2, b"dup") for path in (
+        "nodes/b/qemu-server/100.conf", "nodes/a/qemu-server/100.conf", "nodes/a/lxc/100.conf")]
+    node.kv.apply_batch(node.state.apply_patch([], items))
+    assert len(node.state.quarantined) == 2
+    for op in stream:
+        node.ap(op)
+        again = node.reload()
+        assert node.state.guests == again.state.guests
+        assert node.state.quarantined == again.state.quarantined

@@ -256,20 +256,52 @@ class CfsState:
         holder = self.guests.get(config.vmid)
         if holder is not None and holder.path == path:
             return
+        if holder is not None or self.quarantined:
+            # Another config of this id exists: only possible with duplicates
+            # from a load or resync, or mid-migration after a promotion.
+            self._settle_vmid(config.vmid, path)
+            return
         self.guests[config.vmid] = Guest(config.node, config.kind, path)
-        self.quarantined.pop(path, None)
         self.guests_version += 1
 
     def _unregister_guest(self, path: str) -> None:
-        if self.quarantined.pop(path, None) is not None:
-            return
         config = rules.guest_config(path)
+        dropped = self.quarantined.pop(path, None) is not None
         if config is None:
             return
         holder = self.guests.get(config.vmid)
         if holder is not None and holder.path == path:
             del self.guests[config.vmid]
             self.guests_version += 1
+            dropped = True
+        if dropped and config.vmid in self.quarantined.values():
+            self._settle_vmid(config.vmid)
+
+    def _settle_vmid(self, vmid: int, extra: str | None = None) -> None:
+        """With duplicates of `vmid` present, the oldest config (lowest inode)
+        holds the id and the others stay quarantined: the same answer a
+        reload (rebuild_guests) gives, so restarted and running nodes agree."""
+        paths = {p for p, v in self.quarantined.items() if v == vmid}
+        holder = self.guests.get(vmid)
+        if holder is not None:
+            paths.add(holder.path)
+        if extra is not None:
+            paths.add(extra)
+        found = []
+        for path in paths:
+            entry = self.tree.lookup(path)
+            config = rules.guest_config(path)
+            if entry is not None and not entry.is_dir and config is not None:
+                found.append((entry.ino, path, config))
+        for path in paths:
+            self.quarantined.pop(path, None)
+        self.guests.pop(vmid, None)
+        for index, (_ino, path, config) in enumerate(sorted(found)):
+            if index == 0:
+                self.guests[vmid] = Guest(config.node, config.kind, path)
+            else:
+                self.quarantined[path] = vmid
+        self.guests_version += 1
 
     # -- create / mkdir
 
