@@ -76,7 +76,7 @@ def kill_rows(corral: dict[str, Any] | None, corosync: dict[str, Any] | None) ->
 
     ours, theirs = by_token(corral), by_token(corosync)
     rows = []
-    for token in sorted(set(ours) | set(theirs)):
+    for token in sorted(set(ours) | set(theirs), key=lambda t: (t != "None", t)):
         name = "default token" if token == "None" else f"token {token}"
         rows.append(Row("kill -9 of one node to 2-node ring", name, "s",
                         _get(ours.get(token), "mean_s"), _get(theirs.get(token), "mean_s"),
@@ -124,6 +124,13 @@ def print_report(report: dict[str, Any], out: TextIO = sys.stdout) -> None:
     print(f"\nTotem benchmark, {meta.get('date_utc', '?')}, {meta.get('cpus', '?')} CPUs, "
           f"load at start {tuple(round(x, 2) for x in meta.get('loadavg_at_start', ()))}",
           file=out)
+    for system in ("corral", "corosync"):
+        describe = (report.get(system) or {}).get("describe")
+        if describe:
+            details = ", ".join(f"{k}={v}" for k, v in describe.items() if k != "system")
+            print(f"  {system}: {details}", file=out)
+    if meta.get("command"):
+        print(f"  command: {meta['command']}", file=out)
     section = None
     widths = (44, 12, 14, 14, 9)
     for row in all_rows(report):

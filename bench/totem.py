@@ -354,6 +354,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(default 64,1024,16384)")
     parser.add_argument("--senders", help="comma-separated sender counts (default 1,3)")
     parser.add_argument("--json", type=Path, help="also write the JSON results here")
+    parser.add_argument("--report", type=Path, metavar="JSON",
+                        help="print the tables of a saved result file and exit")
     parser.add_argument("--no-sched-rr", action="store_true",
                         help="run corosync with `system { sched_rr: no }` (default: as shipped)")
     parser.add_argument("--corral-window", type=int, default=32,
@@ -394,6 +396,9 @@ def raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.report:
+        print_report(json.loads(args.report.read_text()))
+        return 0
     if os.geteuid() != 0:
         print("python -m bench totem needs root (network namespaces, nftables, mounts)",
               file=sys.stderr)
