@@ -18,7 +18,7 @@ class MemNode:
     """One node's tree in memory; `ap` applies an op and persists its batch."""
 
     def __init__(self, limits: rules.Limits | None = None, writer: int = 1) -> None:
-        self.state = CfsState(limits)
+        self.state = CfsState(limits, debug_checks=True)
         self.kv = MemoryKV()
         self.writer = writer
         self.quorate = True

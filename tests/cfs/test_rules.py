@@ -120,6 +120,7 @@ def test_total_size_and_inode_limits_are_enforced() -> None:
     assert node.ap(Op.create("d/f4", 1)) == 0
     assert node.ap(Op.write("d/f4", 0, b"y" * 1000, 1)) == 0
     assert node.state.tree.total_bytes == 2500
+    assert node.state.statfs(block_size=500) == (5, 0, 12, 0)
 
 
 def test_no_quorum_every_mutation_is_eacces() -> None:

@@ -98,8 +98,11 @@ def _fail(code: int) -> Outcome:
 class CfsState:
     """One node's configuration tree: index, guest list, version counters."""
 
-    def __init__(self, limits: rules.Limits | None = None) -> None:
+    def __init__(self, limits: rules.Limits | None = None, *, debug_checks: bool = False) -> None:
         self.limits = limits or rules.Limits()
+        # Debug flavour: recompute every digest from scratch after each
+        # successful operation (O(tree) per op; tests and simulator only).
+        self.debug_checks = debug_checks
         self.tree = Tree()
         self.version = 1
         self.writer = 0
@@ -201,7 +204,18 @@ class CfsState:
             if code:
                 return _fail(code)
         handler = _HANDLERS[op.kind]
-        return handler(self, op, writer, reader)
+        outcome = handler(self, op, writer, reader)
+        if self.debug_checks and outcome.mutations and not self.tree.check():
+            raise InvariantError(f"tree digests wrong after {op.kind.name} {op.path!r}")
+        return outcome
+
+    def statfs(self, block_size: int = 4096) -> tuple[int, int, int, int]:
+        """(blocks, free blocks, inodes, free inodes) for statfs: the real,
+        enforced limits; free counts never go negative."""
+        blocks = self.limits.total_size_max_bytes // block_size
+        used_blocks = -(-self.tree.total_bytes // block_size)
+        inodes = self.limits.inodes_max
+        return blocks, max(0, blocks - used_blocks), inodes, max(0, inodes - self.tree.count)
 
     def _next_version(self, writer: int, mtime: int) -> int:
         # Inode numbers are versions at creation, so the version must stay
