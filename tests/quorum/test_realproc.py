@@ -3,8 +3,11 @@ quorum service) on 127.0.0.x with real UDP: they form and become quorate; kill -
 of one leaves the other two quorate with 2 votes; killing a second leaves the last
 one without quorum (`Activity blocked`); restarting both brings quorum back.
 
+With allow_downscale and expected_votes 2, a clean shutdown (SIGTERM) of one node
+lowers expected votes to 2 on the others, a second one not below 2.
+
 Needs the compiled Totem core; skipped otherwise. Processes are killed in teardown,
-also on failure. About 15 s.
+also on failure. About 25 s.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.corosync_conf import dump, parse
 from corral.demo import LocalCluster
 from corral.quorum.format import format_status
 from corral.quorum.node import read_quorum
@@ -39,10 +43,26 @@ TIMEOUT_S = 30.0
 class QuorumCluster(LocalCluster):
     """LocalCluster running `corral.quorum.node` instead of `corral engine`."""
 
+    quorum_options: dict[str, str] | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        if self.quorum_options:
+            root = parse(Path(self.config_path).read_text())
+            quorum = root.section("quorum")
+            assert quorum is not None
+            quorum.options.update(self.quorum_options)
+            Path(self.config_path).write_text(dump(root))
+
     def command(self, nodeid: int, extra: Sequence[str] = ()) -> list[str]:
         argv = super().command(nodeid, extra)
         at = argv.index("corral.cli")
         return [*argv[:at], "corral.quorum.node", *argv[at + 2:]]
+
+    def expected(self, nodeid: int) -> tuple[int, int]:
+        """(expected votes, quorum) from the node's quorum.json."""
+        status = read_quorum(self.node_dir(nodeid))
+        return (status.expected_votes, status.quorum) if status else (0, 0)
 
     def quorum(self, nodeid: int) -> tuple[tuple[int, ...], bool, int]:
         """(members, quorate, total votes) from the node's quorum.json."""
@@ -61,22 +81,36 @@ def wait_until(predicate: Callable[[], bool], what: str) -> None:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[QuorumCluster]:
-    made = QuorumCluster(3, str(tmp_path / "c"), prefix="crl-qu", use_netns=False,
-                         totem_options={"token": "1000", "token_coefficient": "0"},
-                         stats_interval_s=1.0)
-    made.setup()
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., QuorumCluster]]:
+    made: list[QuorumCluster] = []
+
+    def factory(quorum_options: dict[str, str] | None = None) -> QuorumCluster:
+        cluster = QuorumCluster(3, str(tmp_path / f"c{len(made)}"), prefix="crl-qu",
+                                use_netns=False, stats_interval_s=1.0,
+                                totem_options={"token": "1000", "token_coefficient": "0"})
+        cluster.quorum_options = quorum_options
+        made.append(cluster)
+        cluster.setup()
+        return cluster
+
     try:
-        yield made
+        yield factory
     finally:
-        made.close()
-        for nodeid in made.nodeids:
-            log = Path(made.log_path(nodeid))
-            if log.exists():
-                sys.stderr.write(f"--- node {nodeid} ---\n{log.read_text(errors='replace')[-1500:]}\n")
+        for cluster in made:
+            close_and_show_logs(cluster)
 
 
-def test_quorum_over_real_processes(cluster: QuorumCluster) -> None:
+def close_and_show_logs(made: QuorumCluster) -> None:
+    """Kill what still runs; keep the log tails visible for a failure report."""
+    made.close()
+    for nodeid in made.nodeids:
+        log = Path(made.log_path(nodeid))
+        if log.exists():
+            sys.stderr.write(f"--- node {nodeid} ---\n{log.read_text(errors='replace')[-1500:]}\n")
+
+
+def test_quorum_over_real_processes(make_cluster: Callable[..., QuorumCluster]) -> None:
+    cluster = make_cluster()
     cluster.start_all()
     wait_until(lambda: all(cluster.quorum(n) == ((1, 2, 3), True, 3) for n in (1, 2, 3)),
                "three quorate members")
@@ -84,6 +118,7 @@ def test_quorum_over_real_processes(cluster: QuorumCluster) -> None:
     cluster.kill(3)
     wait_until(lambda: all(cluster.quorum(n) == ((1, 2), True, 2) for n in (1, 2)),
                "nodes 1 and 2 quorate without 3")
+    assert cluster.expected(1) == (3, 2)
 
     cluster.kill(2)
     wait_until(lambda: cluster.quorum(1) == ((1,), False, 1), "node 1 alone, not quorate")
@@ -96,3 +131,18 @@ def test_quorum_over_real_processes(cluster: QuorumCluster) -> None:
     cluster.start(3)
     wait_until(lambda: all(cluster.quorum(n) == ((1, 2, 3), True, 3) for n in (1, 2, 3)),
                "quorum back after the restarts")
+
+
+def test_clean_shutdown_downscales(make_cluster: Callable[..., QuorumCluster]) -> None:
+    cluster = make_cluster({"allow_downscale": "1", "expected_votes": "2"})
+    cluster.start_all()
+    wait_until(lambda: all(cluster.quorum(n) == ((1, 2, 3), True, 3) for n in (1, 2, 3)),
+               "three quorate members")
+    assert cluster.expected(1) == (3, 2)
+    assert cluster.stop(3) == 0  # SIGTERM: a clean leave
+    wait_until(lambda: all(cluster.quorum(n) == ((1, 2), True, 2) for n in (1, 2)),
+               "nodes 1 and 2 without 3")
+    wait_until(lambda: cluster.expected(1) == (2, 2), "expected votes lowered to 2")
+    assert cluster.stop(2) == 0
+    wait_until(lambda: cluster.quorum(1) == ((1,), False, 1), "node 1 alone")
+    assert cluster.expected(1) == (2, 2)  # not below the configured expected_votes

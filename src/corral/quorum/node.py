@@ -10,13 +10,15 @@ changes and every time the engine refreshes its status.json.
     python -m corral.quorum.node --config corosync.conf --nodeid 1 --keyfile K --state-dir D
     python -m corral.quorum.node --print-quorum D        # corosync-quorumtool -s layout
 
-Limit: on SIGTERM the engine leaves the ring, but the quorum service does not
-announce a clean leave first, so allow_downscale sees it as a failure.
+On SIGTERM/SIGINT the quorum service first announces a clean leave and leaves
+its group (so allow_downscale counts it as clean), then the engine leaves the ring.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -31,12 +33,49 @@ from corral.quorum.format import format_status
 from corral.quorum.service import QuorumService
 
 STATUS_FILE = "quorum.json"
+# How long a stop request waits for the quorum service's clean leave.
+LEAVE_TIMEOUT_S = 2.0
+
+log = logging.getLogger("corral.quorum")
+
+
+class _StopAfterQuorum:
+    """Stands in for the engine's stop event: a stop request first lets the quorum
+    service leave cleanly, then lets the engine's own shutdown proceed."""
+
+    def __init__(self, engine_: QuorumEngine) -> None:
+        self._engine = engine_
+        self._event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def set(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._stop())
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    async def _stop(self) -> None:
+        quorum = self._engine.quorum
+        if quorum is not None:
+            try:
+                await asyncio.wait_for(quorum.stop(), LEAVE_TIMEOUT_S)
+            except Exception:
+                log.warning("quorum: no clean leave before shutdown", exc_info=True)
+        self._event.set()
 
 
 class QuorumEngine(engine.Engine):
     """The engine with a QuorumService on top of its CPG service."""
 
     quorum: QuorumService | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_requested = _StopAfterQuorum(self)  # type: ignore[assignment]
 
     async def _start_cpg(self) -> None:
         await super()._start_cpg()
