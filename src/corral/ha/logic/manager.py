@@ -88,6 +88,10 @@ class Manager:
     def change(self, sid: str, new_state: ServiceState, **fields: Any) -> None:
         entry = self.service_status[sid]
         old_state = entry["state"]
+        if "cmd" in entry:
+            command = " ".join(str(part) for part in entry["cmd"])
+            self.log("warn", f"service '{sid}': dropping pending crm command '{command}', the "
+                             f"service changed from '{old_state}' to '{new_state}' first")
         fresh = {key: entry[key] for key in KEPT_ON_CHANGE if key in entry}
         fresh.update({k: v for k, v in fields.items() if v is not None})
         fresh["state"] = str(new_state)
