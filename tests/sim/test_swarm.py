@@ -39,10 +39,8 @@ SWARM_SEEDS = 300
 SOAK_SEEDS = int(os.environ.get("CORRAL_SOAK_SEEDS", "3000"))
 
 # seed: why it is expected to fail (a core bug reported in .scratch/sim-failures.md)
-F1 = "F1 in .scratch/sim-failures.md: own messages past a gap not delivered at the transitional configuration"
-KNOWN_CORE_BUGS: dict[int, str] = {
-    24: F1, 36: F1, 98: F1, 123: F1, 124: F1, 222: F1, 234: F1, 245: F1, 264: F1,
-}
+# Seeds fixed by a core change stay in regression_seeds.txt with their finding.
+KNOWN_CORE_BUGS: dict[int, str] = {}
 
 
 def swarm_options(seed: int, *, duration_ms: int | None = None) -> SimOptions:

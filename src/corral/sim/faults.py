@@ -71,41 +71,40 @@ class FaultPlan:
 
     @classmethod
     def choose(cls, seed: int, allowed: tuple[str, ...], token_ns: int) -> FaultPlan:
-        rng = derive_rng(seed, "swarm")
-        # One draw per class whether allowed or not, so the choice for a class
-        # does not depend on which other classes were allowed.
-        draws = {name: rng.random() for name in FAULT_NAMES}
-        on = [name for name in allowed if draws[name] < 0.5]
+        # One generator per class, so adding a class (or drawing more for one)
+        # never changes what an existing seed chooses for the others.
+        rngs = {name: derive_rng(seed, f"swarm/{name}") for name in FAULT_NAMES}
+        on = [name for name in allowed if rngs[name].random() < 0.5]
         if allowed and not on:
-            on = [allowed[rng.randrange(len(allowed))]]
+            on = [allowed[derive_rng(seed, "swarm/fallback").randrange(len(allowed))]]
         values: dict[str, float | int] = {}
         if "delay" in on:
-            values["delay_mean_ns"] = rng.randint(NS_PER_MS // 5, max(NS_PER_MS, token_ns // 10))
+            values["delay_mean_ns"] = rngs["delay"].randint(NS_PER_MS // 5, max(NS_PER_MS, token_ns // 10))
         if "loss" in on:
-            values["loss_probability"] = rng.choice((0.001, 0.01, 0.03, 0.1))
+            values["loss_probability"] = rngs["loss"].choice((0.001, 0.01, 0.03, 0.1))
         if "dup" in on:
-            values["dup_probability"] = rng.choice((0.001, 0.01, 0.05))
+            values["dup_probability"] = rngs["dup"].choice((0.001, 0.01, 0.05))
         if "reorder" in on:
-            values["reorder_jitter_ns"] = rng.randint(NS_PER_MS // 10, 5 * NS_PER_MS)
+            values["reorder_jitter_ns"] = rngs["reorder"].randint(NS_PER_MS // 10, 5 * NS_PER_MS)
         if "partition" in on:
-            values["partition_interval_ns"] = rng.randint(token_ns, 4 * token_ns)
-            values["partition_duration_ns"] = rng.randint(token_ns // 4, 3 * token_ns)
+            values["partition_interval_ns"] = rngs["partition"].randint(token_ns, 4 * token_ns)
+            values["partition_duration_ns"] = rngs["partition"].randint(token_ns // 4, 3 * token_ns)
         if "asym" in on:
-            values["asym_interval_ns"] = rng.randint(token_ns, 4 * token_ns)
-            values["asym_duration_ns"] = rng.randint(token_ns // 4, 3 * token_ns)
+            values["asym_interval_ns"] = rngs["asym"].randint(token_ns, 4 * token_ns)
+            values["asym_duration_ns"] = rngs["asym"].randint(token_ns // 4, 3 * token_ns)
         if "crash" in on or "disklost" in on:
-            values["crash_interval_ns"] = rng.randint(token_ns, 5 * token_ns)
-            values["crash_downtime_ns"] = rng.randint(token_ns // 10, 3 * token_ns)
+            values["crash_interval_ns"] = rngs["crash"].randint(token_ns, 5 * token_ns)
+            values["crash_downtime_ns"] = rngs["crash"].randint(token_ns // 10, 3 * token_ns)
             values["disk_lost_probability"] = (
                 0.0 if "disklost" not in on else 1.0 if "crash" not in on else 0.5
             )
         if "pause" in on:
-            values["pause_interval_ns"] = rng.randint(token_ns, 5 * token_ns)
-            values["pause_duration_ns"] = rng.randint(token_ns // 10, 2 * token_ns)
+            values["pause_interval_ns"] = rngs["pause"].randint(token_ns, 5 * token_ns)
+            values["pause_duration_ns"] = rngs["pause"].randint(token_ns // 10, 2 * token_ns)
         if "leave" in on:
-            values["leave_interval_ns"] = rng.randint(2 * token_ns, 8 * token_ns)
+            values["leave_interval_ns"] = rngs["leave"].randint(2 * token_ns, 8 * token_ns)
         if "drift" in on:
-            values["clock_drift_ppm"] = rng.choice((100, 1_000, 10_000, 50_000))
+            values["clock_drift_ppm"] = rngs["drift"].choice((100, 1_000, 10_000, 50_000))
         return cls(**values)  # type: ignore[arg-type]
 
     def active(self) -> list[str]:
