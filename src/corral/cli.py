@@ -16,6 +16,14 @@ VERBS: dict[str, tuple[str, str]] = {
     "engine": ("corral.engine:main", "run one Totem/CPG engine node (used by the demo and tests)"),
     "sim": ("corral.sim.__main__:main", "run the deterministic Totem simulator"),
     "ha-sim": ("corral.ha.simcli:main", "run HA scenario directories"),
+    "create": ("corral.cluster.cli:create", "create a new cluster with this node"),
+    "add": ("corral.cluster.cli:add", "join this node to an existing cluster"),
+    "join-token": ("corral.cluster.cli:join_token", "print a one-time join token"),
+    "delnode": ("corral.cluster.cli:delnode", "remove a node from the cluster"),
+    "expected": ("corral.cluster.cli:expected", "set expected votes"),
+    "status": ("corral.cluster.cli:status", "cluster, quorum and membership status"),
+    "nodes": ("corral.cluster.cli:nodes", "list cluster nodes"),
+    "updatecerts": ("corral.cluster.cli:updatecerts", "renew this node's certificate"),
     "version": ("corral.cli:version", "print the software version"),
 }
 
