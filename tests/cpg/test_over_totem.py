@@ -335,3 +335,59 @@ def test_largest_payload_and_longest_names_over_real_totem() -> None:
     assert cluster.mcast(1, 1, big, group)
     cluster.settle()
     assert cluster.deliveries(2, 1) == [big] and cluster.deliveries(1, 1) == [big]
+
+
+@pytest.mark.parametrize("seed", range(4 if os.environ.get("CORRAL_SOAK") != "1" else 200))
+def test_nested_partitions_five_nodes_five_percent_loss(seed: int) -> None:
+    # Harsher: 5 nodes, 5 % loss, cuts into 2 or 3 parts that sometimes change
+    # again before healing (a sync interrupted by a new configuration), crashes.
+    rng = random.Random(seed)
+    ids = (1, 2, 3, 4, 5)
+    cluster = formed(5, loss=0.05, seed=seed)
+    for nodeid in ids:
+        cluster.join(nodeid, 1, 1000 + nodeid, G)
+    cluster.settle(timeout_s=60)
+    counter = 0
+    extra: dict[int, int] = {}
+
+    def burst(alive: tuple[int, ...] = ids) -> None:
+        nonlocal counter
+        for _ in range(6):
+            counter += 1
+            cluster.mcast(rng.choice(alive), 1, b"r%d" % counter)
+        nodeid = rng.choice(alive)
+        if nodeid in extra:
+            cluster.cpg[nodeid].leave(extra.pop(nodeid), G)
+        else:
+            extra[nodeid] = 3000 + counter
+            cluster.join(nodeid, extra[nodeid], 3000 + counter)
+        cluster.run_for(harness.ms(rng.randint(50, 2500)))
+
+    for _round in range(8):
+        nodes = list(ids)
+        rng.shuffle(nodes)
+        if rng.random() < 0.25:
+            victim = nodes[0]
+            cluster.crash(victim)
+            extra.pop(victim, None)
+            for _ in range(2):
+                burst(tuple(n for n in ids if n != victim))
+            cluster.start(victim)
+            cluster.join(victim, 1, 1000 + victim, G)
+        else:
+            cuts = sorted(rng.sample(range(1, 5), rng.randint(1, 2)))
+            bounds = list(zip([0, *cuts], [*cuts, 5], strict=True))
+            cluster.partition(*(tuple(sorted(nodes[a:b])) for a, b in bounds))
+            for _ in range(rng.randint(1, 4)):
+                burst()
+            if rng.random() < 0.5:
+                rng.shuffle(nodes)
+                cluster.partition(tuple(sorted(nodes[:2])), tuple(sorted(nodes[2:])))
+                burst()
+            cluster.heal()
+        burst()
+        cluster.settle(timeout_s=120)
+        check(cluster, ids)
+    for nodeid in ids:
+        stats = cluster.cpg[nodeid].stats()
+        assert stats["sync_mismatch"] == 0 and stats["malformed_dropped"] == 0
