@@ -146,3 +146,23 @@ def test_same_options_give_the_same_trace_digest() -> None:
     other = run_seed(SimOptions(seed=12, nodes=3, duration_ms=1500), fake_api(3))
     assert first.digest == second.digest
     assert first.digest != other.digest
+
+
+def test_exception_in_the_core_is_reported_as_core_exception() -> None:
+    api = fake_api(3)
+
+    def exploding_factory(nodeid: int, timers: object, ring_seq: int) -> object:
+        core = api.factory(nodeid, timers, ring_seq)  # type: ignore[arg-type]
+        if nodeid == 2:
+            def submit(payload: bytes) -> bool:
+                raise RuntimeError("planted")
+            core.submit = submit  # type: ignore[attr-defined]
+        return core
+
+    from dataclasses import replace
+
+    result = run_seed(SimOptions(seed=5, nodes=3, duration_ms=1000), replace(api, factory=exploding_factory))
+    assert result.violation is not None
+    assert result.violation.checker == "core-exception"
+    assert result.violation.nodes == [2]
+    assert "RuntimeError: planted" in result.report

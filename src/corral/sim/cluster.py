@@ -227,6 +227,7 @@ class Simulation:
         self.end_deadline_ns = 0
         self.rings_after_converge = 0
         self.workload_on = True
+        self.driving_node = 0
         self.finished = False
         self.events = 0
         self.submitted = 0
@@ -245,8 +246,13 @@ class Simulation:
             self._loop()
         except Violation as error:
             violation = error
-        except Exception as error:  # a crash of the core is a finding, not a harness bug
-            violation = Violation("core-exception", [], f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=6)}")
+        except Exception as error:
+            # The innermost frame tells a crash of the core (a finding) from a
+            # bug of the simulator itself.
+            frames = traceback.extract_tb(error.__traceback__)
+            where = "harness-error" if frames and "/corral/sim/" in frames[-1].filename else "core-exception"
+            nodes = [self.driving_node] if self.driving_node else []
+            violation = Violation(where, nodes, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=8)}")
         return self._result(violation, time.perf_counter() - started)
 
     def _schedule_initial(self) -> None:
@@ -284,6 +290,7 @@ class Simulation:
             self.events += 1
             if self.events > MAX_EVENTS:
                 raise Violation("liveness", list(self.nodeids), f"more than {MAX_EVENTS} events")
+            self.driving_node = event[1] if event[0] in ("packet", "timer", "restart") else 0
             handlers[event[0]](event)
             if self.phase == "liveness" and self.converged_at_ns < 0:
                 self._check_converged()
@@ -330,6 +337,7 @@ class Simulation:
         if not up:
             return
         slot = up[rng.randrange(len(up))]
+        self.driving_node = slot.nodeid
         filler = rng.randrange(3000, 5000) if rng.random() < 0.05 else rng.randrange(200)
         slot.counter += 1
         payload = make_payload(slot.nodeid, slot.counter, filler)
