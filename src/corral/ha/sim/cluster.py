@@ -8,9 +8,9 @@ once aborts the run with SafetyViolation.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from corral.errors import CorralError
@@ -208,13 +208,14 @@ class SimEnv:
     def _cfs_writable(self) -> bool:
         return self.quorate() and self.cluster.nodes[self.node].cfs_readable
 
-    # Status files go through their JSON text form and the validating readers, so the
-    # simulator also checks that everything the logic writes can be read back.
+    # Status files go through their JSON text form; every write is checked by the validating
+    # reader, so the simulator also proves that everything the logic writes can be read back.
+    # Reads only decode (a cheap deep copy), the stored documents were validated on write.
 
     def read_manager_status(self) -> dict[str, Any] | None:
         if not self.cluster.nodes[self.node].cfs_readable:
             return None
-        return parse_manager_status(format_status_file(self.cluster.manager_status))
+        return dict(json.loads(format_status_file(self.cluster.manager_status)))
 
     def write_manager_status(self, status: dict[str, Any]) -> bool:
         if not self._cfs_writable():
@@ -225,7 +226,7 @@ class SimEnv:
     def read_lrm_status(self, node: str) -> dict[str, Any] | None:
         if not self.cluster.nodes[self.node].cfs_readable:
             return None
-        return parse_lrm_status(format_status_file(self.cluster.lrm_status.get(node, {})), node)
+        return dict(json.loads(format_status_file(self.cluster.lrm_status.get(node, {}))))
 
     def write_lrm_status(self, status: dict[str, Any]) -> bool:
         if not self._cfs_writable():
@@ -235,10 +236,8 @@ class SimEnv:
         return True
 
     def read_resources(self) -> dict[str, ResourceConfig]:
-        resources = copy.deepcopy(self.cluster.resources)
-        for sid, resource in resources.items():
-            resource.node = self.cluster.config_node.get(sid)
-        return resources
+        return {sid: replace(resource, node=self.cluster.config_node.get(sid))
+                for sid, resource in self.cluster.resources.items()}
 
     def set_resource_state(self, sid: str, state: str) -> None:
         from corral.ha.logic.types import RequestedState
@@ -246,13 +245,17 @@ class SimEnv:
             self.cluster.resources[sid].state = RequestedState(state)
 
     def read_rules(self) -> list[Rule]:
-        return copy.deepcopy(self.cluster.rules)
+        return [replace(rule, resources=list(rule.resources), nodes=dict(rule.nodes))
+                for rule in self.cluster.rules]
 
     def read_groups(self) -> dict[str, GroupConfig]:
-        return copy.deepcopy(self.cluster.groups)
+        return {name: replace(group, nodes=dict(group.nodes))
+                for name, group in self.cluster.groups.items()}
 
     def read_datacenter(self) -> DatacenterHa:
-        return copy.deepcopy(self.cluster.datacenter)
+        datacenter = self.cluster.datacenter
+        return replace(datacenter, timings=dict(datacenter.timings),
+                       rebalance=replace(datacenter.rebalance))
 
     def queue_crm_command(self, line: str) -> None:
         self.cluster.crm_commands.append(line)
