@@ -18,6 +18,14 @@ SANS_IO_CORES = [
     "src/corral/totem/config.py",
     "src/corral/cpg/core.py",
     "src/corral/quorum/core.py",
+    "src/corral/cfs/ops.py",
+    "src/corral/cfs/rules.py",
+    "src/corral/cfs/state.py",
+    "src/corral/cfs/records.py",
+    "src/corral/cfs/resync.py",
+    "src/corral/cfs/locks.py",
+    "src/corral/cfs/virtual.py",
+    "src/corral/cfs/memkv.py",
     "src/corral/ha/logic",
 ]
 FORBIDDEN_IMPORTS = {"asyncio", "socket", "time", "random", "uvloop", "subprocess", "threading"}
