@@ -1124,6 +1124,11 @@ cdef class TotemCore:
         else:
             new_failed = self._failed | their_failed
         new_proc |= new_failed
+        if len(new_proc) > MEMBERS_MAX:
+            # Bounded membership: a JOIN that would grow the ring past
+            # MAX_MEMBERS is ignored (its sender stays outside this ring).
+            self._stats[ST_WRONG_STATE] += 1
+            return 0
         if new_proc != self._proc or new_failed != self._failed:
             self._proc = new_proc
             self._failed = new_failed
