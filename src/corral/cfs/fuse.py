@@ -1,0 +1,537 @@
+"""The FUSE front of the configuration filesystem (pyfuse3, asyncio mode).
+
+Reads are served from the local store (`backend.store`); every mutation is
+turned into one `Op` and handed to `await backend.submit(op)`, which returns
+once the operation is applied locally with the errno every node got. That
+errno is raised as `FUSEError`, so callers see exactly the apply step's
+contract (docs/cfs.md) plus the FUSE-only ones below.
+
+Choices (see docs/fuse.md for the reasons):
+- Each `write()` request is ONE operation and returns only once applied.
+  The kernel splits a larger write() into max_write (128 KiB) requests.
+- O_APPEND: the offset is resolved at submit time from this node's tree (the
+  kernel's offset comes from its cached size, which another node's append
+  can make stale), under a per-inode lock, so appends from this node never
+  overwrite each other. Two nodes appending to one file at the same moment
+  can still collide (the op format has no "append" kind).
+- Content is never cached by the kernel (`direct_io`, as the reference):
+  every read asks the store, so other nodes' writes are seen at once.
+  Attributes and names are cached for `cache_timeout_s` (default 1 s, the
+  libfuse default the reference runs with); changes made through this mount
+  update the kernel's cache immediately, other nodes' changes show up within
+  the timeout. Failed lookups are never cached.
+- Inode numbers are the tree's (root 1); the root's virtual entries (the
+  symlinks and generated files) use fixed numbers from 2**63 up, which the
+  tree never reaches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import grp
+import logging
+import os
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from corral.cfs import rules
+from corral.cfs._tree import ROOT_INO, Entry, Tree
+from corral.cfs.backend import CfsBackend
+from corral.cfs.ops import Op
+from corral.cfs.store import Durability
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 4096
+VIRTUAL_INO_BASE = 1 << 63
+# Generated root files this front serves (.rrd and .debug are not provided yet).
+SERVED_FILES = (".clusterlog", ".members", ".version", ".vmlist")
+# Root symlinks and the path under nodes/<this node> they point to.
+SYMLINK_TARGETS = {"local": "", "qemu-server": "/qemu-server", "lxc": "/lxc",
+                   "openvz": "/openvz"}
+# Entries fetched from the tree per readdir request (the kernel's buffer
+# holds fewer; the rest is fetched again on the next request).
+READDIR_PAGE = 256
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+# Cookies before the first real entry: "." is 1, ".." is 2.
+_DOT_COOKIES = 2
+
+
+def www_data_gid() -> int:
+    """The group the tree belongs to (the reference requires www-data)."""
+    try:
+        return grp.getgrnam("www-data").gr_gid
+    except KeyError:
+        return 33
+
+
+@dataclass(slots=True)
+class _Virtual:
+    ino: int
+    name: str
+    target: bytes | None  # symlink target, None for a generated file
+
+
+@dataclass(slots=True)
+class _Handle:
+    ino: int
+    append: bool = False
+    content: bytes | None = None  # snapshot of a generated file
+
+
+@dataclass(slots=True)
+class _DirHandle:
+    ino: int
+    # Where the last reply stopped, so the next request continues by name
+    # (stable when entries come and go) instead of by position.
+    next_cookie: int = -1
+    last_name: str = ""
+
+
+@dataclass(slots=True)
+class _Counters:
+    requests: int = 0
+    submitted: int = 0
+    failed: dict[int, int] = field(default_factory=dict)
+
+
+def _name(raw: bytes | str) -> str:
+    # pyfuse3 passes bytes (its stub says str for rename's names).
+    return raw if isinstance(raw, str) else raw.decode("utf-8", "surrogateescape")
+
+
+def _join(parent_path: str, name: str) -> str:
+    return f"{parent_path}/{name}" if parent_path else name
+
+
+class CfsOperations(pyfuse3.Operations):
+    """pyfuse3 request handlers over a CfsBackend."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, backend: CfsBackend, *, cache_timeout_s: float = 1.0,
+                 gid: int | None = None) -> None:
+        super().__init__()
+        self.backend = backend
+        self.cache_timeout_s = cache_timeout_s
+        self.gid = www_data_gid() if gid is None else gid
+        self.counters = _Counters()
+        self._handles: dict[int, _Handle] = {}
+        self._dirs: dict[int, _DirHandle] = {}
+        self._next_fh = 1
+        self._append_locks: dict[int, asyncio.Lock] = {}
+        node_dir = f"nodes/{backend.nodename}"
+        self._virtual: dict[str, _Virtual] = {}
+        names = sorted([*SERVED_FILES, *SYMLINK_TARGETS])
+        for index, name in enumerate(names):
+            target = SYMLINK_TARGETS.get(name)
+            link = None if target is None else (node_dir + target).encode()
+            self._virtual[name] = _Virtual(VIRTUAL_INO_BASE + index, name, link)
+        self._virtual_by_ino = {v.ino: v for v in self._virtual.values()}
+
+    # ------------------------------------------------------------ helpers
+
+    @property
+    def tree(self) -> Tree:
+        return self.backend.store.state.tree
+
+    def _entry(self, ino: int) -> Entry:
+        entry = self.tree.get(ino)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return entry
+
+    def _path(self, ino: int) -> str:
+        return self.tree.path_of(self._entry(ino))
+
+    def _child_path(self, parent_ino: int, raw_name: bytes | str) -> str:
+        parent = self._entry(parent_ino)
+        if not parent.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return _join(self.tree.path_of(parent), _name(raw_name))
+
+    async def _submit(self, op: Op) -> None:
+        self.counters.submitted += 1
+        code = await self.backend.submit(op)
+        if code:
+            self.counters.failed[code] = self.counters.failed.get(code, 0) + 1
+            raise pyfuse3.FUSEError(code)
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _fill(self, attr: pyfuse3.EntryAttributes, entry: Entry, path: str,
+              quorate: bool) -> None:
+        if entry.is_dir:
+            attr.st_mode = pyfuse3.ModeT(stat.S_IFDIR | rules.mode_of(path, True, quorate))
+            attr.st_nlink = 2
+        else:
+            attr.st_mode = pyfuse3.ModeT(stat.S_IFREG | rules.mode_of(path, False, quorate))
+            attr.st_nlink = 1
+        size = 0 if entry.is_dir else entry.size
+        attr.st_ino = pyfuse3.InodeT(entry.ino)
+        attr.st_size = size
+        attr.st_blocks = -(-size // 512)
+        # The root has no stored record: show the time of the last change.
+        mtime = entry.mtime if entry.ino != ROOT_INO else self.backend.store.state.mtime
+        attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = mtime * 1_000_000_000
+
+    def _attrs(self, entry: Entry, path: str | None = None) -> pyfuse3.EntryAttributes:
+        attr = self._blank_attrs()
+        self._fill(attr, entry, self.tree.path_of(entry) if path is None else path,
+                   self.backend.quorate())
+        return attr
+
+    def _blank_attrs(self) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_uid = 0
+        attr.st_gid = self.gid
+        attr.st_blksize = BLOCK_SIZE
+        attr.entry_timeout = self.cache_timeout_s
+        attr.attr_timeout = self.cache_timeout_s
+        return attr
+
+    def _virtual_content(self, item: _Virtual) -> bytes:
+        content = self.backend.virtual_file(item.name)
+        return b"" if content is None else content
+
+    def _virtual_attrs(self, item: _Virtual) -> pyfuse3.EntryAttributes:
+        attr = self._blank_attrs()
+        attr.st_ino = pyfuse3.InodeT(item.ino)
+        attr.st_nlink = 1
+        kind = stat.S_IFLNK if item.target is not None else stat.S_IFREG
+        attr.st_mode = pyfuse3.ModeT(kind | rules.mode_of(item.name, False,
+                                                          self.backend.quorate()))
+        attr.st_size = len(item.target) if item.target is not None else \
+            len(self._virtual_content(item))
+        attr.st_blocks = -(-attr.st_size // 512)
+        if item.target is not None:
+            # The reference shows its links at the daemon's start time; the
+            # tree root's mtime is our equivalent of "when the tree changed".
+            mtime_ns = self.backend.store.state.mtime * 1_000_000_000
+            attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = mtime_ns
+        # Generated files keep mtime 0, as in the reference.
+        # Generated content changes underneath: never cache its attributes.
+        attr.attr_timeout = 0 if item.target is None else self.cache_timeout_s
+        return attr
+
+    # ------------------------------------------------------------ lookups
+
+    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.counters.requests += 1
+        parent = self._entry(parent_inode)
+        text = _name(name)
+        if text == ".":
+            return self._attrs(parent)
+        if text == "..":
+            return self._attrs(parent.parent or parent)
+        if parent_inode == ROOT_INO and text in self._virtual:
+            return self._virtual_attrs(self._virtual[text])
+        if not parent.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        child = parent.get_child(text)
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(child)
+
+    async def getattr(self, inode: pyfuse3.InodeT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.counters.requests += 1
+        item = self._virtual_by_ino.get(inode)
+        if item is not None:
+            return self._virtual_attrs(item)
+        return self._attrs(self._entry(inode))
+
+    async def readlink(self, inode: pyfuse3.InodeT,
+                       ctx: pyfuse3.RequestContext) -> pyfuse3.FileNameT:
+        item = self._virtual_by_ino.get(inode)
+        if item is None or item.target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return pyfuse3.FileNameT(item.target)
+
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        # Inode numbers are never reused (they are tree versions), so there is
+        # nothing to keep alive or free per lookup count.
+        return None
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        blocks, free_blocks, inodes, free_inodes = self.backend.store.state.statfs(BLOCK_SIZE)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = BLOCK_SIZE
+        data.f_blocks = blocks
+        data.f_bfree = data.f_bavail = free_blocks
+        data.f_files = inodes
+        data.f_ffree = data.f_favail = free_inodes
+        data.f_namemax = rules.NAME_MAX_BYTES
+        return data
+
+    # ------------------------------------------------------------ listing
+
+    async def opendir(self, inode: pyfuse3.InodeT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+        entry = self._entry(inode)
+        if not entry.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._new_fh()
+        self._dirs[fh] = _DirHandle(inode)
+        return pyfuse3.FileHandleT(fh)
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        self._dirs.pop(fh, None)
+
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
+                      token: pyfuse3.ReaddirToken) -> None:
+        """One kernel buffer per request; cookies: 1 ".", 2 "..", then the
+        root's virtual entries, then position + 1 in the tree's name order.
+        A request that continues where the last one stopped resumes after
+        the last name sent, so concurrent creates and deletes never make an
+        entry appear twice or get skipped."""
+        self.counters.requests += 1
+        handle = self._dirs.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        directory = self._entry(handle.ino)
+        quorate = self.backend.quorate()
+        cookie = start_id
+        if cookie < _DOT_COOKIES and not self._reply_dots(directory, cookie, token):
+            return
+        cookie = max(cookie, _DOT_COOKIES)
+        shown_virtual = len(self._virtual) if handle.ino == ROOT_INO else 0
+        if cookie < _DOT_COOKIES + shown_virtual:
+            cookie = self._reply_virtual(cookie, token)
+            if cookie < _DOT_COOKIES + shown_virtual:
+                return
+        base = _DOT_COOKIES + shown_virtual
+        await self._reply_entries(handle, directory, cookie, base, quorate, token)
+        # Let other requests run between two pages of a long listing.
+        await asyncio.sleep(0)
+
+    def _reply_dots(self, directory: Entry, cookie: int, token: pyfuse3.ReaddirToken) -> bool:
+        parent = directory.parent or directory
+        for index, (name, entry) in enumerate(((b".", directory), (b"..", parent))):
+            if index < cookie:
+                continue
+            attr = self._attrs(entry)
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name), attr, index + 1):
+                return False
+        return True
+
+    def _reply_virtual(self, cookie: int, token: pyfuse3.ReaddirToken) -> int:
+        items = list(self._virtual.values())
+        while cookie - _DOT_COOKIES < len(items):
+            item = items[cookie - _DOT_COOKIES]
+            attr = self._virtual_attrs(item)
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(item.name.encode()), attr,
+                                         cookie + 1):
+                return cookie
+            cookie += 1
+        return cookie
+
+    async def _reply_entries(self, handle: _DirHandle, directory: Entry, cookie: int,
+                             base: int, quorate: bool, token: pyfuse3.ReaddirToken) -> None:
+        tree = self.tree
+        dir_path = tree.path_of(directory)
+        attr = self._blank_attrs()  # readdir_reply copies it: one object serves all
+        while True:
+            if cookie == handle.next_cookie and handle.last_name:
+                page = tree.readdir_after(directory, handle.last_name, READDIR_PAGE)
+            else:
+                page = tree.readdir(directory, cookie - base, READDIR_PAGE)
+            if not page:
+                return
+            for entry in page:
+                self._fill(attr, entry, _join(dir_path, entry.name), quorate)
+                name = pyfuse3.FileNameT(entry.name.encode("utf-8", "surrogateescape"))
+                if not pyfuse3.readdir_reply(token, name, attr, cookie + 1):
+                    return
+                cookie += 1
+                handle.next_cookie = cookie
+                handle.last_name = entry.name
+            if len(page) < READDIR_PAGE:
+                return
+
+    # -------------------------------------------------------- open / read
+
+    async def open(self, inode: pyfuse3.InodeT, flags: int,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self.counters.requests += 1
+        writing = bool(flags & _WRITE_FLAGS)
+        item = self._virtual_by_ino.get(inode)
+        if item is not None:
+            if writing:
+                raise pyfuse3.FUSEError(errno.EIO if item.target is None else errno.EACCES)
+            return self._open_handle(_Handle(inode, content=self._virtual_content(item)))
+        entry = self._entry(inode)
+        if entry.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if writing and not self.backend.quorate():
+            raise pyfuse3.FUSEError(errno.EACCES)
+        if flags & os.O_TRUNC and writing:
+            await self._submit(Op.truncate(self.tree.path_of(entry), 0, int(time.time())))
+        return self._open_handle(_Handle(inode, append=bool(flags & os.O_APPEND)))
+
+    def _open_handle(self, handle: _Handle) -> pyfuse3.FileInfo:
+        fh = self._new_fh()
+        self._handles[fh] = handle
+        # direct_io: every read comes here, so other nodes' writes are seen
+        # at once and nothing stale sits in the page cache.
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=True)
+
+    async def create(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     mode: int, flags: int, ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self.counters.requests += 1
+        path = self._child_path(parent_inode, name)
+        now = int(time.time())
+        await self._submit(Op.create(path, now, excl=bool(flags & os.O_EXCL)))
+        entry = self.tree.lookup(path)
+        if entry is None:  # removed by a later op before we got here
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if flags & os.O_TRUNC and entry.size:
+            await self._submit(Op.truncate(path, 0, now))
+        info = self._open_handle(_Handle(entry.ino, append=bool(flags & os.O_APPEND)))
+        return info, self._attrs(entry, path)
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        self.counters.requests += 1
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if handle.content is not None:
+            return handle.content[off:off + size]
+        code, data = self.backend.store.read(self._path(handle.ino), off, size)
+        if code:
+            raise pyfuse3.FUSEError(code)
+        return data
+
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        self.counters.requests += 1
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if handle.content is not None:
+            raise pyfuse3.FUSEError(errno.EIO)
+        if not handle.append:
+            await self._submit(Op.write(self._path(handle.ino), off, buf, int(time.time())))
+            return len(buf)
+        lock = self._append_locks.setdefault(handle.ino, asyncio.Lock())
+        async with lock:
+            # Resolve the end of file now, after earlier appends from this
+            # node were applied (see the module doc).
+            entry = self._entry(handle.ino)
+            path = self.tree.path_of(entry)
+            await self._submit(Op.write(path, entry.size, buf, int(time.time())))
+        if not lock.locked():
+            self._append_locks.pop(handle.ino, None)
+        return len(buf)
+
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        # Every write was applied before it returned: nothing is buffered.
+        return None
+
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        store = self.backend.store
+        if store.durability is Durability.PROCESS:
+            store.sync()
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        self._handles.pop(fh, None)
+
+    # ---------------------------------------------------------- mutations
+
+    async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.counters.requests += 1
+        item = self._virtual_by_ino.get(inode)
+        path = item.name if item is not None else self._path(inode)
+        if fields.update_mode:
+            code = rules.chmod_error(path, attr.st_mode)
+            if code:
+                raise pyfuse3.FUSEError(code)
+        if fields.update_uid or fields.update_gid:
+            code = rules.chown_error(attr.st_uid if fields.update_uid else -1,
+                                     attr.st_gid if fields.update_gid else -1, self.gid)
+            if code:
+                raise pyfuse3.FUSEError(code)
+        if fields.update_size:
+            await self._submit(Op.truncate(path, attr.st_size, int(time.time())))
+        if fields.update_mtime:
+            # utime(0) on a lock is the unlock request: the apply step fails
+            # it with EACCES and removes the lock if it has expired.
+            await self._submit(Op.set_mtime(path, max(0, attr.st_mtime_ns // 1_000_000_000)))
+        return await self.getattr(inode, ctx)
+
+    async def mkdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.counters.requests += 1
+        path = self._child_path(parent_inode, name)
+        await self._submit(Op.mkdir(path, int(time.time())))
+        entry = self.tree.lookup(path)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(entry, path)
+
+    async def unlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext) -> None:
+        self.counters.requests += 1
+        await self._submit(Op.unlink(self._child_path(parent_inode, name), int(time.time())))
+
+    async def rmdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                    ctx: pyfuse3.RequestContext) -> None:
+        self.counters.requests += 1
+        await self._submit(Op.rmdir(self._child_path(parent_inode, name), int(time.time())))
+
+    async def rename(self, parent_inode_old: pyfuse3.InodeT, name_old: str,
+                     parent_inode_new: pyfuse3.InodeT, name_new: str,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self.counters.requests += 1
+        src = self._child_path(parent_inode_old, name_old)
+        dst = self._child_path(parent_inode_new, name_new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if flags & pyfuse3.RENAME_NOREPLACE and (
+                self.tree.lookup(dst) is not None or rules.is_root_virtual(dst)):
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        await self._submit(Op.rename(src, dst, int(time.time())))
+
+    # ------------------------------------------- what the tree never does
+
+    async def symlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                      target: pyfuse3.FileNameT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(rules.SYMLINK_ERRNO)
+
+    async def mknod(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: int,
+                    rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(rules.MKNOD_ERRNO)
+
+    async def link(self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT,
+                   new_name: pyfuse3.FileNameT,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(rules.LINK_ERRNO)
+
+    async def setxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(rules.SETXATTR_ERRNO)
+
+    async def getxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
+                       ctx: pyfuse3.RequestContext) -> bytes:
+        raise pyfuse3.FUSEError(rules.SETXATTR_ERRNO)
+
+    async def listxattr(self, inode: pyfuse3.InodeT,
+                        ctx: pyfuse3.RequestContext) -> list[pyfuse3.XAttrNameT]:
+        raise pyfuse3.FUSEError(rules.SETXATTR_ERRNO)
+
+    async def removexattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
+                          ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(rules.SETXATTR_ERRNO)
