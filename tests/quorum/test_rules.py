@@ -278,6 +278,26 @@ def test_atb_not_used_by_a_node_without_quorate_history() -> None:
     assert sim.quorate_nodes() == [2, 3]
 
 
+@pytest.mark.parametrize(
+    ("mode", "cut_off", "halves"),
+    [("highest", 4, [[1, 3], [2, 4]]), ("lowest", 1, [[1, 3], [2, 4]])],
+)
+def test_atb_stale_view_of_a_cut_off_node_breaks_no_tie(
+    mode: str, cut_off: int, halves: list[list[int]]
+) -> None:
+    """Found by the swarm (seed 5387): node 4 (or 1) lost quorum alone while the
+    others went on as {1, 2, 3} (or {2, 3, 4}); if it kept {1, 2, 3, 4} as its
+    previous partition it would claim the tie in its half while the other half
+    claims it by the newer partition."""
+    sim = make({"auto_tie_breaker": "1", "auto_tie_breaker_node": mode}, count=4)
+    rest = [n for n in (1, 2, 3, 4) if n != cut_off]
+    sim.split([rest, [cut_off]])
+    sim.split(halves)
+    assert len(sim.quorate_partitions()) == 1
+    winner = max(rest) if mode == "highest" else min(rest)
+    assert winner in sim.quorate_nodes()
+
+
 # ---------------------------------------------------------------- allow_downscale
 
 def test_downscale_on_clean_leave_not_below_configured() -> None:

@@ -75,6 +75,13 @@ def test_strict_safety_scope() -> None:
     )
 
 
+@pytest.mark.parametrize("seed", [5387])
+def test_regression_seeds(seed: int) -> None:
+    """Seeds that once failed the strict check (ATB with a stale previous partition)."""
+    sim = run_seed(seed, steps=300)
+    assert sim.check_one_quorate
+
+
 def test_regression_fresh_node_and_stale_member_cannot_both_break_the_tie() -> None:
     """Found by the swarm when a restarted node used the whole nodelist as its history."""
     sim = QuorumSim({"auto_tie_breaker": "1"}, {1: 1, 2: 1, 3: 1, 4: 1}, auto_settle=True)

@@ -509,6 +509,10 @@ class QuorumCore:
             if not quorate:
                 self.waiting_for_all = self.config.wait_for_all
                 self.lms_deadline_ns = None
+                # Only a node that is quorate right now may break a tie: a view kept
+                # from before it lost quorum can be stale, and a stale view and a
+                # current one can each point into a different half.
+                self._last_quorate_members = None
             self._announce()
         if self.quorate:
             self._last_quorate_members = frozenset(self.members)
@@ -545,7 +549,7 @@ class QuorumCore:
             return False
         previous = self._last_quorate_members
         if previous is None:
-            return False  # no quorate history: a fresh node never breaks a tie
+            return False  # not quorate before this change (or never): no tie to break
         here = set(self.members)
         mode = self.config.auto_tie_breaker_mode
         if mode == "lowest":
