@@ -43,6 +43,8 @@ class Lrm:
         self.watchdog_active = False
         self.results: dict[str, dict[str, Any]] = {}
         self.restart_tries: dict[str, int] = {}
+        self.queued_since: dict[str, int] = {}
+        self.job_rounds = 0
         self.error_logged: set[str] = set()
         self.idle_rounds = 0
         self.shutdown_kind: str | None = None
@@ -297,25 +299,41 @@ class Lrm:
 
     # --- jobs ----------------------------------------------------------------------------
 
-    def manage_resources(self, status: dict[str, Any]) -> None:
-        """Run at most max_workers jobs, one per service whose uid has no result yet."""
-        max_workers = self._datacenter().max_workers
-        started = 0
-        resources = self.env.read_resources()
-        for sid, entry in sorted(self._my_services(status).items()):
+    def _pending_jobs(self, status: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """Jobs due this round, longest-waiting first; re-checks of `stopped` come last."""
+        jobs = []
+        for sid, entry in self._my_services(status).items():
             uid = entry.get("uid")
             state = entry.get("state")
             if not uid or state in SKIPPED_JOB_STATES:
                 continue
-            if uid in self.results and state != ServiceState.STOPPED:
+            recheck = uid in self.results
+            if recheck and state != ServiceState.STOPPED:
                 continue
-            if started >= max_workers:
-                break
-            started += 1
+            waiting_since = self.queued_since.setdefault(sid, self.job_rounds)
+            jobs.append((recheck, waiting_since, sid, entry))
+        jobs.sort(key=lambda job: (job[0], job[1], job[2]))
+        return [(sid, entry) for _, _, sid, entry in jobs]
+
+    def manage_resources(self, status: dict[str, Any]) -> None:
+        """Run at most max_workers jobs per round, one per service whose uid has no result.
+
+        Jobs that had to wait keep their place in the queue, so a busy node cannot starve a
+        service (the reference gives longer-queued workers priority in the same way).
+        """
+        self.job_rounds += 1
+        max_workers = self._datacenter().max_workers
+        resources = self.env.read_resources()
+        jobs = self._pending_jobs(status)
+        for sid, entry in jobs[:max_workers]:
+            self.queued_since.pop(sid, None)
+            uid, state = entry["uid"], entry.get("state")
             max_restart = resources[sid].max_restart if sid in resources else 1
             code = self._run_job(sid, entry, max_restart)
             if code != ExitCode.ETRY_AGAIN:
                 self.results[uid] = {"sid": sid, "state": state, "exit_code": int(code)}
+        waiting = {sid for sid, _ in jobs[max_workers:]}
+        self.queued_since = {s: r for s, r in self.queued_since.items() if s in waiting}
         live = {e.get("uid") for e in (status.get("service_status") or {}).values()}
         self.results = {uid: r for uid, r in self.results.items() if uid in live}
 
