@@ -22,8 +22,10 @@ deliveries, then a liveness phase (everything up, one partition).
 Checkers run after every step:
 
 - `one quorate partition`: at most one partition holds a quorate node, for
-  configurations that do not allow two quorate sides by design (two_node,
-  whose split brain is settled by a fence race, is excluded);
+  configurations whose rules promise it (`strict_safety_applies`: not
+  two_node, whose split brain is settled by a fence race, nor the features that
+  lower expected votes on the assumption that departed nodes are dead:
+  last_man_standing, allow_downscale, an expected_votes below the nodelist);
 - `majority liveness`: once messages have settled, every node of a partition
   holding a strict majority of the configured votes is quorate (when
   wait_for_all is off);
