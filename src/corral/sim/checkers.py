@@ -43,6 +43,7 @@ ConfigKey = tuple[int, RingKey, tuple[int, ...]]
 CONF_TRANSITIONAL = 0
 CONF_REGULAR = 1
 PAYLOAD_MAGIC = b"csim"
+_FILLER = bytes(range(256)) * 2
 
 
 class Violation(Exception):
@@ -58,7 +59,9 @@ class Violation(Exception):
 def make_payload(nodeid: int, counter: int, filler_bytes: int) -> bytes:
     """A payload that names its sender and a per-node counter, plus filler."""
     head = b"%s:%d:%d:" % (PAYLOAD_MAGIC, nodeid, counter)
-    return head + bytes((counter + i) & 0xFF for i in range(filler_bytes))
+    start = counter & 0xFF
+    pattern = _FILLER[start:start + 256]
+    return head + (pattern * (filler_bytes // 256 + 1))[:filler_bytes]
 
 
 def parse_payload(payload: bytes) -> MessageId | None:

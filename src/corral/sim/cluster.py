@@ -338,7 +338,13 @@ class Simulation:
             return
         slot = up[rng.randrange(len(up))]
         self.driving_node = slot.nodeid
-        filler = rng.randrange(3000, 5000) if rng.random() < 0.05 else rng.randrange(200)
+        size_draw = rng.random()
+        if size_draw < 0.01:
+            filler = rng.randrange(10_000, 70_000)
+        elif size_draw < 0.06:
+            filler = rng.randrange(3000, 5000)
+        else:
+            filler = rng.randrange(200)
         slot.counter += 1
         payload = make_payload(slot.nodeid, slot.counter, filler)
         accepted = slot.core.submit(payload)
