@@ -176,6 +176,8 @@ cdef class TotemCore:
     cdef uint64_t _ring_seq
     cdef tuple _members
     cdef uint32_t _next_node
+    cdef uint32_t _prev_node
+    cdef frozenset _member_set
     cdef bint _is_rep
     cdef uint64_t _highest_ring_seq
     cdef object _persist_seq
@@ -274,6 +276,7 @@ cdef class TotemCore:
         self._ring_seq = ring_seq
         self._highest_ring_seq = ring_seq
         self._members = ()
+        self._member_set = frozenset()
         self._persist_seq = None
         self._buf = FrameBuffer()
         self._old_buf = FrameBuffer()
@@ -557,7 +560,10 @@ cdef class TotemCore:
         if self._state != S_OPERATIONAL and self._state != S_RECOVERY:
             self._stats[ST_WRONG_STATE] += 1
             return 0
-        if t.ring_rep != self._ring_rep or t.ring_seq != self._ring_seq:
+        # The sender check also guards against a reused ring id (a node that
+        # lost its persisted ring seq): the old incarnation's ring order differs.
+        if (t.ring_rep != self._ring_rep or t.ring_seq != self._ring_seq
+                or t.sender != self._prev_node):
             self._stats[ST_FOREIGN] += 1
             return 0
         return self._token_arrived(&t)
@@ -868,7 +874,8 @@ cdef class TotemCore:
             return 0
         self._stats[ST_IN_BASE + PKT_MCAST - 1] += 1
         if m.ring_rep == self._ring_rep and m.ring_seq == self._ring_seq and (
-                self._state == S_OPERATIONAL or self._state == S_RECOVERY):
+                self._state == S_OPERATIONAL or self._state == S_RECOVERY) and (
+                m.sender in self._member_set and m.origin in self._member_set):
             stored = self._buf.store(m.seq, packet, m.origin, m.flags)
             if stored == 0:
                 self._stats[ST_DUP_MCAST] += 1
@@ -1280,6 +1287,8 @@ cdef class TotemCore:
         self._members = members
         i = members.index(self.nodeid)
         self._next_node = members[(i + 1) % len(members)]
+        self._prev_node = members[(i + len(members) - 1) % len(members)]
+        self._member_set = frozenset(members)
         self._is_rep = i == 0
         self._buf.reset()
         self._my_token_seq = 0
