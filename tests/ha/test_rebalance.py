@@ -92,3 +92,10 @@ def test_auto_rebalance_keys() -> None:
         datacenter_from_mapping({"crs": {"ha-auto-rebalance-method": "random"}})
     with pytest.raises(ConfigError, match="unknown crs property"):
         datacenter_from_mapping({"crs": {"ha-auto-rebalance-speed": 1}})
+
+
+def test_targets_stay_in_the_top_priority_class() -> None:
+    """Regression (swarm seed 8): moving below the top class made failback move it back."""
+    rules = compile_rules([Rule(NODE_AFFINITY, "n", ["vm:1"], nodes={"node1": 0})], NODES)
+    status = started(("vm:1", "node1"))
+    assert choose_move(model(status), status, rules, "bruteforce") is None

@@ -26,6 +26,10 @@ def _services(rng: random.Random, nodes: list[str]) -> dict[str, dict[str, str]]
         kind = "vm" if rng.random() < 0.8 else "ct"
         state = rng.choice(["started"] * 4 + ["stopped", "disabled"])
         services[f"{kind}:{101 + index}"] = {"node": rng.choice(nodes), "state": state}
+    if rng.random() < 0.3:
+        # a scriptable failing resource: some failing starts and migrations
+        services[f"fa:1{rng.randint(0, 3)}{rng.randint(0, 2)}0"] = {
+            "node": rng.choice(nodes), "state": "started"}
     return services
 
 
@@ -55,6 +59,9 @@ def _step(rng: random.Random, nodes: list[str], sids: list[str]) -> list[str]:
         f"crm {node} enable-node-maintenance", f"crm {node} disable-node-maintenance",
         f"crm {node} disarm-ha {rng.choice(['freeze', 'ignore'])}", f"crm {node} arm-ha",
         f"delay {rng.choice([0, 30, 90])}",
+        f"cfs {node} {rng.choice(['rw', 'update'])} fail", f"cfs {node} rw work",
+        f"cfs {node} update work", f"service {sid} lock {rng.choice(['backup', 'create'])}",
+        f"service {sid} unlock",
     ])]
 
 
@@ -64,6 +71,8 @@ def make_scenario(seed: int, directory: pathlib.Path) -> None:
     services = _services(rng, nodes)
     sids = sorted(services)
     heal = [f"power {n} on" for n in nodes] + [f"network {n} on" for n in nodes]
+    heal += [f"cfs {n} rw work" for n in nodes] + [f"cfs {n} update work" for n in nodes]
+    heal += [f"service {sid} unlock" for sid in sids]
     heal += [f"crm {n} disable-node-maintenance" for n in nodes] + [f"crm {nodes[0]} arm-ha"]
     commands = [[f"power {n} on" for n in nodes]]
     commands += [_step(rng, nodes, sids) for _ in range(rng.randint(3, 8))]
@@ -71,7 +80,9 @@ def make_scenario(seed: int, directory: pathlib.Path) -> None:
     datacenter = {"ha": {"shutdown_policy": rng.choice(["conditional", "freeze", "failover",
                                                          "migrate"])},
                   "crs": {"ha": rng.choice(["basic", "static"]),
-                          "ha-rebalance-on-start": rng.choice([0, 1])}}
+                          "ha-rebalance-on-start": rng.choice([0, 1]),
+                          "ha-auto-rebalance": rng.choice([0, 1])},
+                  "ha-timing": {"profile": rng.choice(["reference", "fast"])}}
     directory.mkdir(parents=True)
     (directory / "hardware_status").write_text(json.dumps(
         {n: {"power": "off", "network": "off"} for n in nodes}))
@@ -100,7 +111,7 @@ def test_swarm_seed(seed: int, tmp_path: pathlib.Path) -> None:
         if resource.state != "started" or sid not in status:
             continue
         entry = status[sid]
-        if entry["state"] == "error":
+        if entry["state"] == "error" or sid.startswith("fa:"):
             continue
         assert entry["state"] == "started", f"{sid}: {entry}\n{replay}"
         running_on = [n for n, sids in cluster.running.items() if sid in sids]

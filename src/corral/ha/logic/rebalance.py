@@ -4,8 +4,8 @@ Imbalance is the coefficient of variation (population standard deviation over me
 form the reference's 5.2.0 tests use) of node loads, a node's load being the mean of its CPU
 and memory load from the services' assigned maxima. Candidates are "stationary bundles":
 started services together with their positively-affine started peers on the same node; a
-bundle may go to any other node its node-affinity rule allows that hosts none of its
-negatively-affine peers. `bruteforce` picks the move with the lowest resulting imbalance,
+bundle may go to any other node of its node-affinity rule's highest online priority class (a
+lower class would be undone by failback) that hosts none of its negatively-affine peers. `bruteforce` picks the move with the lowest resulting imbalance,
 `topsis` ranks moves with the same four criteria as placement.
 """
 
@@ -82,7 +82,10 @@ def stationary_bundles(service_status: Mapping[str, Mapping[str, Any]], rules: C
 
 def _targets(members: tuple[str, ...], source: str, usage: UsageModel, rules: CompiledRules,
              service_status: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    allowed = set(rules.allowed_priorities(members[0], usage.nodes))
+    # Only the highest priority class: a move anywhere else would be undone by failback.
+    priorities = rules.allowed_priorities(members[0], usage.nodes)
+    top = max(priorities.values(), default=0)
+    allowed = {node for node, priority in priorities.items() if priority == top}
     blocked: set[str] = {source}
     for member in members:
         for peer in rules.negative.get(member, set()):
