@@ -211,3 +211,32 @@ def test_usage_errors() -> None:
         core.submit(b"x")
     with pytest.raises(UsageError):
         TotemCore(0, TotemConfig().timers(1))
+
+
+def test_own_messages_past_an_unfillable_gap_are_delivered_in_transitional() -> None:
+    """Frames only a crashed node held leave a gap nobody can fill; the
+    survivors still deliver their own later messages, after the transitional
+    configuration and before the regular one, identically."""
+    cluster = formed(3)
+    cluster.run_for(seconds(1))
+    cluster.drop_filter = lambda src, dst, pkt: src == 1 and pkt[3] == 2  # node 1's frames vanish
+    cluster.submit(1, b"lost")
+    cluster.run_for(ms(1))
+    for i in range(5):
+        cluster.submit(2, b"two-%d" % i)
+        cluster.submit(3, b"three-%d" % i)
+    cluster.run_for(ms(2))
+    cluster.crash(1)
+    cluster.drop_filter = None
+    cluster.run_until(lambda: cluster.operational((2, 3)), seconds(30))
+    tails = []
+    for nodeid in (2, 3):
+        events = cluster.logs[nodeid].events
+        trans_at = max(i for i, e in enumerate(events) if e[0] == "conf" and e[1] == CONF_TRANSITIONAL)
+        assert events[trans_at + 1 + 10][1] == CONF_REGULAR
+        tail = events[trans_at + 1:trans_at + 11]
+        assert sorted(p for _, _, p in tail) == sorted(
+            [b"two-%d" % i for i in range(5)] + [b"three-%d" % i for i in range(5)])
+        tails.append(tail)
+        assert (1, b"lost") not in cluster.logs[nodeid].delivered
+    assert tails[0] == tails[1]
