@@ -1,0 +1,1 @@
+"""Cluster identity and lifecycle: files, certificates, join API client, CLI verbs."""

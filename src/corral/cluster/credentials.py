@@ -1,0 +1,132 @@
+"""Administrator password hashes, one-time join tokens, and API tickets.
+
+- The admin password (root@pam) is stored as `scrypt$<n>$<salt hex>$<hash hex>`.
+- A join token is 32 random bytes (URL-safe base64); the issuing node keeps only
+  its SHA-256 with an expiry, and forgets it when it is used.
+- A ticket (after `POST /access/ticket`) is `PVE:root@pam:<hex epoch>::<b64 HMAC>`
+  with a per-process secret: it is only used during a join, on the node that
+  issued it, within TICKET_LIFETIME_S.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, field
+
+ADMIN_USER = "root@pam"
+SCRYPT_N = 1 << 14
+TICKET_LIFETIME_S = 7200
+MAX_TOKENS = 256
+MAX_TOKEN_LIFETIME_S = 7 * 86400
+DEFAULT_TOKEN_LIFETIME_S = 3600
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=8, p=1)
+    return f"scrypt${SCRYPT_N}${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        kind, n_text, salt_hex, digest_hex = stored.strip().split("$")
+        n, salt, expected = int(n_text), bytes.fromhex(salt_hex), bytes.fromhex(digest_hex)
+    except ValueError:
+        return False
+    if kind != "scrypt" or not 2 <= n <= 1 << 20:
+        return False
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=8, p=1)
+    return hmac.compare_digest(digest, expected)
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(15)
+
+
+class TokenError(Exception):
+    """Why a join token was refused (the message is shown to the joining operator)."""
+
+
+@dataclass
+class JoinTokens:
+    """One-time join tokens issued by this node: SHA-256 -> expiry (wall-clock s)."""
+
+    expiry_s: dict[str, float] = field(default_factory=dict)
+    used: dict[str, float] = field(default_factory=dict)
+
+    def issue(self, now_s: float, lifetime_s: float) -> str:
+        self._forget_old(now_s)
+        if len(self.expiry_s) >= MAX_TOKENS:
+            oldest = min(self.expiry_s, key=self.expiry_s.__getitem__)
+            del self.expiry_s[oldest]
+        token = secrets.token_urlsafe(32)
+        self.expiry_s[_digest(token)] = now_s + lifetime_s
+        return token
+
+    def check(self, token: str, now_s: float) -> str:
+        """The token's digest if it is valid now; raises TokenError otherwise."""
+        digest = _digest(token)
+        if digest in self.used:
+            raise TokenError("join token already used")
+        expiry = self.expiry_s.get(digest)
+        if expiry is None:
+            raise TokenError("bad join token (not issued by this node)")
+        if now_s > expiry:
+            raise TokenError("join token expired")
+        return digest
+
+    def consume(self, digest: str, now_s: float) -> None:
+        expiry = self.expiry_s.pop(digest, now_s)
+        self.used[digest] = expiry
+
+    def _forget_old(self, now_s: float) -> None:
+        # Expired tokens are kept a while so that their use says "expired", not "bad".
+        horizon = now_s - MAX_TOKEN_LIFETIME_S
+        self.expiry_s = {d: e for d, e in self.expiry_s.items() if e > horizon}
+        self.used = {d: e for d, e in self.used.items() if e > horizon}
+        while len(self.used) > MAX_TOKENS:
+            self.used.pop(next(iter(self.used)))
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Tickets:
+    """PVE-shaped tickets and CSRF tokens, HMAC-signed with a per-process secret."""
+
+    def __init__(self) -> None:
+        self._secret = secrets.token_bytes(32)
+
+    def issue(self, user: str, now_s: float) -> tuple[str, str]:
+        stamp = f"{int(now_s):08X}"
+        ticket = f"PVE:{user}:{stamp}::{self._sign('ticket', user, stamp)}"
+        csrf = f"{stamp}:{self._sign('csrf', user, stamp)}"
+        return ticket, csrf
+
+    def verify(self, ticket: str, csrf: str | None, now_s: float, need_csrf: bool) -> str | None:
+        """The user of a valid ticket (with a valid CSRF token if `need_csrf`), else None."""
+        parts = ticket.split(":")
+        if len(parts) != 5 or parts[0] != "PVE" or parts[3] != "":
+            return None
+        user, stamp, signature = parts[1], parts[2], parts[4]
+        if not hmac.compare_digest(signature, self._sign("ticket", user, stamp)):
+            return None
+        try:
+            issued = int(stamp, 16)
+        except ValueError:
+            return None
+        if not issued - 300 <= now_s <= issued + TICKET_LIFETIME_S:
+            return None
+        if need_csrf:
+            expected = f"{stamp}:{self._sign('csrf', user, stamp)}"
+            if csrf is None or not hmac.compare_digest(csrf, expected):
+                return None
+        return user
+
+    def _sign(self, kind: str, user: str, stamp: str) -> str:
+        mac = hmac.new(self._secret, f"{kind}:{stamp}:{user}".encode(), hashlib.sha256)
+        return base64.b64encode(mac.digest()).decode().rstrip("=")

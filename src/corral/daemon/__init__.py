@@ -1,0 +1,1 @@
+"""corrald: the node daemon (engine, CPG, quorum, config sync, control socket, join API)."""
