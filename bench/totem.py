@@ -131,6 +131,13 @@ def running_cluster(cls: type[Cluster], topology: Topology, workdir: Path,
         cluster.stop()
 
 
+def cpu_percent(cluster: Cluster, start_ticks: dict[int, int], start_s: float) -> float:
+    """CPU used by the 3 daemons since start_ticks, in % of one core (sum over daemons)."""
+    end_ticks, elapsed_s = cluster.cpu_ticks(), time.monotonic() - start_s
+    used_s = sum(end_ticks[node] - start_ticks[node] for node in start_ticks) / CLOCK_TICKS_PER_S
+    return 100.0 * used_s / elapsed_s if elapsed_s > 0 else 0.0
+
+
 def measure_idle(cluster: Cluster, plan: Plan) -> dict[str, Any]:
     """CPU share of each daemon over plan.idle_s, in % of one core."""
     time.sleep(plan.idle_settle_s)
@@ -173,8 +180,10 @@ def summarize_clients(spec: BenchSpec, results: list[dict[str, Any]]) -> dict[st
 
 
 def run_case(cluster: Cluster, spec: BenchSpec) -> dict[str, Any]:
+    start_ticks, start_s = cluster.cpu_ticks(), time.monotonic()
     results = cluster.run_clients(spec)
     summary = summarize_clients(spec, results)
+    summary["daemon_cpu_pct"] = cpu_percent(cluster, start_ticks, start_s)
     errors = [r["error"] for r in results if r.get("error")]
     if errors or not summary["all_complete"]:
         summary["error"] = "; ".join(errors) or "a client timed out before all END messages"
@@ -182,7 +191,8 @@ def run_case(cluster: Cluster, spec: BenchSpec) -> dict[str, Any]:
     log(f"{cluster.system}: {spec.size} B x{spec.senders} rate={spec.rate_per_s or 'max'}: "
         f"{summary['msgs_per_s_per_node']:.0f} msg/s/node "
         f"{summary['mb_per_s_per_node']:.2f} MB/s, p50 "
-        f"{'-' if lat is None else f'{lat:.2f}'} ms, gaps {summary['gaps']}"
+        f"{'-' if lat is None else f'{lat:.2f}'} ms, gaps {summary['gaps']}, "
+        f"daemons {summary['daemon_cpu_pct']:.0f} % CPU"
         + (f", ERROR {summary['error']}" if "error" in summary else ""))
     time.sleep(1.0)
     return summary
@@ -253,18 +263,31 @@ def measure_kill(cls: type[Cluster], topology: Topology, workdir: Path, plan: Pl
         per_node = {str(node): (int(event["t_ns"]) - killed_ns) / 1e9
                     for node, event in rings.items()}
         seconds = max(per_node.values())
+        # The group view change (the killed watcher listed as left) comes with or after it.
+        group_s = {}
+        for node in survivors:
+            event = cluster.watchers[node].wait_for(
+                lambda e: e.get("event") == "group" and int(e["t_ns"]) >= killed_ns
+                and any(entry[0] == KILLED_NODE for entry in e.get("left", [])), 2.0)
+            if event is not None:
+                group_s[str(node)] = (int(event["t_ns"]) - killed_ns) / 1e9
         log(f"{cluster.system}: token={token_ms or 'default'}: kill -9 -> 2-node ring "
             f"{seconds:.3f} s {per_node}")
-        return {"token_ms": token_ms, "seconds": seconds, "per_node_s": per_node}
+        return {"token_ms": token_ms, "seconds": seconds, "per_node_s": per_node,
+                "group_left_s": group_s}
 
 
 def summarize_kills(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_token: dict[str, list[float]] = {}
+    by_token: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
-        by_token.setdefault(str(run["token_ms"]), []).append(float(run["seconds"]))
-    return [{"token_ms": None if key == "None" else int(key), "runs_s": values,
-             "mean_s": sum(values) / len(values), "min_s": min(values), "max_s": max(values)}
-            for key, values in by_token.items()]
+        by_token.setdefault(str(run["token_ms"]), []).append(run)
+    summaries = []
+    for key, token_runs in by_token.items():
+        values = [float(run["seconds"]) for run in token_runs]
+        summaries.append({"token_ms": None if key == "None" else int(key), "runs_s": values,
+                          "mean_s": sum(values) / len(values), "min_s": min(values),
+                          "max_s": max(values), "runs": token_runs})
+    return summaries
 
 
 def measure_system(system: str, topology: Topology, workdir: Path, plan: Plan) -> SystemResult:
