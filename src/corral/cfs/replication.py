@@ -1,0 +1,370 @@
+"""The replicated backend of the configuration filesystem (asyncio shell).
+
+    backend = ReplicatedBackend(store, cpg_service, quorum_service, "pve1",
+                                node_names={1: "pve1", 2: "pve2"}, cluster_name="prod")
+    await backend.start()                  # joins the CPG group `corral-cfs`
+    code = await backend.submit(Op.mkdir("nodes/pve1", mtime))   # errno, 0 = applied
+    backend.virtual_file(".members")       # generated files
+    backend.log(pri=6, tag="cfs", msg="...")   # replicated cluster log
+    await backend.stop()
+
+It runs one `ReplicaCore` (corral.cfs.replica_core) on a CPG handle. Events
+are fed synchronously from the CPG callback, so the store is changed at the
+exact point of the delivery order the core sees. Multicasts go out in order
+through one sender task (CPG may push back). Completions are released after
+one `store.sync()` per loop iteration (group commit): open the store with
+`Durability.PROCESS` so the per-op writes skip their fsync and this sync
+makes them durable before any writer is answered. A failure of the store or
+of the core stops the backend: every pending and later submit gets EIO and
+the node leaves the group (the others see it go); restart the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from corral.cfs import virtual
+from corral.cfs.ops import Op
+from corral.cfs.replica_core import (
+    Action,
+    Complete,
+    LogLine,
+    Multicast,
+    Phase,
+    ReplicaConfig,
+    ReplicaCore,
+)
+from corral.cfs.resync import PatchItem
+from corral.cfs.state import CfsState, Outcome
+from corral.cfs.store import Durability, Store
+from corral.cpg.events import ConfChg, CpgEvent, Deliver, TotemConfChg
+from corral.cpg.service import CpgHandle, CpgService
+from corral.errors import UsageError
+
+log = logging.getLogger("corral.cfs.replication")
+
+GROUP = "corral-cfs"
+MARKER_SUFFIX = ".resync"
+_NS_PER_S = 1_000_000_000
+
+
+class ReplicatedStore:
+    """A Store plus the durable "resync in progress" marker the core needs:
+    a file next to the store directory, created (and fsynced) before a
+    resync patch touches the tree and removed once the resync finished."""
+
+    def __init__(self, store: Store, marker: str | os.PathLike[str] | None = None) -> None:
+        self.store = store
+        self.marker = Path(marker) if marker is not None else Path(str(store.path) + MARKER_SUFFIX)
+        self._dirty = self.marker.exists()
+
+    @property
+    def state(self) -> CfsState:
+        return self.store.state
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    def set_dirty(self, flag: bool) -> None:
+        if flag:
+            with open(self.marker, "wb") as handle:
+                handle.write(b"resync in progress\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        else:
+            self.store.sync()  # the finished resync is durable before the marker goes
+            self.marker.unlink(missing_ok=True)
+        directory = os.open(self.marker.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self._dirty = flag
+
+    def apply_group(self, ops: Sequence[tuple[Op, int]], *, quorate: bool) -> list[Outcome]:
+        return self.store.apply_group(ops, quorate=quorate)
+
+    def apply_patch(self, delete: Sequence[str], items: Sequence[PatchItem],
+                    touch_dirs: Sequence[tuple[str, int]] = ()) -> None:
+        self.store.apply_patch(delete, items, touch_dirs)
+
+    def read_file(self, path: str) -> bytes:
+        return self.store.read_file(path)
+
+
+class ReplicatedBackend:
+    """CfsBackend over a process group; see the module doc."""
+
+    def __init__(
+        self,
+        store: Store,
+        cpg: CpgService,
+        quorum: Any,
+        nodename: str,
+        *,
+        config: ReplicaConfig | None = None,
+        group: str = GROUP,
+        cluster_name: str = "corral",
+        config_version: int = 0,
+        node_names: Mapping[int, str] | None = None,
+        node_ips: Mapping[int, str] | None = None,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+        wall_s: Callable[[], float] = time.time,
+    ) -> None:
+        """`quorum` is a QuorumService (its `quorate()` and `subscribe()` are
+        used) or a plain callable returning whether this node is quorate."""
+        self._store = store
+        self.rstore = ReplicatedStore(store)
+        self.cpg = cpg
+        self._quorum_of: Callable[[], bool] = (
+            quorum.quorate if hasattr(quorum, "quorate") else quorum)
+        self._quorum_source = quorum
+        self._nodename = nodename
+        self.group = group
+        self.cluster_name = cluster_name
+        self.config_version = config_version
+        self.node_names = dict(node_names or {})
+        self.node_ips = dict(node_ips or {})
+        self._clock_ns = clock_ns
+        self._wall_s = wall_s
+        self.starttime = int(wall_s())
+        self.core = ReplicaCore(cpg.nodeid, nodename, self.rstore, config,
+                                quorate=bool(self._quorum_of()))
+        self.ring_members: tuple[int, ...] = ()
+        self.clinfo_version = 0
+        self._handle: CpgHandle | None = None
+        self._futures: dict[int, asyncio.Future[int]] = {}
+        self._next_request = 0
+        self._outbox: deque[bytes] = deque()
+        self._outbox_ready = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._completions: list[Complete] = []
+        self._flush_scheduled = False
+        self._applied_at_sync = 0
+        self._unsubscribe: Callable[[], None] | None = None
+        self.failed: BaseException | None = None
+
+    # ------------------------------------------------------------ CfsBackend
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def nodename(self) -> str:
+        return self._nodename
+
+    def quorate(self) -> bool:
+        return self.core.quorate and self.failed is None
+
+    async def submit(self, op: Op) -> int:
+        """Apply `op` cluster-wide; returns its errno once applied (and durable)
+        locally: EACCES without quorum, EAGAIN if a resync outlasted the bound,
+        EIO if the backend failed."""
+        if self.failed is not None or self._handle is None:
+            return errno.EIO
+        self._next_request += 1
+        request_id = self._next_request
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._futures[request_id] = future
+        self._guarded(lambda now: self.core.submit(op, request_id, now))
+        return await future
+
+    def virtual_file(self, name: str) -> bytes | None:
+        state = self._store.state
+        if name == ".members":
+            return virtual.render_members(self._nodename, self.clinfo_version, self._cluster())
+        if name == ".vmlist":
+            return virtual.render_vmlist(state.guests_version, state.guest_list())
+        if name == ".version":
+            return virtual.render_version(self.starttime, self.clinfo_version,
+                                          state.guests_version, state.observed, {})
+        if name == ".clusterlog":
+            entries = [virtual.LogEntry(r.uid, r.time, r.pri, r.tag, r.pid, r.node, r.user, r.msg)
+                       for r in self.core.log_entries()]
+            return virtual.render_clusterlog(entries)
+        return None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._handle is not None:
+            raise UsageError("replicated backend already started")
+        self._sender = asyncio.get_running_loop().create_task(self._send_loop())
+        subscribe = getattr(self._quorum_source, "subscribe", None)
+        if subscribe is not None:
+            self._unsubscribe = subscribe(lambda _change: self._guarded(self._quorum_input))
+        self._handle = await self.cpg.join(self.group, callback=self._on_event)
+
+    async def wait_synced(self, timeout_s: float = 30) -> None:
+        """Return once this node is a synced member of the group (for tests and start-up)."""
+        deadline = time.monotonic() + timeout_s
+        while self.core.phase is not Phase.SYNCED:
+            if self.failed is not None:
+                raise self.failed
+            if time.monotonic() > deadline:
+                raise TimeoutError("cfs replica did not sync in time")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Leave the group; pending submits fail (EAGAIN queued, EIO in flight)."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._handle is not None and not self._handle.closed and self.failed is None:
+            await self._drain_outbox()
+            try:
+                await asyncio.wait_for(self._handle.leave(), 5)
+            except (TimeoutError, Exception):
+                self._handle.close()
+        self._apply(self.core.fail_all())
+        self._flush_completions()
+        if self._sender is not None:
+            self._sender.cancel()
+
+    def log(self, pri: int, tag: str, msg: str, *, user: str = "root@pam",
+            pid: int | None = None) -> None:
+        """Add an entry to the replicated cluster log (`.clusterlog`)."""
+        now_s = int(self._wall_s())
+        self._guarded(lambda _now: self.core.log(now_s, pri, tag, msg, user=user,
+                                                 pid=os.getpid() if pid is None else pid))
+
+    def status(self) -> dict[str, object]:
+        report = self.core.last_sync
+        return {
+            "phase": self.core.phase.value,
+            "members": list(self.core.members),
+            "quorate": self.core.quorate,
+            "version": self._store.state.version,
+            "digest": f"{self._store.state.tree.digest:016x}",
+            "counters": dict(self.core.counters),
+            "last_sync": None if report is None else {
+                "leader": report.leader, "followers": list(report.followers),
+                "bytes": report.wire_bytes, "fetched": report.fetched,
+                "deleted": report.deleted, "repair": report.repair},
+        }
+
+    # ------------------------------------------------------------ internals
+
+    def _cluster(self) -> virtual.ClusterInfo:
+        ids = sorted(set(self.node_names) | set(self.ring_members))
+        nodes = [virtual.ClusterNode(self.node_names.get(n, f"node{n}"), n,
+                                     n in self.ring_members, self.node_ips.get(n, ""))
+                 for n in ids]
+        return virtual.ClusterInfo(self.cluster_name, self.config_version, self.quorate(), nodes)
+
+    def _quorum_input(self, now_ns: int) -> list[Action]:
+        quorate = bool(self._quorum_of())
+        if quorate == self.core.quorate:
+            return []
+        return self.core.quorum_changed(quorate, now_ns)
+
+    def _on_event(self, event: CpgEvent) -> None:
+        if isinstance(event, TotemConfChg):
+            self.ring_members = tuple(event.members)
+            self.clinfo_version += 1
+            self._guarded(self._quorum_input)
+        elif isinstance(event, Deliver):
+            self._guarded(lambda now: self._quorum_input(now)
+                          + self.core.deliver(event.nodeid, event.payload, now))
+        elif isinstance(event, ConfChg):
+            members = [m.nodeid for m in event.members]
+            self._guarded(lambda now: self._quorum_input(now) + self.core.confchg(members, now))
+
+    def _guarded(self, step: Callable[[int], list[Action]]) -> None:
+        if self.failed is not None:
+            return
+        try:
+            self._apply(step(self._clock_ns()))
+        except Exception as error:
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        log.critical("cfs replication stopped: %s; restart the node", error)
+        self.failed = error
+        for future in self._futures.values():
+            if not future.done():
+                future.set_result(errno.EIO)
+        self._futures.clear()
+        if self._handle is not None:
+            self._handle.close()
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Multicast):
+                self._outbox.append(action.payload)
+                self._outbox_ready.set()
+            elif isinstance(action, Complete):
+                self._completions.append(action)
+            elif isinstance(action, LogLine):
+                self._log_line(action)
+        if self._completions and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_completions)
+        self._arm_timer()
+
+    def _log_line(self, line: LogLine) -> None:
+        level = {"info": logging.INFO, "warning": logging.WARNING}.get(line.level, logging.ERROR)
+        log.log(level, "cfs: %s", line.text)
+        if line.level != "info" and self.core.members[:1] == (self.core.nodeid,):
+            # Repairs and protocol errors go to the cluster log once (lowest member).
+            now_s = int(self._wall_s())
+            self._outbox.extend(
+                a.payload for a in self.core.log(now_s, 4, "pmxcfs", line.text)
+                if isinstance(a, Multicast))
+            self._outbox_ready.set()
+
+    def _flush_completions(self) -> None:
+        self._flush_scheduled = False
+        completions, self._completions = self._completions, []
+        applied = self.core.counters["ops_applied"]
+        if applied != self._applied_at_sync and self._store.durability is Durability.PROCESS:
+            try:
+                self._store.sync()  # persist, then acknowledge
+            except Exception as error:
+                self._fail(error)
+                return
+            self._applied_at_sync = applied
+        for completion in completions:
+            future = self._futures.pop(completion.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(completion.errno)
+
+    def _arm_timer(self) -> None:
+        deadline = self.core.next_deadline_ns()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is None:
+            return
+        delay_s = max(0.0, (deadline - self._clock_ns()) / _NS_PER_S)
+        self._timer = asyncio.get_running_loop().call_later(
+            delay_s, self._guarded, self.core.timer)
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self._outbox and self._handle is not None and self.failed is None:
+                payload = self._outbox.popleft()
+                try:
+                    await self._handle.mcast(payload)
+                except Exception as error:
+                    self._fail(error)
+                    return
+
+    async def _drain_outbox(self, timeout_s: float = 5) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._outbox and time.monotonic() < deadline and self.failed is None:
+            await asyncio.sleep(0.005)
