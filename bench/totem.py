@@ -118,12 +118,25 @@ def guarded(result: SystemResult, what: str, action: Callable[[], Any]) -> Any:
 
 @contextmanager
 def running_cluster(cls: type[Cluster], topology: Topology, workdir: Path,
-                    settings: ClusterSettings) -> Iterator[Cluster]:
+                    settings: ClusterSettings,
+                    problems: list[str] | None = None) -> Iterator[Cluster]:
+    """A started cluster whose 3-node ring formed; one retry, noted in `problems`."""
     cluster = cls(topology, workdir, settings)
     try:
-        cluster.start()
-        started = time.monotonic()
-        cluster.wait_ring(topology.node_count, list(topology.nodes), group_counts=True)
+        for attempt in (1, 2):
+            cluster.start()
+            started = time.monotonic()
+            try:
+                cluster.wait_ring(topology.node_count, list(topology.nodes), group_counts=True)
+                break
+            except BenchError as error:
+                if attempt == 2:
+                    raise
+                note = f"start: {error}; retried with fresh daemons"
+                log(f"{cluster.system}: {note}")
+                if problems is not None:
+                    problems.append(note)
+                cluster.stop()
         log(f"{cluster.system}: {topology.node_count}-node ring after "
             f"{time.monotonic() - started:.2f} s")
         yield cluster
@@ -250,11 +263,11 @@ def measure_loss(cluster: Cluster, plan: Plan) -> dict[str, Any]:
 
 
 def measure_kill(cls: type[Cluster], topology: Topology, workdir: Path, plan: Plan,
-                 token_ms: int | None) -> dict[str, Any]:
+                 token_ms: int | None, problems: list[str]) -> dict[str, Any]:
     """kill -9 node KILLED_NODE's daemon; time until each survivor reports a 2-node ring."""
     settings = ClusterSettings(token_ms=token_ms, sched_rr=plan.sched_rr,
                                corral_window=plan.corral_window)
-    with running_cluster(cls, topology, workdir, settings) as cluster:
+    with running_cluster(cls, topology, workdir, settings, problems) as cluster:
         time.sleep(plan.kill_settle_s)
         survivors = [node for node in topology.nodes if node != KILLED_NODE]
         killed_ns = cluster.kill_daemon(KILLED_NODE)
@@ -297,7 +310,8 @@ def measure_system(system: str, topology: Topology, workdir: Path, plan: Plan) -
     steady = [t for t in ("idle", "throughput", "latency", "loss") if t in plan.tests]
     if steady:
         try:
-            with running_cluster(cls, topology, workdir / "steady", settings) as cluster:
+            with running_cluster(cls, topology, workdir / "steady", settings,
+                                 result.errors) as cluster:
                 result.describe = cluster.describe()
                 run_steady_tests(cluster, plan, result)
         except (BenchError, OSError, RuntimeError) as error:
@@ -309,7 +323,8 @@ def measure_system(system: str, topology: Topology, workdir: Path, plan: Plan) -
             for repeat in range(plan.kill_repeats):
                 where = workdir / f"kill-{token_ms or 'default'}-{repeat}"
                 run = guarded(result, f"kill token={token_ms}",
-                              partial(measure_kill, cls, topology, where, plan, token_ms))
+                              partial(measure_kill, cls, topology, where, plan, token_ms,
+                                      result.errors))
                 if run:
                     runs.append(run)
         result.kill = summarize_kills(runs)
