@@ -8,6 +8,8 @@ seed prints its violation, a trace excerpt and the one replay command.
 
 - test_swarm_seed: the default suite, SWARM_SEEDS seeds, 3 to 5 nodes, short
   timers (token 300 ms), 2 to 3 simulated seconds of faults each;
+- test_swarm_seed_big_cluster: BIG_SWARM_SEEDS seeds of 6 or 7 nodes, token
+  500 ms, 4 simulated seconds of faults;
 - test_regression_seed: every line of regression_seeds.txt;
 - test_real_core_is_deterministic: two runs, and two processes with different
   PYTHONHASHSEED, give the same trace digest;
@@ -36,6 +38,7 @@ if not hasattr(_core, "TotemCore"):
 
 HERE = pathlib.Path(__file__).resolve().parent
 SWARM_SEEDS = 300
+BIG_SWARM_SEEDS = 100
 SOAK_SEEDS = int(os.environ.get("CORRAL_SOAK_SEEDS", "3000"))
 
 # seed: why it is expected to fail (a core bug reported in .scratch/sim-failures.md)
@@ -72,6 +75,12 @@ def _seed_params(seeds: range) -> list[object]:
 @pytest.mark.parametrize("seed", _seed_params(range(1, SWARM_SEEDS + 1)))
 def test_swarm_seed(seed: int) -> None:
     _check(swarm_options(seed))
+
+
+@pytest.mark.parametrize("seed", _seed_params(range(10_001, 10_001 + BIG_SWARM_SEEDS)))
+def test_swarm_seed_big_cluster(seed: int) -> None:
+    # 6 or 7 nodes, the default-ish token of 500 ms, longer fault phase.
+    _check(SimOptions(seed=seed, nodes=6 + seed % 2, duration_ms=4000, faults=FAULT_NAMES, token_ms=500))
 
 
 def _regression_lines() -> list[object]:
