@@ -101,6 +101,9 @@ class FakeCore:
     def next_deadline_ns(self) -> int:
         return -1
 
+    def stats(self) -> dict[str, int]:
+        return {"dropped_malformed": 0}
+
     def take_ring_seq_to_persist(self) -> int | None:
         return None
 

@@ -3,6 +3,7 @@
     python -m corral.sim --seed S [--nodes N] [--duration-ms T] [--faults LIST|all|none]
                          [--token-ms MS] [-v|-vv]
     python -m corral.sim soak --seeds A:B [--jobs J] [same options]
+    python -m corral.sim shrink --seed S [same options]
 
 Exit status: 0 when every run passed, 1 when a checker failed, 2 on bad usage.
 """
@@ -15,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from corral.sim.cluster import RunResult, SimOptions, convergence_bound_ns, run_seed
 from corral.sim.faults import FAULT_NAMES, parse_faults
@@ -103,11 +105,45 @@ def main_soak(argv: Sequence[str]) -> int:
     return 1 if failures else 0
 
 
+def main_shrink(argv: Sequence[str]) -> int:
+    """Drop fault classes one at a time while the run still fails the same checker.
+
+    Each class draws from its own generator, so removing a class leaves the
+    others' choices and schedules as they were: the smaller run is the same
+    scenario minus that fault."""
+    parser = argparse.ArgumentParser(prog="corral sim shrink", description="Find a smaller fault set that still fails.")
+    parser.add_argument("--seed", type=int, required=True)
+    _common(parser)
+    args = parser.parse_args(argv)
+    try:
+        options = _options(args, args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    first = run_seed(options)
+    if first.ok or first.violation is None:
+        print(f"seed {options.seed} passes: nothing to shrink")
+        return 0
+    checker = first.violation.checker
+    print(f"seed {options.seed} fails [{checker}] with faults {','.join(options.faults)}")
+    for name in options.faults:
+        fewer = tuple(fault for fault in options.faults if fault != name)
+        trial = replace(options, faults=fewer)
+        result = run_seed(trial)
+        still = not result.ok and result.violation is not None and result.violation.checker == checker
+        print(f"  without {name}: {'still fails' if still else 'passes or fails differently'}")
+        if still:
+            options = trial
+    print(f"smallest: {options.replay_command()}")
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args and args[0] == "soak":
             return main_soak(args[1:])
+        if args and args[0] == "shrink":
+            return main_shrink(args[1:])
         return main_single(args)
     except BrokenPipeError:
         # Output piped into `head` and friends: stop quietly, as other CLIs do.

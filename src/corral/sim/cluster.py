@@ -425,7 +425,15 @@ class Simulation:
         self._crash(slot)
         self.scheduler.after(downtime_ns, ("restart", slot.nodeid, disk_lost))
 
+    def _check_wire(self, slot: NodeSlot) -> None:
+        """The simulated network never corrupts or truncates packets, so a core
+        that calls one of them malformed has an encoder/decoder mismatch."""
+        malformed = slot.core.stats().get("dropped_malformed", 0)
+        if malformed:
+            raise Violation("wire-integrity", [slot.nodeid], f"{proc_name(slot.proc)} dropped {malformed} packets as malformed; the simulated network never corrupts packets")
+
     def _crash(self, slot: NodeSlot, why: str = "crashes") -> None:
+        self._check_wire(slot)
         self._note(f"n{slot.nodeid} {why} (incarnation {slot.incarnation})")
         if why == "crashes":
             self.crashes += 1
@@ -601,6 +609,8 @@ class Simulation:
         if ring != self.converged_ring:
             self._note(f"settled again in ring {ring} after converging to {self.converged_ring}")
             self.rings_after_converge = ring[1] - self.converged_ring[1]
+        for slot in self.slots.values():
+            self._check_wire(slot)
         self.checker.check_final([slot.proc for slot in self.slots.values()])
         self.finished = True
 
