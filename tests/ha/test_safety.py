@@ -36,6 +36,7 @@ def test_unsafe_lock_timeout_refused() -> None:
     ({"watchdog_timeout_s": 5, "lrm_round_s": 10}, "watchdog_timeout_s"),
     ({"fence_delay_s": 0}, "fence_delay_s"),
     ({"crm_round_s": 99999}, "crm_round_s"),
+    ({"sim_round_s": 71}, "sim_round_s"),
 ])
 def test_out_of_bounds_refused(changes: dict[str, int], key: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -104,6 +105,9 @@ def _write(directory: pathlib.Path, files: dict[str, object]) -> pathlib.Path:
     ({"cmdlist": "{"}, "invalid JSON"),
     ({"datacenter.cfg": {"ha-timing": {"lock_timeout_s": 20}}}, "lock_timeout_s"),
     ({"rules_config": "colocation: x\n\tresources vm:1\n"}, "unknown section type"),
+    ({"datacenter.cfg": {"ha-timing": {"profile": "fast"}},
+      "hardware_status": {f"node{i}": {"power": "off"} for i in range(1, 6)}},
+     "exceeds the watchdog reset time"),
     ({"service_config": {"vm:1": {"node": "node7"}}}, "unknown node"),
 ])
 def test_malformed_scenarios_are_reported(tmp_path: pathlib.Path, files: dict[str, object],

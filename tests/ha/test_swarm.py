@@ -76,13 +76,16 @@ def make_scenario(seed: int, directory: pathlib.Path) -> None:
     heal += [f"crm {n} disable-node-maintenance" for n in nodes] + [f"crm {nodes[0]} arm-ha"]
     commands = [[f"power {n} on" for n in nodes]]
     commands += [_step(rng, nodes, sids) for _ in range(rng.randint(3, 8))]
-    commands += [heal, ["delay 400"], [f"crm {nodes[0]} arm-ha"]]
+    # Heal twice: a shutdown requested while the cluster had no quorum completes only after
+    # the first heal restored it, and powers its node off again.
+    commands += [heal, heal, ["delay 400"], [f"crm {nodes[0]} arm-ha"]]
     datacenter = {"ha": {"shutdown_policy": rng.choice(["conditional", "freeze", "failover",
                                                          "migrate"])},
                   "crs": {"ha": rng.choice(["basic", "static"]),
                           "ha-rebalance-on-start": rng.choice([0, 1]),
                           "ha-auto-rebalance": rng.choice([0, 1])},
-                  "ha-timing": {"profile": rng.choice(["reference", "fast"])}}
+                  "ha-timing": {"profile": rng.choice(["reference", "fast"])
+                                if len(nodes) <= 4 else "reference"}}
     directory.mkdir(parents=True)
     (directory / "hardware_status").write_text(json.dumps(
         {n: {"power": "off", "network": "off"} for n in nodes}))

@@ -82,6 +82,9 @@ class HaTimings:
                 "watchdog_timeout_s",
                 f"must exceed lrm_round_s ({self.lrm_round_s} s), or a healthy LRM gets reset",
             )
+        if self.sim_round_s > self.watchdog_timeout_s + self.watchdog_device_timeout_s:
+            raise ConfigError("sim_round_s", "must not exceed the watchdog reset time, or "
+                                             "every simulated daemon is reset between rounds")
         if self.lock_timeout_s <= 2 * max(self.crm_round_s, self.lrm_round_s):
             raise ConfigError("lock_timeout_s", "must exceed two daemon rounds")
         return self

@@ -126,6 +126,12 @@ class Simulation:
         self.cluster = SimCluster(sorted(scenario.nodes), timings)
         self.cluster.datacenter = datacenter
         self.round_s = max(timings.sim_round_s, 2 * len(scenario.nodes))
+        reset_s = timings.watchdog_timeout_s + timings.watchdog_device_timeout_s
+        if self.round_s > reset_s:
+            raise ScenarioError(
+                f"a simulated round of {self.round_s} s ({len(scenario.nodes)} nodes, 2 s per "
+                f"node) exceeds the watchdog reset time of {reset_s} s: every daemon would be "
+                "reset between its rounds; use fewer nodes or a longer watchdog_timeout_s")
         self.skip: dict[str, int] = {"crm": 0, "lrm": 0}
         self._setup()
 
