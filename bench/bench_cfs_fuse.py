@@ -298,16 +298,7 @@ def report(rows: list[Row], durability: str) -> None:
             print(f"{'':<22} {row.extra}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--durability", choices=("process", "fsync"), default="process")
-    parser.add_argument("--count", type=int, default=10_000)
-    parser.add_argument("--big-listing", type=int, default=0,
-                        help="also list this many entries (e.g. 270000) from a pre-filled store")
-    parser.add_argument("--dir", help="work directory (default: a temporary one)")
-    args = parser.parse_args(argv)
-    base = Path(args.dir or tempfile.mkdtemp(prefix="crl-fuse-bench-"))
-    base.mkdir(parents=True, exist_ok=True)
+def file_rows(base: Path, args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     daemon = Daemon(base, args.durability)
     try:
@@ -320,6 +311,24 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(listing_row(daemon, "list10k", "list 10k"))
     finally:
         daemon.stop()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--durability", choices=("process", "fsync"), default="process")
+    parser.add_argument("--count", type=int, default=10_000)
+    parser.add_argument("--big-listing", type=int, default=0,
+                        help="also list this many entries (e.g. 270000) from a pre-filled store")
+    parser.add_argument("--listing-only", action="store_true",
+                        help="skip the file workloads (with --big-listing)")
+    parser.add_argument("--dir", help="work directory (default: a temporary one)")
+    args = parser.parse_args(argv)
+    base = Path(args.dir or tempfile.mkdtemp(prefix="crl-fuse-bench-"))
+    base.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    if not args.listing_only:
+        rows += file_rows(base, args)
     if args.big_listing:
         big = base / "big"
         big.mkdir(exist_ok=True)

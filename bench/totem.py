@@ -170,9 +170,9 @@ def summarize_clients(spec: BenchSpec, results: list[dict[str, Any]]) -> dict[st
     rates = [float(r.get("msgs_per_s", 0.0)) for r in results]
     mbps = [float(r.get("mb_per_s", 0.0)) for r in results]
     counts = [int(r.get("msgs", 0)) for r in results]
-    senders = [r for r in results if r.get("sender") and r.get("lat_samples", 0) > 0]
-    p50 = [float(r["lat_p50_us"]) / 1000 for r in senders]
-    p99 = [float(r["lat_p99_us"]) / 1000 for r in senders]
+    senders = [r for r in results if r.get("sender") and r.get("latency_samples", 0) > 0]
+    p50 = [float(r["latency_us_p50"]) / 1000 for r in senders]
+    p99 = [float(r["latency_us_p99"]) / 1000 for r in senders]
     return {
         "size": spec.size,
         "senders": spec.senders,

@@ -75,7 +75,7 @@ def test_client_counts_gaps_duplicates_and_end() -> None:
 def test_report_ratio_and_missing_figures() -> None:
     spec = BenchSpec(size=1024, senders=1, duration_ms=1000)
     nodes = [{"msgs_per_s": rate, "mb_per_s": rate / 1000, "msgs": 10, "complete": True,
-              "sender": i == 0, "lat_samples": 10, "lat_p50_us": 200.0, "lat_p99_us": 900.0}
+              "sender": i == 0, "latency_samples": 10, "latency_us_p50": 200.0, "latency_us_p99": 900.0}
              for i, rate in enumerate((900.0, 1000.0, 1100.0))]
     corosync_case = summarize_clients(spec, nodes)
     assert corosync_case["msgs_per_s_per_node"] == pytest.approx(1000.0)
@@ -133,7 +133,7 @@ def test_corosync_peer_smoke() -> None:
     assert len({result["msgs"] for result in results}) == 1, results
     sender = next(result for result in results if result["sender"])
     assert sender["msgs"] == sender["sent"]
-    assert 0 < sender["lat_p50_us"] <= sender["lat_p99_us"]
+    assert 0 < sender["latency_us_p50"] <= sender["latency_us_p99"]
     assert not set(topology.all_namespaces()) & set(list_namespaces())
     for pid in daemon_pids:
         assert not Path(f"/proc/{pid}").exists(), f"corosync {pid} survived the cleanup"

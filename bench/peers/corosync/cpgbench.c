@@ -88,8 +88,8 @@ struct stats {
 	uint64_t totem_confchgs;
 	uint64_t cpg_confchgs;
 	uint64_t next_seq[MAX_NODEID];
-	uint64_t lat_samples;
-	uint64_t lat_max_ns;
+	uint64_t latency_samples;
+	uint64_t latency_max_ns;
 	uint64_t *fine;
 	uint64_t *coarse;
 };
@@ -127,20 +127,20 @@ static void record_latency(uint64_t latency_ns)
 		uint64_t ms = latency_ns / 1000000;
 		stats.coarse[ms < COARSE_BUCKETS ? ms : COARSE_BUCKETS - 1]++;
 	}
-	if (latency_ns > stats.lat_max_ns)
-		stats.lat_max_ns = latency_ns;
-	stats.lat_samples++;
+	if (latency_ns > stats.latency_max_ns)
+		stats.latency_max_ns = latency_ns;
+	stats.latency_samples++;
 }
 
 /* The latency (in microseconds) below which `fraction` of the samples fall. */
 static double latency_percentile_us(double fraction)
 {
 	uint64_t rank, seen = 0;
-	if (stats.lat_samples == 0)
+	if (stats.latency_samples == 0)
 		return -1.0;
-	rank = (uint64_t)(fraction * (double)stats.lat_samples);
-	if (rank >= stats.lat_samples)
-		rank = stats.lat_samples - 1;
+	rank = (uint64_t)(fraction * (double)stats.latency_samples);
+	if (rank >= stats.latency_samples)
+		rank = stats.latency_samples - 1;
 	for (uint64_t i = 0; i < FINE_BUCKETS; i++) {
 		seen += stats.fine[i];
 		if (seen > rank)
@@ -151,7 +151,7 @@ static double latency_percentile_us(double fraction)
 		if (seen > rank)
 			return ((double)i + 0.5) * 1000.0;
 	}
-	return (double)stats.lat_max_ns / 1000.0;
+	return (double)stats.latency_max_ns / 1000.0;
 }
 
 static void bench_deliver(cpg_handle_t h, const struct cpg_name *group, uint32_t nodeid,
@@ -333,8 +333,8 @@ static void print_result(const struct options *opt, const struct send_result *re
 	printf("{\"system\": \"corosync\", \"nodeid\": %u, \"sender\": %s, \"size\": %zu, "
 	       "\"rate_target\": %ld, \"duration_ms\": %ld, \"msgs\": %" PRIu64 ", \"bytes\": %" PRIu64
 	       ", \"span_s\": %.6f, \"msgs_per_s\": %.1f, \"mb_per_s\": %.3f, \"sent\": %" PRIu64
-	       ", \"send_s\": %.6f, \"try_again\": %" PRIu64 ", \"lat_samples\": %" PRIu64
-	       ", \"lat_p50_us\": %.1f, \"lat_p99_us\": %.1f, \"lat_max_us\": %.1f"
+	       ", \"send_s\": %.6f, \"try_again\": %" PRIu64 ", \"latency_samples\": %" PRIu64
+	       ", \"latency_us_p50\": %.1f, \"latency_us_p99\": %.1f, \"latency_us_max\": %.1f"
 	       ", \"gaps\": %" PRIu64 ", \"dups\": %" PRIu64 ", \"bad\": %" PRIu64 ", \"ends\": %d"
 	       ", \"complete\": %s, \"members_ok\": %s, \"connection_lost\": %s"
 	       ", \"totem_confchgs\": %" PRIu64 ", \"cpg_confchgs\": %" PRIu64 ", \"send_error\": %d"
@@ -343,8 +343,8 @@ static void print_result(const struct options *opt, const struct send_result *re
 	       stats.my_nodeid, opt->send ? "true" : "false", opt->size, opt->rate, opt->duration_ms,
 	       stats.msgs, stats.bytes, span_s, rate, mbps, __atomic_load_n(&res->sent, __ATOMIC_RELAXED),
 	       opt->send ? send_s : 0.0,
-	       res->try_again, stats.lat_samples, latency_percentile_us(0.50),
-	       latency_percentile_us(0.99), (double)stats.lat_max_ns / 1000.0, stats.gaps, stats.dups,
+	       res->try_again, stats.latency_samples, latency_percentile_us(0.50),
+	       latency_percentile_us(0.99), (double)stats.latency_max_ns / 1000.0, stats.gaps, stats.dups,
 	       stats.bad, stats.ends, stats.ends >= opt->senders ? "true" : "false",
 	       members_ok ? "true" : "false", stats.connection_lost ? "true" : "false",
 	       stats.totem_confchgs, stats.cpg_confchgs, res->error == CS_OK ? 0 : (int)res->error,
