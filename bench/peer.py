@@ -141,6 +141,7 @@ class Cluster(ABC):
             self._check_daemon(node)
             event = self.watchers[node].wait_for(matches, max(0.0, deadline - time.monotonic()))
             if event is None:
+                self._check_daemon(node)
                 raise BenchError(f"{self.system} n{node}: no {members}-member ring "
                                  f"within {timeout_s:.0f} s (see {self.node_dir(node)})")
             found[node] = event
