@@ -159,22 +159,22 @@ class EvsChecker:
         left: tuple[int, ...],
     ) -> None:
         state = self.procs[proc]
-        ring_id = self._ring_key(ring_id)
+        ring = self._ring_key(ring_id)
         members = tuple(sorted(members))
         if proc[0] not in members:
-            self._fail("config-consistency", [proc[0]], f"{proc_name(proc)} installs {kind=} ring {ring_id} {members} without itself")
+            self._fail("config-consistency", [proc[0]], f"{proc_name(proc)} installs {kind=} ring {ring} {members} without itself")
         # A node can be in `left` and in `members` of one regular configuration:
         # it failed and came back (restarted) within one membership change; then
         # it is in `joined` too. A member that never left cannot have left.
         if set(joined) - set(members) or set(left) & (set(members) - set(joined)):
-            self._fail("config-consistency", [proc[0]], f"{proc_name(proc)} ring {ring_id}: joined {joined} / left {left} disagree with members {members}")
+            self._fail("config-consistency", [proc[0]], f"{proc_name(proc)} ring {ring}: joined {joined} / left {left} disagree with members {members}")
         if kind == self.conf_regular:
-            self._check_regular(state, ring_id, members)
+            self._check_regular(state, ring, members)
         elif kind == self.conf_transitional:
-            self._check_transitional(state, ring_id, members)
+            self._check_transitional(state, ring, members)
         else:
             self._fail("config-consistency", [proc[0]], f"unknown configuration kind {kind}")
-        key: ConfigKey = (kind, ring_id, members)
+        key: ConfigKey = (kind, ring, members)
         self._check_segment(state, key)
         state.last_config = key
         state.segment = []
