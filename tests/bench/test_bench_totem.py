@@ -158,10 +158,11 @@ def test_loss_rules_and_stale_cleanup() -> None:
             listed = subprocess.run(topology.in_namespace(2, ["nft", "list", "ruleset"]),
                                     capture_output=True, text=True, check=True).stdout
             assert "crlb_loss" not in listed
-            ping = subprocess.run(topology.in_namespace(1, ["ping", "-c", "1", "-W", "2",
-                                                            topology.address(2)]),
-                                  capture_output=True, check=False)
-            assert ping.returncode == 0 or shutil.which("ping") is None
+            if shutil.which("ping") is not None:
+                ping = subprocess.run(topology.in_namespace(1, ["ping", "-c", "1", "-W", "2",
+                                                                topology.address(2)]),
+                                      capture_output=True, check=False)
+                assert ping.returncode == 0, "the bridge does not carry traffic"
         finally:
             topology.destroy()
         assert stray.wait(timeout=5) != 0
