@@ -177,7 +177,8 @@ class ReplicatedBackend:
         request_id = self._next_request
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._futures[request_id] = future
-        self._guarded(lambda now: self.core.submit(op, request_id, now))
+        self._guarded(lambda now: self._quorum_input(now)
+                      + self.core.submit(op, request_id, now))
         return await future
 
     def virtual_file(self, name: str) -> bytes | None:
@@ -258,9 +259,10 @@ class ReplicatedBackend:
     # ------------------------------------------------------------ internals
 
     def _cluster(self) -> virtual.ClusterInfo:
-        ids = sorted(set(self.node_names) | set(self.ring_members))
+        online = set(self.ring_members or self.cpg.core.ring_members)
+        ids = sorted(set(self.node_names) | online)
         nodes = [virtual.ClusterNode(self.node_names.get(n, f"node{n}"), n,
-                                     n in self.ring_members, self.node_ips.get(n, ""))
+                                     n in online, self.node_ips.get(n, ""))
                  for n in ids]
         return virtual.ClusterInfo(self.cluster_name, self.config_version, self.quorate(), nodes)
 

@@ -1,0 +1,119 @@
+"""ReplicatedBackend (asyncio) on CpgService over the fake asyncio Totem of
+the CPG tests, with real stores: start and sync, a write on one node read on
+the others, same errno for a conflict, EACCES without quorum, generated
+files (.members, .vmlist, .version, .clusterlog) and the replicated cluster
+log, group commit (store synced before the answer), a clean stop. Runs on
+asyncio and uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import importlib.util
+import json
+import pathlib
+import sys
+from collections.abc import Callable, Coroutine
+from types import ModuleType
+from typing import Any
+
+import pytest
+import uvloop
+
+from corral.cfs.ops import Op
+from corral.cfs.replication import ReplicatedBackend
+from corral.cfs.store import Durability, Store
+from corral.cpg.service import CpgService
+
+T = 1795720870
+
+
+def _fakenode() -> ModuleType:
+    name = "crl_cfs_repl_fakenode"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = pathlib.Path(__file__).resolve().parent.parent / "cpg" / "fakenode.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Coroutine[Any, Any, Any]]], Any]:
+    factory = asyncio.new_event_loop if request.param == "asyncio" else uvloop.new_event_loop
+
+    def runner(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        with asyncio.Runner(loop_factory=factory) as loop_runner:
+            return loop_runner.run(asyncio.wait_for(main(), 30))
+
+    return runner
+
+
+def test_backend_end_to_end(tmp_path: pathlib.Path, run: Any) -> None:
+    async def main() -> None:
+        network = _fakenode().FakeNetwork([1, 2, 3])
+        quorate = {1: True, 2: True, 3: True}
+        stores = {n: Store(tmp_path / f"n{n}", durability=Durability.PROCESS) for n in (1, 2, 3)}
+        backends = {
+            n: ReplicatedBackend(stores[n], CpgService(network.nodes[n]),
+                                 lambda n=n: quorate[n], f"node{n}",
+                                 node_names={1: "node1", 2: "node2", 3: "node3"},
+                                 node_ips={1: "10.0.0.1"}, cluster_name="lab")
+            for n in (1, 2, 3)
+        }
+        network.start()
+        network.configure([[1, 2, 3]])
+        try:
+            for backend in backends.values():
+                await backend.start()
+            for backend in backends.values():
+                await backend.wait_synced()
+            b1, b2, b3 = backends[1], backends[2], backends[3]
+            for path in ("nodes", "nodes/node1", "nodes/node1/qemu-server",
+                         "nodes/node2", "nodes/node2/qemu-server"):
+                assert await b1.submit(Op.mkdir(path, T)) == 0
+            assert await b2.submit(Op.create("nodes/node2/qemu-server/100.conf", T,
+                                             excl=True)) == 0
+            assert await b3.submit(Op.write("nodes/node2/qemu-server/100.conf", 0,
+                                            b"cores: 2\n", T)) == 0
+            codes = await asyncio.gather(
+                b1.submit(Op.create("nodes/node1/qemu-server/101.conf", T, excl=True)),
+                b2.submit(Op.create("nodes/node2/qemu-server/101.conf", T, excl=True)))
+            assert sorted(codes) == [0, errno.EEXIST]
+            await network.settle()
+            for store in stores.values():
+                assert store.read_file("nodes/node2/qemu-server/100.conf") == b"cores: 2\n"
+            assert len({(s.state.version, s.state.tree.digest) for s in stores.values()}) == 1
+            # without quorum: EACCES at once, nothing changes; reads still work
+            quorate[3] = False
+            assert await b3.submit(Op.mkdir("x", T)) == errno.EACCES
+            assert not b3.quorate()
+            assert stores[3].read_file("nodes/node2/qemu-server/100.conf") == b"cores: 2\n"
+            quorate[3] = True
+            members = json.loads(b1.virtual_file(".members") or b"")
+            assert members["cluster"]["name"] == "lab"
+            assert members["nodelist"]["node1"] == {"id": 1, "online": 1, "ip": "10.0.0.1"}
+            vmlist = json.loads(b3.virtual_file(".vmlist") or b"")
+            assert vmlist["ids"]["100"]["node"] == "node2"
+            assert "101" in vmlist["ids"]
+            version = json.loads(b2.virtual_file(".version") or b"")
+            assert version["vmlist"] == stores[2].state.guests_version
+            b2.log(6, "probe", "hello from 2")
+            await network.settle()
+            await asyncio.sleep(0.05)
+            for backend in backends.values():
+                log = json.loads(backend.virtual_file(".clusterlog") or b"")
+                assert [e["msg"] for e in log["data"]] == ["hello from 2"]
+            assert b1.virtual_file("storage.cfg") is None
+            assert b1.status()["phase"] == "synced"
+        finally:
+            for backend in backends.values():
+                await backend.stop()
+            await network.stop()
+            for store in stores.values():
+                store.close()
+
+    run(main)
