@@ -411,8 +411,6 @@ PENDING_SUBMITS_MAX = 4096
 CLUSTERLOG_MAX = 1000
 # The leader sends a patch in parts of about this much content each.
 PATCH_PART_BYTES = 4 * 1024 * 1024
-# Digest-walk rounds one resync may take before the follower fetches its whole tree.
-WALK_ROUNDS_MAX = 4096
 
 
 class Phase(enum.Enum):
@@ -580,6 +578,7 @@ class ReplicaCore:
         self._verify_replies: dict[int, tuple[int, int]] = {}
         self._next_verify_ns: int | None = None
         self._log_uid = 0
+        self._wire_size = 0
         self._out: list[Action] = []
 
     # ------------------------------------------------------------------ inputs
@@ -602,9 +601,11 @@ class ReplicaCore:
             return self._drain()
         try:
             message: Message | None = decode(payload)
+            self._wire_size = len(payload)
             if isinstance(message, Frag):
                 whole = self._reassemble(sender, message)
                 message = decode(whole) if whole is not None else None
+                self._wire_size = len(whole or b"")
             if message is not None:
                 self._handle(sender, message, now_ns)
         except NewerVersion as error:
@@ -634,10 +635,11 @@ class ReplicaCore:
             self._complete(request_id, code or errno.EACCES)
             return self._drain()
         payload = encode(OpMsg(self.nodeid, request_id, op_bytes))
-        if self.phase is Phase.SYNCED and not self._waiting:
-            self._send_op(request_id, payload)
-        elif len(self._waiting) >= self.config.pending_submits_max:
+        if self.pending >= self.config.pending_submits_max:
+            self.counters["eagain"] += 1
             self._complete(request_id, errno.EAGAIN)
+        elif self.phase is Phase.SYNCED and not self._waiting:
+            self._send_op(request_id, payload)
         else:
             self._waiting.append(_Waiting(request_id, payload, now_ns + self.config.eagain_ns))
         return self._drain()
@@ -886,7 +888,7 @@ class ReplicaCore:
             self.counters["stale"] += 1
             return
         if sync.report is not None and isinstance(message, WalkMsg | Fetch):
-            sync.report.wire_bytes += len(encode(message))
+            sync.report.wire_bytes += self._wire_size
         if isinstance(message, StateMsg):
             self._on_state(sync, sender, message, now_ns)
         elif isinstance(message, WalkMsg):
@@ -940,13 +942,6 @@ class ReplicaCore:
     def _send_queries(self, sync: _Sync, queries: list[resync.Query]) -> None:
         assert sync.epoch is not None and sync.walk is not None
         sync.rounds += 1
-        if queries and sync.rounds > WALK_ROUNDS_MAX:
-            self._log("warning", "resync: digest walk too long; fetching the whole tree")
-            root = self.store.state.tree.lookup("")
-            names = [] if root is None else self.store.state.tree.sorted_names(root)
-            sync.walk.fetch[:] = list(names)
-            sync.walk.delete[:] = []
-            queries = []
         if queries:
             self._send(WalkMsg(MsgType.QUERY, sync.epoch, sync.leader,
                                resync.encode_queries(queries)))
