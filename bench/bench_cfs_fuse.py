@@ -87,7 +87,7 @@ class Daemon:
             [sys.executable, "-m", "corral.cfs.mount", "--store", str(self.store),
              "--mountpoint", str(self.root), "--local", "--nodename", NODE,
              "--durability", durability, "--ready-file", str(ready)],
-            stdout=subprocess.DEVNULL, stderr=open(base / "mount.log", "ab"))  # noqa: SIM115
+            stdout=subprocess.DEVNULL, stderr=open(base / "mount.log", "ab"))
         deadline = time.monotonic() + 120
         while not ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

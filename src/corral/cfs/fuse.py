@@ -169,20 +169,37 @@ class CfsOperations(pyfuse3.Operations):
         return fh
 
     def _fill(self, attr: pyfuse3.EntryAttributes, entry: Entry, path: str,
-              quorate: bool) -> None:
+              quorate: bool, modes: tuple[int, int] | None = None) -> None:
+        """Set `attr` from `entry`; `modes` (directory, file), when the caller
+        knows them for a whole directory's children, saves deriving them."""
+        if modes is None:
+            modes = (stat.S_IFDIR | rules.mode_of(path, True, quorate),
+                     stat.S_IFREG | rules.mode_of(path, False, quorate))
         if entry.is_dir:
-            attr.st_mode = pyfuse3.ModeT(stat.S_IFDIR | rules.mode_of(path, True, quorate))
+            attr.st_mode = pyfuse3.ModeT(modes[0])
             attr.st_nlink = 2
+            size = 0
         else:
-            attr.st_mode = pyfuse3.ModeT(stat.S_IFREG | rules.mode_of(path, False, quorate))
+            attr.st_mode = pyfuse3.ModeT(modes[1])
             attr.st_nlink = 1
-        size = 0 if entry.is_dir else entry.size
+            size = entry.size
         attr.st_ino = pyfuse3.InodeT(entry.ino)
         attr.st_size = size
         attr.st_blocks = -(-size // 512)
         # The root has no stored record: show the time of the last change.
         mtime = entry.mtime if entry.ino != ROOT_INO else self.backend.store.state.mtime
         attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = mtime * 1_000_000_000
+
+    @staticmethod
+    def _child_modes(dir_path: str, quorate: bool) -> tuple[int, int] | None:
+        """The modes every child of `dir_path` has, or None where they differ
+        by name (the root holds priv/, nodes/<n> holds priv/)."""
+        parts = dir_path.split("/")
+        if not dir_path or (len(parts) == 2 and parts[0] == "nodes"):
+            return None
+        sample = f"{dir_path}/_"
+        return (stat.S_IFDIR | rules.mode_of(sample, True, quorate),
+                stat.S_IFREG | rules.mode_of(sample, False, quorate))
 
     def _attrs(self, entry: Entry, path: str | None = None) -> pyfuse3.EntryAttributes:
         attr = self._blank_attrs()
@@ -311,9 +328,10 @@ class CfsOperations(pyfuse3.Operations):
             if cookie < _DOT_COOKIES + shown_virtual:
                 return
         base = _DOT_COOKIES + shown_virtual
-        await self._reply_entries(handle, directory, cookie, base, quorate, token)
-        # Let other requests run between two pages of a long listing.
-        await asyncio.sleep(0)
+        # One request fills one kernel buffer (a page of entries) and the
+        # handler never awaits meanwhile, so it runs for well under a
+        # millisecond; other requests run between two pages of a listing.
+        self._reply_entries(handle, directory, cookie, base, quorate, token)
 
     def _reply_dots(self, directory: Entry, cookie: int, token: pyfuse3.ReaddirToken) -> bool:
         parent = directory.parent or directory
@@ -336,11 +354,12 @@ class CfsOperations(pyfuse3.Operations):
             cookie += 1
         return cookie
 
-    async def _reply_entries(self, handle: _DirHandle, directory: Entry, cookie: int,
+    def _reply_entries(self, handle: _DirHandle, directory: Entry, cookie: int,
                              base: int, quorate: bool, token: pyfuse3.ReaddirToken) -> None:
         tree = self.tree
         dir_path = tree.path_of(directory)
         attr = self._blank_attrs()  # readdir_reply copies it: one object serves all
+        modes = self._child_modes(dir_path, quorate)
         while True:
             if cookie == handle.next_cookie and handle.last_name:
                 page = tree.readdir_after(directory, handle.last_name, READDIR_PAGE)
@@ -349,7 +368,8 @@ class CfsOperations(pyfuse3.Operations):
             if not page:
                 return
             for entry in page:
-                self._fill(attr, entry, _join(dir_path, entry.name), quorate)
+                path = dir_path if modes is not None else _join(dir_path, entry.name)
+                self._fill(attr, entry, path, quorate, modes)
                 name = pyfuse3.FileNameT(entry.name.encode("utf-8", "surrogateescape"))
                 if not pyfuse3.readdir_reply(token, name, attr, cookie + 1):
                     return
@@ -435,8 +455,10 @@ class CfsOperations(pyfuse3.Operations):
         return len(buf)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
-        # Every write was applied before it returned: nothing is buffered.
-        return None
+        # Every write was applied before it returned: close() has nothing to
+        # do. ENOSYS makes the kernel stop sending FLUSH at all (one request
+        # less per close); close() still returns 0.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         store = self.backend.store

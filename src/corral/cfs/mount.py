@@ -163,6 +163,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-timeout", type=float, default=1.0,
                         help="seconds the kernel caches names and attributes")
     parser.add_argument("--ready-file", help="written once the mount is up")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="event loop (uvloop: less CPU per request)")
     parser.add_argument("--debug", action="store_true")
     return parser.parse_args(argv)
 
@@ -198,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
               "the cluster daemon mounts with its replicated backend", file=sys.stderr)
         return 2
     try:
+        if args.loop == "uvloop":
+            import uvloop
+
+            return uvloop.run(_serve(args))
         return asyncio.run(_serve(args))
     except OSError as error:
         print(f"mount failed: {error}", file=sys.stderr)
