@@ -41,7 +41,8 @@ from corral.sim.scheduler import Scheduler
 from corral.totem.config import NS_PER_MS, TotemConfig, TotemTimers
 
 TRACE_KEEP = 400
-TRACE_SHOW = 40
+TRACE_SHOW = 30
+TRACE_DELIVERIES_SHOW = 12
 PACKET_TRACE_KEEP = 12
 PACKET_HEAD_BYTES = 44
 # Totem common header (ext/totem/codec.pxi): magic u16 | version u8 | type u8 |
@@ -218,6 +219,7 @@ class Simulation:
                 slot.clock_offset_ns = clock_rng.randrange(1 << 50)
         self.digest = hashlib.blake2b(digest_size=16)
         self.trace: deque[tuple[int, str | tuple[Any, ...]]] = deque(maxlen=TRACE_KEEP)
+        self.delivery_trace: deque[tuple[int, str | tuple[Any, ...]]] = deque(maxlen=TRACE_KEEP)
         self.packet_trace: deque[tuple[int, int, int, bytes]] = deque(maxlen=PACKET_TRACE_KEEP)
         self.phase = "safety"
         self.safety_end_ns = options.duration_ms * NS_PER_MS
@@ -394,9 +396,9 @@ class Simulation:
             _, sender, payload = event
             self.digest.update(b"d%d<%d:" % (slot.nodeid, sender))
             self.digest.update(payload)
-            self.trace.append((self.scheduler.now_ns, ("deliver", slot.nodeid, sender, payload[:24])))
+            self.delivery_trace.append((self.scheduler.now_ns, ("deliver", slot.nodeid, sender, payload[:24])))
             if self.options.verbose >= 2:
-                print(f"{self.scheduler.now_ns / NS_PER_MS:12.3f}ms  {_format_entry(self.trace[-1][1])}")
+                print(f"{self.scheduler.now_ns / NS_PER_MS:12.3f}ms  {_format_entry(self.delivery_trace[-1][1])}")
             self.checker.on_deliver(slot.proc, sender, payload)
         elif event[0] == self.api.ev_config:
             _, kind, ring_id, members, joined, left = event
@@ -645,15 +647,31 @@ class Simulation:
             f"  {violation.detail}",
             f"  faults: {self.plan.describe()}; cut links now: {self.network.cut_links()}",
             f"  processes: {', '.join(proc_name(slot.proc) + ('' if slot.core else ' (down)') for slot in self.slots.values())}",
-            f"last {TRACE_SHOW} trace events:",
+            f"trace excerpt (membership, faults, and the last deliveries at nodes {violation.nodes}):",
         ]
-        for time_ns, entry in list(self.trace)[-TRACE_SHOW:]:
+        for time_ns, entry in self._trace_excerpt(violation.nodes):
             lines.append(f"  {time_ns / NS_PER_MS:12.3f}ms  {_format_entry(entry)}")
         lines.append(f"last {PACKET_TRACE_KEEP} packets received:")
         for time_ns, source, destination, head in self.packet_trace:
             lines.append(f"  {time_ns / NS_PER_MS:12.3f}ms  n{source} -> n{destination} {describe_packet(head)}")
         lines.append(f"replay: {self.options.replay_command()} -v")
         return "\n".join(lines)
+
+
+    def _trace_excerpt(self, nodes: list[int]) -> list[tuple[int, str | tuple[Any, ...]]]:
+        """The last events that concern `nodes` (all nodes when empty), plus faults
+        and phase changes, and the last few deliveries at those nodes."""
+        wanted = set(nodes) if nodes else set(self.nodeids)
+        prefixes = tuple(f"n{node} " for node in sorted(wanted))
+
+        def relevant(entry: str | tuple[Any, ...]) -> bool:
+            if isinstance(entry, tuple):
+                return int(entry[1]) in wanted
+            return entry.startswith(prefixes) or not (entry[:1] == "n" and entry[1:2].isdigit())
+
+        events = [item for item in self.trace if relevant(item[1])][-TRACE_SHOW:]
+        deliveries = [item for item in self.delivery_trace if relevant(item[1])][-TRACE_DELIVERIES_SHOW:]
+        return sorted(events + deliveries, key=lambda item: item[0])
 
 
 def _format_entry(entry: str | tuple[Any, ...]) -> str:
