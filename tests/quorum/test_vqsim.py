@@ -1,5 +1,6 @@
-"""The partition simulator: seeded swarm runs with the checkers, regression scenarios,
-a proof that the checker bites, and the command line.
+"""The partition simulator: seeded swarm runs with the checkers, the scenario files in
+scenarios/ (commands and the output they must give), regression seeds, a proof
+that the checkers bite, and the command line.
 
 Each seed picks a configuration (cluster size, votes, features) and runs 200 random
 steps (splits, merges, crashes, clean leaves, restarts, time jumps, partial
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +24,9 @@ from corral.quorum.vqsim import (
     CheckFailed,
     QuorumSim,
     main,
+    run_scenario,
     run_seed,
+    script_header,
     strict_safety_applies,
     swarm_config,
 )
@@ -73,6 +77,30 @@ def test_strict_safety_scope() -> None:
     assert not strict_safety_applies(
         QuorumConfig.from_options({"two_node": "1"}, {1: 1, 2: 1})
     )
+
+
+SCENARIOS = sorted((Path(__file__).parent / "scenarios").glob("*.vq"))
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
+def test_scenario_files(path: Path) -> None:
+    """Each file in scenarios/: a cluster, commands, and `>` lines it must print."""
+    text = path.read_text()
+    assert text.count("\n>") >= 3  # a scenario pins its behaviour
+    run_scenario(text)
+
+
+def test_scenario_expectation_mismatch_fails() -> None:
+    with pytest.raises(CheckFailed, match="line 3: expected '\\[1 2 3\\]', got '\\[1\\* 2\\* 3\\*\\]'"):
+        run_scenario("# nodes: 1,2,3\nshow\n> [1 2 3]\n")
+
+
+def test_scenarios_cover_every_feature() -> None:
+    options = set()
+    for path in SCENARIOS:
+        options |= set(script_header(path.read_text().splitlines())[1])
+    assert {"two_node", "wait_for_all", "last_man_standing", "auto_tie_breaker",
+            "allow_downscale"} <= options
 
 
 @pytest.mark.parametrize("seed", [5387])

@@ -34,8 +34,12 @@ Checkers run after every step:
 
 Script commands: `split 1,2 3,4,5` (topology), `join` (one group), `down N`
 (crash), `leave N` (clean shutdown), `up N` (restart), `expected N ON_NODE`,
-`wait MS`, `settle`, `show` (the partitions, `*` = quorate), `status N`
-(that node's `corosync-quorumtool -s` output). Lines starting with `#` are comments.
+`wait MS`, `settle`, `show` (the partitions, `*` = quorate), `numbers N`
+(that node's expected, highest, total, quorum, quorate), `status N` (its
+`corosync-quorumtool -s` output). Every command settles the messages.
+Lines starting with `#` are comments; `# nodes: 1,2,3:2` and
+`# option: key=value` set up the cluster; a line `> text` must equal the last
+output line (scenario files in tests/quorum/scenarios/ use this).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from corral.quorum.config import QuorumConfig
 from corral.quorum.core import (
     NS_PER_MS,
     Effect,
+    ExpectedVotesRefused,
     PersistExpected,
     QuorumCore,
     QuorumStatus,
@@ -475,36 +480,78 @@ def run_seed(seed: int, steps: int = 200, options: Mapping[str, str] | None = No
 # ------------------------------------------------------------------ CLI
 
 def run_script(sim: QuorumSim, lines: Iterable[str], out: list[str]) -> None:
-    for raw in lines:
+    """Run script commands; a line `> text` must equal the last output line."""
+    sim.settle()
+    sim._step("settle")
+    for number, raw in enumerate(lines, start=1):
         line = raw.split("#", 1)[0].strip()
-        if not line:
+        if line.startswith(">"):
+            expected = line[1:].strip()
+            actual = out[-1] if out else "(no output yet)"
+            if actual != expected:
+                sim._fail(f"line {number}: expected {expected!r}, got {actual!r}")
             continue
-        word, *args = line.split()
-        if word == "split":
-            sim.split([int(n) for n in group.split(",")] for group in args)
-        elif word == "join":
-            sim.join()
-        elif word == "down":
-            sim.crash(int(args[0]))
-        elif word == "leave":
-            sim.leave(int(args[0]))
-        elif word == "up":
-            sim.restart(int(args[0]))
-        elif word == "expected":
-            sim.set_expected(int(args[0]), int(args[1]))
-        elif word == "wait":
-            sim.wait_ms(int(args[0]))
-        elif word == "settle":
+        if line:
+            _run_command(sim, line, out)
             sim.settle()
             sim._step("settle")
-        elif word == "show":
-            out.append(sim.describe())
-        elif word == "status":
-            out.append(format_status(sim.nodes[int(args[0])].core.status(), _epoch()))
-        else:
-            raise UsageError(f"unknown command {word!r}")
-        sim.settle()
-        sim._step("settle")
+
+
+def _run_command(sim: QuorumSim, line: str, out: list[str]) -> None:
+    word, *args = line.split()
+    if word == "split":
+        sim.split([int(n) for n in group.split(",")] for group in args)
+    elif word == "join":
+        sim.join()
+    elif word == "down":
+        sim.crash(int(args[0]))
+    elif word == "leave":
+        sim.leave(int(args[0]))
+    elif word == "up":
+        sim.restart(int(args[0]))
+    elif word == "expected":
+        try:
+            sim.set_expected(int(args[0]), int(args[1]))
+        except ExpectedVotesRefused as refused:
+            out.append(f"refused: {refused}")
+    elif word == "wait":
+        sim.wait_ms(int(args[0]))
+    elif word == "settle":
+        pass  # every command settles anyway
+    elif word == "show":
+        out.append(sim.describe())
+    elif word == "numbers":
+        s = sim.status(int(args[0]))
+        out.append(f"expected={s.expected_votes} highest={s.highest_expected} "
+                   f"total={s.total_votes} quorum={s.quorum} quorate={int(s.quorate)}")
+    elif word == "status":
+        out.append(format_status(sim.nodes[int(args[0])].core.status(), _epoch()))
+    else:
+        raise UsageError(f"unknown command {word!r}")
+
+
+def script_header(lines: Sequence[str]) -> tuple[dict[int, int] | None, dict[str, str]]:
+    """`# nodes: 1,2,3:2` and `# option: key=value` comment lines of a scenario file."""
+    nodes: dict[int, int] | None = None
+    options: dict[str, str] = {}
+    for raw in lines:
+        text = raw.strip()
+        if text.startswith("# nodes:"):
+            nodes = _nodes(text.removeprefix("# nodes:").strip())
+        elif text.startswith("# option:"):
+            key, _, value = text.removeprefix("# option:").strip().partition("=")
+            options[key.strip()] = value.strip()
+    return nodes, options
+
+
+def run_scenario(text: str) -> list[str]:
+    """Run a scenario file's text (header, commands, `>` expectations); returns its output."""
+    lines = text.splitlines()
+    nodes, options = script_header(lines)
+    sim = QuorumSim(options, nodes or {1: 1, 2: 1, 3: 1})
+    out: list[str] = []
+    run_script(sim, lines, out)
+    return out
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -513,8 +560,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="run one seeded swarm run")
     parser.add_argument("--seeds", help="run a range of seeds, e.g. 0:500")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--script", help="command file ('-' for stdin); needs --nodes")
-    parser.add_argument("--nodes", default="1,2,3", help="nodeids[:votes], e.g. 1,2,3:2")
+    parser.add_argument("--script", help="command file ('-' for stdin); its '# nodes:' and "
+                        "'# option:' lines are used unless given here")
+    parser.add_argument("--nodes", help="nodeids[:votes], e.g. 1,2,3:2 (default 1,2,3)")
     parser.add_argument("--option", action="append", default=[],
                         help="quorum option key=value, e.g. --option wait_for_all=1")
     parser.add_argument("--verbose", action="store_true", help="print the step log")
@@ -534,11 +582,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = dict(item.split("=", 1) for item in args.option)
     try:
         if args.script:
-            sim = QuorumSim(options, _nodes(args.nodes))
             handle = sys.stdin if args.script == "-" else open(args.script, encoding="utf-8")
-            out: list[str] = []
             with handle:
-                run_script(sim, handle, out)
+                lines = handle.read().splitlines()
+            header_nodes, header_options = script_header(lines)
+            sim = QuorumSim({**header_options, **options},
+                            header_nodes if header_nodes and args.nodes is None
+                            else _nodes(args.nodes or "1,2,3"))
+            out: list[str] = []
+            run_script(sim, lines, out)
             print("\n".join(sim.log + out if args.verbose else out))
             return 0
         seeds = [args.seed or 0]
@@ -546,7 +598,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             first, _, last = args.seeds.partition(":")
             seeds = list(range(int(first), int(last)))
         for seed in seeds:
-            sim = run_seed(seed, args.steps, options or None, _nodes(args.nodes) if options else None)
+            nodes = _nodes(args.nodes or "1,2,3") if options else None
+            sim = run_seed(seed, args.steps, options or None, nodes)
             if args.verbose:
                 print("\n".join(sim.log))
             print(f"seed {seed}: ok, {sim.steps} steps, config {sim.options} "
