@@ -62,6 +62,8 @@ def _patched(offset: int, fmt: str, value: int, data: bytes | None = None) -> by
         (_patched(28, ">H", 0x80), "unknown flag bits"),
         (_patched(30, ">H", 0x100), "unknown flag bits"),
         (_patched(32, ">I", 0), "config_expected_votes 0"),
+        (_patched(36, ">I", 0), "lms_window_ms 0"),
+        (_patched(36, ">I", 3_600_001), "lms_window_ms 3600001"),
         (_patched(20, ">I", 0, SET.encode()), "expected_votes 0"),
     ],
 )

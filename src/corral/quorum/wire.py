@@ -30,7 +30,7 @@ import struct
 from dataclasses import dataclass
 
 from corral.errors import DecodeError
-from corral.quorum.config import MAX_EXPECTED_VOTES, MAX_VOTES_PER_NODE
+from corral.quorum.config import LMS_WINDOW_MS_BOUNDS, MAX_EXPECTED_VOTES, MAX_VOTES_PER_NODE
 
 MAGIC = b"CQ"
 VERSION = 1
@@ -142,6 +142,9 @@ def _decode_nodeinfo(data: bytes) -> NodeInfo:
             raise DecodeError(f"{name} {value} is outside [1, {MAX_EXPECTED_VOTES}]")
     if flags & ~_NODE_FLAGS_MASK or config_flags & ~_CONFIG_FLAGS_MASK:
         raise DecodeError("unknown flag bits")
+    low, high = LMS_WINDOW_MS_BOUNDS
+    if not low <= window <= high:
+        raise DecodeError(f"lms_window_ms {window} is outside [{low}, {high}]")
     return NodeInfo(
         nodeid, (rep, seq), votes, expected, NodeFlag(flags), ConfigFlag(config_flags),
         config_expected, window,
