@@ -117,3 +117,63 @@ def test_backend_end_to_end(tmp_path: pathlib.Path, run: Any) -> None:
                 store.close()
 
     run(main)
+
+
+def test_backend_with_quorum_service_partition_and_heal(tmp_path: pathlib.Path,
+                                                        run: Any) -> None:
+    """The real QuorumService gates writes: the minority side answers EACCES
+    and keeps its tree; after the heal it catches up and writes again."""
+    from corral.quorum.config import QuorumConfig
+    from corral.quorum.service import QuorumService
+
+    async def main() -> None:
+        network = _fakenode().FakeNetwork([1, 2, 3])
+        config = QuorumConfig.from_options({}, {1: 1, 2: 1, 3: 1})
+        cpgs = {n: CpgService(network.nodes[n]) for n in (1, 2, 3)}
+        quorums = {n: QuorumService(cpgs[n], config) for n in (1, 2, 3)}
+        stores = {n: Store(tmp_path / f"q{n}", durability=Durability.PROCESS) for n in (1, 2, 3)}
+        backends = {n: ReplicatedBackend(stores[n], cpgs[n], quorums[n], f"node{n}")
+                    for n in (1, 2, 3)}
+        network.start()
+        try:
+            for n in (1, 2, 3):
+                await quorums[n].start()
+                await backends[n].start()
+            network.configure([[1, 2, 3]])
+            for n in (1, 2, 3):
+                await quorums[n].wait_quorate()
+                await backends[n].wait_synced()
+            assert await backends[1].submit(Op.mkdir("d", T)) == 0
+            network.configure([[1, 2], [3]])
+            await network.settle()
+            await asyncio.sleep(0.05)
+            assert not quorums[3].quorate
+            before = (stores[3].state.version, stores[3].state.tree.digest)
+            assert await backends[3].submit(Op.mkdir("minority", T)) == errno.EACCES
+            for i in range(5):
+                assert await backends[2].submit(Op.create(f"d/f{i}", T)) == 0
+            assert (stores[3].state.version, stores[3].state.tree.digest) == before
+            network.configure([[1, 2, 3]])
+            await quorums[3].wait_quorate()
+            for _ in range(200):
+                await network.settle()
+                if all(b.core.phase.value == "synced" and b.core.members == (1, 2, 3)
+                       for b in backends.values()):
+                    break
+                await asyncio.sleep(0.01)
+            assert await backends[3].submit(Op.create("d/after", T)) == 0
+            await network.settle()
+            await asyncio.sleep(0.05)
+            states = {(s.state.version, s.state.tree.digest) for s in stores.values()}
+            assert len(states) == 1
+            assert stores[3].state.tree.lookup("d/f4") is not None
+        finally:
+            for backend in backends.values():
+                await backend.stop()
+            for quorum in quorums.values():
+                await quorum.stop()
+            await network.stop()
+            for store in stores.values():
+                store.close()
+
+    run(main)

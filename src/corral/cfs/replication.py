@@ -125,8 +125,6 @@ class ReplicatedBackend:
         self._store = store
         self.rstore = ReplicatedStore(store)
         self.cpg = cpg
-        self._quorum_of: Callable[[], bool] = (
-            quorum.quorate if hasattr(quorum, "quorate") else quorum)
         self._quorum_source = quorum
         self._nodename = nodename
         self.group = group
@@ -138,7 +136,7 @@ class ReplicatedBackend:
         self._wall_s = wall_s
         self.starttime = int(wall_s())
         self.core = ReplicaCore(cpg.nodeid, nodename, self.rstore, config,
-                                quorate=bool(self._quorum_of()))
+                                quorate=self._quorum_of())
         self.ring_members: tuple[int, ...] = ()
         self.clinfo_version = 0
         self._handle: CpgHandle | None = None
@@ -266,8 +264,15 @@ class ReplicatedBackend:
                  for n in ids]
         return virtual.ClusterInfo(self.cluster_name, self.config_version, self.quorate(), nodes)
 
+    def _quorum_of(self) -> bool:
+        source = self._quorum_source
+        if callable(source):
+            return bool(source())
+        value = source.quorate  # QuorumService: a property (or a method)
+        return bool(value() if callable(value) else value)
+
     def _quorum_input(self, now_ns: int) -> list[Action]:
-        quorate = bool(self._quorum_of())
+        quorate = self._quorum_of()
         if quorate == self.core.quorate:
             return []
         return self.core.quorum_changed(quorate, now_ns)
