@@ -1,18 +1,23 @@
-"""`corral demo`: a local N-node engine cluster to watch Totem at work.
+"""`corral demo`: a local N-node Corral cluster built the way an operator builds one.
 
-    corral demo [--nodes N] [--links L] [--duration S] [--load RATE:SIZE] [--no-netns]
-                [--dir D] [--stats-interval S]
+    corral demo [--nodes N] [--duration S] [--no-netns] [--dir D] [--stats-interval S]
+    corral demo --engine [--nodes N] [--links L] [--load RATE:SIZE] ...   (bare Totem engines)
 
-Writes a key and a corosync.conf into a demo directory, starts N `corral
-engine` processes and prints their membership changes and message rates until
-Ctrl-C (or for `--duration` seconds), then stops every process (graceful
-leave) and removes what it set up.
+The default demo runs one `corrald` per node and builds the cluster through
+the real path: `corral create` on node 1, then for every other node a join
+token from node 1 and `corral add` with the pinned certificate fingerprint.
+It prints the time to a quorate N-node cluster, `corral status` of node 1, and
+where every node's files, logs and control socket are; then it prints the
+daemons' log lines until Ctrl-C (or for `--duration` seconds), stops every
+daemon (SIGTERM: graceful leave) and removes what it set up.
 
 As root, each node runs in its own network namespace (`crl-demo-n<i>`),
 connected by veth pairs to a private bridge (`crl-demo-br`, no uplink, no
 address on the host) with addresses 10.213.0.<i>; otherwise the nodes use
-127.0.0.<i> and a free port. `LocalCluster` is the same machinery as a class;
-the real-process tests use it too (with their own name prefix).
+127.0.0.<i> and free ports. `--engine` runs the earlier demo of bare
+`corral engine` processes with a message load. `LocalCluster` is that
+machinery as a class; the real-process tests use it too (with their own
+name prefix).
 """
 
 from __future__ import annotations
@@ -266,8 +271,9 @@ class LocalCluster:
 """)
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="corral demo", description="local multi-node demo")
+def parse_engine_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="corral demo --engine",
+                                     description="local multi-node Totem engine demo")
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--links", type=int, default=1, help="links per node (1..8)")
     parser.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
@@ -314,8 +320,8 @@ def _print_summary(cluster: LocalCluster) -> None:
               f"{status.get('lag', {}).get('loop_lag_max_us', 0) / 1000:.1f} ms", flush=True)
 
 
-def main(argv: Sequence[str]) -> int:
-    args = parse_args(argv)
+def engine_main(argv: Sequence[str]) -> int:
+    args = parse_engine_args(argv)
     workdir = args.dir or tempfile.mkdtemp(prefix="corral-demo-")
     cluster = LocalCluster(args.nodes, workdir, prefix=args.prefix,
                            use_netns=False if args.no_netns else None,
@@ -350,3 +356,13 @@ def main(argv: Sequence[str]) -> int:
     print(f"corral demo: stopped (exit statuses {statuses})", flush=True)
     failed = any(status not in (0, None) for status in statuses.values())
     return 1 if failed and not interrupted else 0
+
+
+def main(argv: Sequence[str]) -> int:
+    args = list(argv)
+    if "--engine" in args:
+        args.remove("--engine")
+        return engine_main(args)
+    from corral.daemon.demo import main as daemon_main
+
+    return daemon_main(args)

@@ -40,7 +40,7 @@ from corral.cluster.layout import (
 )
 from corral.cluster.status import format_nodes, format_status
 from corral.corosync_conf import DEFAULT_PORT, ClusterConfig
-from corral.daemon.control import ControlError, request
+from corral.daemon.control import ControlError, ControlRefused, request
 from corral.errors import CorralError
 from corral.totem import auth
 
@@ -74,7 +74,7 @@ def _link_args(args: argparse.Namespace) -> list[confedit.LinkArg]:
 def _run_verb(verb: str, body: Callable[[], int]) -> int:
     try:
         return body()
-    except (CliError, JoinError, confedit.JoinRefused, pki.CertError) as error:
+    except (CliError, JoinError, confedit.JoinRefused, pki.CertError, ControlRefused) as error:
         print(f"corral {verb}: {error}", file=sys.stderr)
         return 2
     except ControlError as error:
@@ -404,10 +404,7 @@ def expected(argv: Sequence[str]) -> int:
             votes = int(args.votes)
         except ValueError:
             raise CliError(f"expected votes must be a number, got {args.votes!r}") from None
-        try:
-            _control(_layout(args), "expected", votes=votes)
-        except ControlError as error:
-            raise CliError(str(error)) from None
+        _control(_layout(args), "expected", votes=votes)
         return 0
 
     return _run_verb("expected", body)

@@ -8,6 +8,8 @@ bounded header and body sizes and a read timeout.
     POST   /api2/json/access/ticket                  username, password -> ticket, CSRF token
     GET    /api2/json/cluster/config/join            join info (nodelist with pve_fp, totem)
     GET    /api2/json/cluster/config/nodes           nodelist entries
+    GET    /api2/json/cluster/config/corosync        the config text (other nodes only,
+                                                      see catchup.py)
     POST   /api2/json/cluster/config/nodes/{node}    add a node (see Daemon.add_node)
     DELETE /api2/json/cluster/config/nodes/{node}    remove an offline node
 
@@ -63,6 +65,8 @@ class ApiBackend(Protocol):
     def admin_hash(self) -> str | None: ...
     def check_join_token(self, token: str) -> str: ...
     def consume_join_token(self, digest: str) -> None: ...
+    def node_auth(self, header: str) -> int | None: ...
+    def corosync_conf(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -164,6 +168,8 @@ class ApiServer:
             return self._ticket, "none", ""
         if path == "/cluster/config/join" and method == "GET":
             return self._join_info, "admin", ""
+        if path == "/cluster/config/corosync" and method == "GET":
+            return self._corosync, "node", ""
         if path == "/cluster/config/nodes" and method == "GET":
             return self._nodes, "admin", ""
         if path.startswith("/cluster/config/nodes/"):
@@ -181,6 +187,11 @@ class ApiServer:
             return
         authorization = request.headers.get("authorization", "")
         now_s = time.time()
+        if needs == "node":
+            if self.backend.node_auth(authorization) is None:
+                await asyncio.sleep(AUTH_FAIL_DELAY_S)
+                raise ApiError(401, "authentication failure")
+            return
         if authorization.startswith("CorralJoinToken=") and needs == "admin-or-token":
             try:
                 request.token_digest = self.backend.check_join_token(
@@ -221,6 +232,9 @@ class ApiServer:
 
     async def _join_info(self, request: Request, _: str) -> dict[str, Any]:
         return self.backend.join_info()
+
+    async def _corosync(self, request: Request, _: str) -> dict[str, Any]:
+        return self.backend.corosync_conf()
 
     async def _nodes(self, request: Request, _: str) -> list[dict[str, Any]]:
         return self.backend.config_nodes()

@@ -34,6 +34,10 @@ class ControlError(CorralError):
     """The daemon refused a control request, or cannot be reached."""
 
 
+class ControlRefused(ControlError):
+    """The daemon answered and refused the request (nothing was changed)."""
+
+
 class ControlServer:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -131,5 +135,5 @@ def request(path: str, cmd: str, timeout_s: float = 10.0, **args: Any) -> Any:
     except ValueError:
         raise ControlError("corrald closed the connection without a reply") from None
     if not reply.get("ok"):
-        raise ControlError(str(reply.get("error")))
+        raise ControlRefused(str(reply.get("error")))
     return reply.get("data")

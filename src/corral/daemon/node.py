@@ -36,7 +36,7 @@ from corral.cluster.credentials import (
 from corral.cluster.layout import Layout, NodeIdentity, write_file
 from corral.corosync_conf import ClusterConfig, parse
 from corral.cpg.service import CpgService
-from corral.daemon import nodelist
+from corral.daemon import catchup, nodelist
 from corral.daemon.api import ApiServer
 from corral.daemon.configsync import ConfigSync
 from corral.daemon.control import ControlServer
@@ -134,6 +134,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         self.layout.pidfile.write_text(f"{os.getpid()}\n", encoding="ascii")
         await self.control.start()
+        await self._catch_up()
         try:
             await self.node.start()
             await self._start_services()
@@ -174,6 +175,21 @@ class Daemon:
             self.layout.pidfile.unlink()
         log.info("corrald stopped")
         return status
+
+    async def _catch_up(self) -> None:
+        """Adopt a newer config from a reachable peer before Totem starts."""
+        try:
+            text = await catchup.fetch_newest(self.config, self.nodeid, self.identity.api_port,
+                                              self.key, str(self.layout.ca_cert))
+        except (OSError, ValueError) as error:
+            log.warning("catch-up: %s", error)
+            return
+        if text is not None:
+            log.info("catch-up: a peer has a newer config")
+            try:
+                self.adopt(text)
+            except CorralError as error:
+                log.error("catch-up: refusing the peer's config: %s", error)
 
     async def _start_services(self) -> None:
         from corral.cpg.ipc import CpgIpcServer
@@ -358,6 +374,13 @@ class Daemon:
 
     def consume_join_token(self, digest: str) -> None:
         self.tokens.consume(digest, time.time())
+
+    def node_auth(self, header: str) -> int | None:
+        known = frozenset(n.nodeid for n in self.config.nodes)
+        return catchup.check_node_auth(self.key, header, time.time(), known)
+
+    def corosync_conf(self) -> dict[str, Any]:
+        return {"config_version": self.config.config_version, "corosync_conf": self.conf_text}
 
     def config_nodes(self) -> list[dict[str, Any]]:
         rows = []

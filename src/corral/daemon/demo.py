@@ -1,0 +1,327 @@
+"""The corrald demo behind `corral demo` (see corral.demo for the user-facing text).
+
+`DemoCluster` sets up the network (namespaces or 127.0.0.x, via LocalCluster),
+creates the cluster on node 1 with `corral create`, joins the others with
+`corral join-token` + `corral add`, starts one corrald per node and waits for
+a quorate cluster of all nodes. Tests and the lifecycle benchmark use it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from corral.cluster.layout import Layout
+from corral.cluster.pki import fingerprint_pem
+from corral.daemon.control import ControlError, request
+from corral.demo import LocalCluster, free_udp_port
+
+STOP_TIMEOUT_S = 10.0
+QUORATE_TIMEOUT_S = 60.0
+DEMO_PASSWORD = "corral-demo-password"
+
+
+def free_tcp_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class DemoCluster:
+    def __init__(self, n_nodes: int, workdir: str, prefix: str = "crl-demo",
+                 use_netns: bool | None = None, stats_interval_s: float = 30.0,
+                 cluster_name: str = "demo") -> None:
+        self.net = LocalCluster(n_nodes, workdir, prefix=prefix, use_netns=use_netns)
+        self.n_nodes = n_nodes
+        self.workdir = Path(workdir)
+        self.stats_interval_s = stats_interval_s
+        self.cluster_name = cluster_name
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        self.totem_port = 5405
+        self.api_port = 8006
+        self.timings: dict[str, float] = {}
+
+    @property
+    def use_netns(self) -> bool:
+        return self.net.use_netns
+
+    @property
+    def nodeids(self) -> list[int]:
+        return self.net.nodeids
+
+    def address(self, nodeid: int) -> str:
+        return self.net.address(nodeid)
+
+    def name(self, nodeid: int) -> str:
+        return f"node{nodeid}"
+
+    def state_dir(self, nodeid: int) -> Path:
+        return self.workdir / self.name(nodeid) / "state"
+
+    def mount(self, nodeid: int) -> Path:
+        return self.workdir / self.name(nodeid) / "tree"
+
+    def layout(self, nodeid: int) -> Layout:
+        return Layout(self.state_dir(nodeid))
+
+    def log_path(self, nodeid: int) -> Path:
+        return self.workdir / self.name(nodeid) / "corrald.log"
+
+    # ---- setup ---------------------------------------------------------------------
+
+    def setup_network(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.use_netns:
+            self.net._setup_netns()
+        else:
+            self.totem_port = free_udp_port(self.address(1))
+            self.api_port = free_tcp_port(self.address(1))
+        (self.workdir / "admin-password").write_text(DEMO_PASSWORD + "\n")
+        os.chmod(self.workdir / "admin-password", 0o600)
+
+    def _in_node(self, nodeid: int, argv: list[str]) -> list[str]:
+        if self.use_netns:
+            return ["ip", "netns", "exec", self.net.netns(nodeid), *argv]
+        return argv
+
+    def corral(self, nodeid: int, *args: str, check: bool = True,
+               stdin_text: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `corral ARGS` as node `nodeid` (in its namespace, with its state dir)."""
+        env = dict(os.environ, CORRAL_STATE_DIR=str(self.state_dir(nodeid)))
+        argv = self._in_node(nodeid, [sys.executable, "-m", "corral.cli", *args])
+        result = subprocess.run(argv, env=env, capture_output=True, text=True, input=stdin_text,
+                                timeout=120)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"corral {' '.join(args)} on node {nodeid} failed "
+                               f"({result.returncode}): {result.stderr.strip()}")
+        return result
+
+    def create(self) -> None:
+        self.mount(1).mkdir(parents=True, exist_ok=True)
+        self.corral(1, "create", self.cluster_name, "--link0", self.address(1),
+                    "--name", self.name(1), "--port", str(self.totem_port),
+                    "--api-port", str(self.api_port), "--mount", str(self.mount(1)),
+                    "--password-file", str(self.workdir / "admin-password"), "--no-start")
+
+    def join(self, nodeid: int, via: int = 1, token: str | None = None,
+             extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+        """`corral add` node `nodeid` through member `via` (a fresh token unless given)."""
+        self.mount(nodeid).mkdir(parents=True, exist_ok=True)
+        if token is None:
+            token = self.join_token(via)
+        return self.corral(nodeid, "add", f"{self.address(via)}:{self.api_port}",
+                           "--fingerprint", self.fingerprint(via), "--token", token,
+                           "--name", self.name(nodeid), "--link0", self.address(nodeid),
+                           "--api-port", str(self.api_port), "--mount", str(self.mount(nodeid)),
+                           "--no-start", *extra)
+
+    def join_token(self, via: int, expire_s: float = 600) -> str:
+        data = request(str(self.layout(via).control_socket), "join_token", expire_s=expire_s)
+        return str(data["token"])
+
+    def fingerprint(self, nodeid: int) -> str:
+        return fingerprint_pem(self.layout(nodeid).node_cert.read_bytes())
+
+    def start(self, nodeid: int) -> None:
+        if nodeid in self.processes and self.processes[nodeid].poll() is None:
+            raise RuntimeError(f"node {nodeid} is already running")
+        argv = self._in_node(nodeid, [
+            sys.executable, "-m", "corral.daemon.main", "--state-dir", str(self.state_dir(nodeid)),
+            "--stats-interval", str(self.stats_interval_s)])
+        with open(self.log_path(nodeid), "ab") as log:
+            self.processes[nodeid] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                                      stderr=log, start_new_session=True)
+
+    def control(self, nodeid: int, cmd: str, **args: Any) -> Any:
+        return request(str(self.layout(nodeid).control_socket), cmd, timeout_s=5.0, **args)
+
+    def quorate_with(self, nodeid: int, n_members: int) -> bool:
+        try:
+            quorum = self.control(nodeid, "quorum")
+        except ControlError:
+            return False
+        return bool(quorum.get("quorate")) and len(quorum.get("members", [])) == n_members
+
+    def wait_quorate(self, nodeids: Sequence[int], n_members: int,
+                     timeout_s: float = QUORATE_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(self.quorate_with(n, n_members) for n in nodeids):
+                return
+            for nodeid in nodeids:
+                process = self.processes.get(nodeid)
+                if process is not None and process.poll() is not None:
+                    raise RuntimeError(f"corrald of node {nodeid} exited "
+                                       f"({process.returncode}); see {self.log_path(nodeid)}")
+            time.sleep(0.05)
+        raise RuntimeError(f"no quorate {n_members}-node cluster after {timeout_s:.0f} s")
+
+    def build(self) -> None:
+        """create + start node 1, join every other node, start them, wait for quorum."""
+        started = time.monotonic()
+        self.create()
+        self.start(1)
+        self.wait_quorate([1], 1)
+        self.timings["create_to_quorate_s"] = time.monotonic() - started
+        # Joins run in parallel (node 1 admits them one at a time); a node that
+        # got an older config catches up from its peers when its corrald starts.
+        tokens = {nodeid: self.join_token(1) for nodeid in self.nodeids[1:]}
+        errors: list[BaseException] = []
+
+        def join_and_start(nodeid: int) -> None:
+            try:
+                self.join(nodeid, token=tokens[nodeid])
+                self.start(nodeid)
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=join_and_start, args=(n,)) for n in self.nodeids[1:]]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise RuntimeError(f"join failed: {errors[0]}")
+        self.timings["joins_s"] = time.monotonic() - started - self.timings["create_to_quorate_s"]
+        self.wait_quorate(self.nodeids, self.n_nodes)
+        self.timings["quorate_s"] = time.monotonic() - started
+
+    # ---- teardown ---------------------------------------------------------------------
+
+    def stop(self, nodeid: int, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        process = self.processes.pop(nodeid, None)
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+    def kill(self, nodeid: int) -> None:
+        process = self.processes.pop(nodeid)
+        process.kill()
+        process.wait()
+
+    def close(self) -> dict[int, int | None]:
+        statuses = {n: self.stop(n) for n in list(self.processes)}
+        for nodeid in self.nodeids:
+            _unmount(self.mount(nodeid))
+        if self.use_netns:
+            self.net.cleanup_netns()
+        return statuses
+
+    def __enter__(self) -> DemoCluster:
+        self.setup_network()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _unmount(path: Path) -> None:
+    if os.path.ismount(path):
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+# ---- the command ------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="corral demo", description="local corrald cluster")
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
+    parser.add_argument("--no-netns", action="store_true", help="use 127.0.0.x even as root")
+    parser.add_argument("--dir", help="demo directory (default: a new temporary one)")
+    parser.add_argument("--stats-interval", type=float, default=30.0, metavar="S")
+    parser.add_argument("--prefix", default="crl-demo", help=argparse.SUPPRESS)  # for tests
+    args = parser.parse_args(argv)
+    if not 1 <= args.nodes <= 16:
+        parser.error("--nodes must be 1..16")
+    return args
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _print_new_lines(cluster: DemoCluster, offsets: dict[int, int]) -> None:
+    for nodeid in cluster.nodeids:
+        with contextlib.suppress(FileNotFoundError), open(cluster.log_path(nodeid), "rb") as log:
+            log.seek(offsets.get(nodeid, 0))
+            data = log.read()
+            complete = data.rfind(b"\n") + 1
+            offsets[nodeid] = offsets.get(nodeid, 0) + complete
+            for line in data[:complete].decode(errors="replace").splitlines():
+                print(f"{cluster.name(nodeid)}: {line}", flush=True)
+
+
+def _print_where(cluster: DemoCluster) -> None:
+    print("\nwhere things are:", flush=True)
+    for nodeid in cluster.nodeids:
+        where = f"netns {cluster.net.netns(nodeid)}, " if cluster.use_netns else ""
+        print(f"  {cluster.name(nodeid)}: {where}address {cluster.address(nodeid)}, "
+              f"state {cluster.state_dir(nodeid)}, log {cluster.log_path(nodeid)}")
+    print(f"\ntry:  CORRAL_STATE_DIR={cluster.state_dir(2)} corral status"
+          if cluster.n_nodes > 1 else "", flush=True)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    workdir = args.dir or tempfile.mkdtemp(prefix="corral-demo-")
+    cluster = DemoCluster(args.nodes, workdir, prefix=args.prefix,
+                          use_netns=False if args.no_netns else None,
+                          stats_interval_s=args.stats_interval)
+    mode = f"network namespaces {args.prefix}-n*" if cluster.use_netns else "127.0.0.x"
+    print(f"corral demo: {args.nodes} corrald nodes in {workdir} ({mode}); Ctrl-C to stop",
+          flush=True)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupt)
+    offsets: dict[int, int] = {}
+    interrupted = failed = False
+    statuses: dict[int, int | None] = {}
+    try:
+        cluster.setup_network()
+        cluster.build()
+        _print_new_lines(cluster, offsets)
+        print(f"\ncorral demo: quorate {args.nodes}-node cluster in "
+              f"{cluster.timings['quorate_s']:.2f} s (create {cluster.timings['create_to_quorate_s']:.2f} s, "
+              f"joins {cluster.timings['joins_s']:.2f} s)\n", flush=True)
+        print(cluster.corral(1, "status").stdout, flush=True)
+        _print_where(cluster)
+        deadline = time.monotonic() + args.duration if args.duration > 0 else None
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.2)
+            _print_new_lines(cluster, offsets)
+            if not any(p.poll() is None for p in cluster.processes.values()):
+                print("corral demo: every corrald exited", flush=True)
+                failed = True
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        print(f"corral demo: {error}", file=sys.stderr, flush=True)
+        failed = True
+    finally:
+        statuses = cluster.close()
+        _print_new_lines(cluster, offsets)
+        if not args.dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"corral demo: stopped (exit statuses {statuses})", flush=True)
+    failed = failed or any(status not in (0, None) for status in statuses.values())
+    return 1 if failed and not interrupted else 0
