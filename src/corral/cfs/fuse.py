@@ -34,6 +34,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -58,6 +59,9 @@ SYMLINK_TARGETS = {"local": "", "qemu-server": "/qemu-server", "lxc": "/lxc",
 # holds fewer; the rest is fetched again on the next request).
 READDIR_PAGE = 256
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+# Inode numbers handed to the kernel whose names are remembered, so a name
+# replaced underneath (by another node) still resolves (see _entry).
+RECENT_INOS_MAX = 65536
 # Cookies before the first real entry: "." is 1, ".." is 2.
 _DOT_COOKIES = 2
 
@@ -126,6 +130,7 @@ class CfsOperations(pyfuse3.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
         self._append_locks: dict[int, asyncio.Lock] = {}
+        self._recent: OrderedDict[int, str] = OrderedDict()
         node_dir = f"nodes/{backend.nodename}"
         self._virtual: dict[str, _Virtual] = {}
         names = sorted([*SERVED_FILES, *SYMLINK_TARGETS])
@@ -144,8 +149,24 @@ class CfsOperations(pyfuse3.Operations):
     def _entry(self, ino: int) -> Entry:
         entry = self.tree.get(ino)
         if entry is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            # Another node may have replaced the file (temp + rename over it)
+            # while the kernel still caches the old inode for this name:
+            # answer for whatever now lives at the name, as a path-based
+            # filesystem (the reference) would.
+            path = self._recent.get(ino)
+            entry = self.tree.lookup(path) if path is not None else None
+            if entry is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
+
+    def _remember(self, ino: int, path: str) -> None:
+        """Note the name the kernel knows `ino` by (bounded, oldest dropped)."""
+        recent = self._recent
+        if ino in recent:
+            recent.move_to_end(ino)
+        recent[ino] = path
+        if len(recent) > RECENT_INOS_MAX:
+            recent.popitem(last=False)
 
     def _path(self, ino: int) -> str:
         return self.tree.path_of(self._entry(ino))
@@ -258,7 +279,9 @@ class CfsOperations(pyfuse3.Operations):
         child = parent.get_child(text)
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(child)
+        path = _join(self.tree.path_of(parent), text)
+        self._remember(child.ino, path)
+        return self._attrs(child, path)
 
     async def getattr(self, inode: pyfuse3.InodeT,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -266,7 +289,9 @@ class CfsOperations(pyfuse3.Operations):
         item = self._virtual_by_ino.get(inode)
         if item is not None:
             return self._virtual_attrs(item)
-        return self._attrs(self._entry(inode))
+        attr = self._attrs(self._entry(inode))
+        attr.st_ino = inode  # the number the kernel asked about, even if replaced
+        return attr
 
     async def readlink(self, inode: pyfuse3.InodeT,
                        ctx: pyfuse3.RequestContext) -> pyfuse3.FileNameT:
@@ -368,11 +393,12 @@ class CfsOperations(pyfuse3.Operations):
             if not page:
                 return
             for entry in page:
-                path = dir_path if modes is not None else _join(dir_path, entry.name)
+                path = _join(dir_path, entry.name)
                 self._fill(attr, entry, path, quorate, modes)
                 name = pyfuse3.FileNameT(entry.name.encode("utf-8", "surrogateescape"))
                 if not pyfuse3.readdir_reply(token, name, attr, cookie + 1):
                     return
+                self._remember(entry.ino, path)
                 cookie += 1
                 handle.next_cookie = cookie
                 handle.last_name = entry.name
@@ -418,6 +444,7 @@ class CfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if flags & os.O_TRUNC and entry.size:
             await self._submit(Op.truncate(path, 0, now))
+        self._remember(entry.ino, path)
         info = self._open_handle(_Handle(entry.ino, append=bool(flags & os.O_APPEND)))
         return info, self._attrs(entry, path)
 
@@ -501,6 +528,7 @@ class CfsOperations(pyfuse3.Operations):
         entry = self.tree.lookup(path)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        self._remember(entry.ino, path)
         return self._attrs(entry, path)
 
     async def unlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,

@@ -1,0 +1,67 @@
+"""Test helper: serve a local-mode mount AND apply operations to the store
+behind the kernel's back, the way a replicated backend applies operations
+delivered from other nodes. Commands arrive as JSON files in a directory:
+
+    python tests/fuse/remote_node.py STORE MOUNTPOINT CMD_DIR READY_FILE
+
+`CMD_DIR/<n>.json` holds a list of [kind, path, arg] items (kinds: write,
+rename, unlink, mkdir, create); after applying them the helper writes
+`CMD_DIR/<n>.done` with the errnos.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from corral.cfs.local import LocalBackend
+from corral.cfs.mount import run_mount
+from corral.cfs.ops import Op
+from corral.cfs.store import Durability, Store
+
+REMOTE_WRITER = 2
+
+
+def to_op(kind: str, path: str, arg: str) -> Op:
+    if kind == "write":
+        return Op.write(path, 0, arg.encode(), 1_700_000_000)
+    if kind == "truncate":
+        return Op.truncate(path, int(arg), 1_700_000_000)
+    if kind == "create":
+        return Op.create(path, 1_700_000_000)
+    if kind == "mkdir":
+        return Op.mkdir(path, 1_700_000_000)
+    if kind == "unlink":
+        return Op.unlink(path)
+    if kind == "rename":
+        return Op.rename(path, arg, 1_700_000_000)
+    raise ValueError(kind)
+
+
+async def follow(store: Store, commands: Path) -> None:
+    while True:
+        for command in sorted(commands.glob("*.json")):
+            items = json.loads(command.read_text())
+            codes = [store.apply(to_op(*item), writer=REMOTE_WRITER, quorate=True).errno
+                     for item in items]
+            command.unlink()
+            command.with_suffix(".done").write_text(json.dumps(codes))
+        await asyncio.sleep(0.02)
+
+
+async def main(store_dir: str, mountpoint: str, commands: str, ready_file: str) -> None:
+    with Store(store_dir, durability=Durability.PROCESS) as store:
+        backend = LocalBackend(store, "n1")
+        ready = asyncio.Event()
+        serving = asyncio.create_task(run_mount(backend, mountpoint, ready=ready))
+        await ready.wait()
+        follower = asyncio.create_task(follow(store, Path(commands)))
+        Path(ready_file).write_text("up\n")
+        await serving
+        follower.cancel()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:5]))
