@@ -224,6 +224,7 @@ cdef class TotemCore:
     cdef bint _commit_created
     cdef tuple _commit_members
     cdef uint64_t _commit_seq
+    cdef tuple _my_commit_slot
 
     # Send queue: a list used as a FIFO from _sq_head; _head_offset is how much
     # of the head message went out already as fragments.
@@ -291,6 +292,7 @@ cdef class TotemCore:
         self._joins = {}
         self._leavers = set()
         self._commit_members = ()
+        self._my_commit_slot = ()
         self._sq = []
         self._sq_head = 0
         self._sq_bytes = 0
@@ -1237,8 +1239,9 @@ cdef class TotemCore:
             self._stats[ST_WRONG_STATE] += 1
             return 0
         filled = list(slots)
-        filled[index] = (self._old_rep, self._old_seq, self._old_buf.aru,
-                         self._old_buf.delivered, self._old_buf.high, 1)
+        self._my_commit_slot = (self._old_rep, self._old_seq, self._old_buf.aru,
+                                self._old_buf.delivered, self._old_buf.high, 1)
+        filled[index] = self._my_commit_slot
         self._state = S_COMMIT
         self._commit_members = members
         self._commit_seq = seq
@@ -1255,7 +1258,10 @@ cdef class TotemCore:
     cdef int _commit_second_rotation(self, uint32_t rep, uint64_t seq, int hop, tuple members,
                                      tuple slots, int index) except -1:
         if (members[hop - len(members)] != self.nodeid or self._state != S_COMMIT
-                or seq != self._commit_seq or members != self._commit_members):
+                or seq != self._commit_seq or members != self._commit_members
+                or slots[index] != self._my_commit_slot):
+            # A stale commit token: another round (or a previous incarnation
+            # of this node, after a lost ring-seq file) filled our slot.
             self._stats[ST_WRONG_STATE] += 1
             return 0
         for slot in slots:

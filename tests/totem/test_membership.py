@@ -240,3 +240,47 @@ def test_own_messages_past_an_unfillable_gap_are_delivered_in_transitional() -> 
         tails.append(tail)
         assert (1, b"lost") not in cluster.logs[nodeid].delivered
     assert tails[0] == tails[1]
+
+
+def test_stale_second_rotation_commit_token_is_dropped() -> None:
+    """A commit token whose slot for this node was filled by someone else (an
+    older round, or this node's previous incarnation) must not install a ring."""
+    from corral.totem._core import (
+        PACKET_COMMIT,
+        PACKET_JOIN,
+        STATE_COMMIT,
+        STATE_RECOVERY,
+        encode_packet,
+    )
+
+    core = TotemCore(2, TotemConfig(token=1000).timers(2))
+    core.start(0)
+    core.pop_outbox()
+    core.receive(1, encode_packet({"type": PACKET_JOIN, "sender": 1, "ring_rep": 1, "ring_seq": 0,
+                                   "flags": 0, "join_ring_seq": 96, "proc": (1, 2),
+                                   "failed": ()}))
+    empty = (0, 0, 0, 0, 0, 0)
+    rep_slot = (1, 96, 0, 0, 0, 1)
+    core.receive(2, encode_packet({"type": PACKET_COMMIT, "sender": 1, "ring_rep": 1,
+                                   "ring_seq": 100, "hop": 1, "members": (1, 2),
+                                   "slots": (rep_slot, empty)}))
+    assert core.state == STATE_COMMIT
+    forwarded = [p for d, p in core.pop_outbox() if p[3] == PACKET_COMMIT]
+    my_slot = _core_decode(forwarded[-1])["slots"][1]
+    stale = (2, 40, 7, 7, 7, 1)
+    before = core.stats()["dropped_wrong_state"]
+    core.receive(3, encode_packet({"type": PACKET_COMMIT, "sender": 1, "ring_rep": 1,
+                                   "ring_seq": 100, "hop": 3, "members": (1, 2),
+                                   "slots": (rep_slot, stale)}))
+    assert core.state == STATE_COMMIT
+    assert core.stats()["dropped_wrong_state"] == before + 1
+    core.receive(4, encode_packet({"type": PACKET_COMMIT, "sender": 1, "ring_rep": 1,
+                                   "ring_seq": 100, "hop": 3, "members": (1, 2),
+                                   "slots": (rep_slot, my_slot)}))
+    assert core.state == STATE_RECOVERY
+
+
+def _core_decode(packet: bytes) -> dict:
+    from corral.totem._core import decode_packet
+
+    return decode_packet(packet)
