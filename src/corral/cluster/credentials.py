@@ -22,6 +22,7 @@ TICKET_LIFETIME_S = 7200
 MAX_TOKENS = 256
 MAX_TOKEN_LIFETIME_S = 7 * 86400
 DEFAULT_TOKEN_LIFETIME_S = 3600
+TOKEN_PREFIX = "cjt_"
 
 
 def hash_password(password: str) -> str:
@@ -62,7 +63,7 @@ class JoinTokens:
         if len(self.expiry_s) >= MAX_TOKENS:
             oldest = min(self.expiry_s, key=self.expiry_s.__getitem__)
             del self.expiry_s[oldest]
-        token = secrets.token_urlsafe(32)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)  # never starts with "-"
         self.expiry_s[_digest(token)] = now_s + lifetime_s
         return token
 

@@ -122,7 +122,7 @@ class DemoCluster:
         if token is None:
             token = self.join_token(via)
         return self.corral(nodeid, "add", f"{self.address(via)}:{self.api_port}",
-                           "--fingerprint", self.fingerprint(via), "--token", token,
+                           "--fingerprint", self.fingerprint(via), f"--token={token}",
                            "--name", self.name(nodeid), "--link0", self.address(nodeid),
                            "--api-port", str(self.api_port), "--mount", str(self.mount(nodeid)),
                            "--no-start", *extra)
