@@ -148,6 +148,7 @@ class ReplicatedBackend:
         self._timer: asyncio.TimerHandle | None = None
         self._completions: list[Complete] = []
         self._flush_scheduled = False
+        self._syncing = False
         self._applied_at_sync = 0
         self._unsubscribe: Callable[[], None] | None = None
         self.failed: BaseException | None = None
@@ -228,7 +229,14 @@ class ReplicatedBackend:
             except (TimeoutError, Exception):
                 self._handle.close()
         self._apply(self.core.fail_all())
-        self._flush_completions()
+        for _ in range(500):
+            if not self._syncing:
+                break
+            await asyncio.sleep(0.01)
+        completions, self._completions = self._completions, []
+        if self.failed is None and self._store.durability is Durability.PROCESS:
+            self._store.sync()
+        self._resolve(completions)
         if self._sender is not None:
             self._sender.cancel()
 
@@ -333,16 +341,35 @@ class ReplicatedBackend:
             self._outbox_ready.set()
 
     def _flush_completions(self) -> None:
+        """Group commit: one WAL fsync (in a worker thread, while the loop
+        keeps applying deliveries) covers every op applied before it began;
+        their submitters are answered when it returns, never before."""
         self._flush_scheduled = False
+        if self._syncing or not self._completions:
+            return
         completions, self._completions = self._completions, []
         applied = self.core.counters["ops_applied"]
-        if applied != self._applied_at_sync and self._store.durability is Durability.PROCESS:
-            try:
-                self._store.sync()  # persist, then acknowledge
-            except Exception as error:
-                self._fail(error)
-                return
-            self._applied_at_sync = applied
+        if applied == self._applied_at_sync or self._store.durability is not Durability.PROCESS:
+            self._resolve(completions)
+            return
+        self._syncing = True
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._store.sync))
+        task.add_done_callback(lambda done: self._synced(done, completions, applied))
+
+    def _synced(self, done: asyncio.Task[None], completions: list[Complete],
+                applied: int) -> None:
+        self._syncing = False
+        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        if error is not None:
+            self._fail(error)
+            return
+        self._applied_at_sync = applied
+        self._resolve(completions)
+        if self._completions and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_completions)
+
+    def _resolve(self, completions: list[Complete]) -> None:
         for completion in completions:
             future = self._futures.pop(completion.request_id, None)
             if future is not None and not future.done():
