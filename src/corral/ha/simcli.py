@@ -2,7 +2,8 @@
 
 run   writes OUT/log (human log, reference line layout), OUT/events.jsonl (one JSON record
       per service/node state change, fence acknowledgement, watchdog reset, master change)
-      and OUT/ha-status (`ha status` text at the end); OUT defaults to DIR/status. --write-expected also stores DIR/expected.jsonl.
+      and OUT/ha-status (`ha status` text at the end); OUT defaults to DIR/status.
+      --write-expected also stores DIR/expected.jsonl.
 check runs DIR and compares the event log with DIR/expected.jsonl, printing a unified diff.
 Exit status: 0 ok, 1 difference, 2 usage or scenario error, 3 safety violation.
 """
