@@ -72,9 +72,24 @@ def test_backend_end_to_end(tmp_path: pathlib.Path, run: Any) -> None:
             for backend in backends.values():
                 await backend.wait_synced()
             b1, b2, b3 = backends[1], backends[2], backends[3]
+            # group commit: an op is answered only after a WAL sync that covers it
+            events: list[str] = []
+            real_sync, real_apply = stores[1].sync, stores[1].apply_group
+
+            def sync() -> None:
+                events.append("sync")
+                real_sync()
+
+            def apply_group(ops: Any, *, quorate: bool) -> Any:
+                events.append("apply")
+                return real_apply(ops, quorate=quorate)
+
+            stores[1].sync = sync  # type: ignore[method-assign]
+            stores[1].apply_group = apply_group  # type: ignore[method-assign]
             for path in ("nodes", "nodes/node1", "nodes/node1/qemu-server",
                          "nodes/node2", "nodes/node2/qemu-server"):
                 assert await b1.submit(Op.mkdir(path, T)) == 0
+                assert events[-2:] == ["apply", "sync"], events
             assert await b2.submit(Op.create("nodes/node2/qemu-server/100.conf", T,
                                              excl=True)) == 0
             assert await b3.submit(Op.write("nodes/node2/qemu-server/100.conf", 0,
