@@ -40,15 +40,17 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
-from corral.cfs import rules
+from corral.cfs import records, rules
 from corral.cfs._tree import ROOT_INO, Entry, Tree
 from corral.cfs.backend import CfsBackend
 from corral.cfs.ops import Op
 from corral.cfs.store import Durability
+from corral.errors import InvariantError
 
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 4096
+CHUNK_SIZE = rules.CHUNK_SIZE
 VIRTUAL_INO_BASE = 1 << 63
 # Generated root files this front serves (.rrd and .debug are not provided yet).
 SERVED_FILES = (".clusterlog", ".members", ".version", ".vmlist")
@@ -62,6 +64,8 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 # Inode numbers handed to the kernel whose names are remembered, so a name
 # replaced underneath (by another node) still resolves (see _entry).
 RECENT_INOS_MAX = 65536
+# Directories whose children's modes are remembered (cleared when full).
+MODE_CACHE_MAX = 4096
 # Cookies before the first real entry: "." is 1, ".." is 2.
 _DOT_COOKIES = 2
 
@@ -131,6 +135,7 @@ class CfsOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._append_locks: dict[int, asyncio.Lock] = {}
         self._recent: OrderedDict[int, str] = OrderedDict()
+        self._mode_cache: dict[tuple[str, bool], tuple[int, int]] = {}
         node_dir = f"nodes/{backend.nodename}"
         self._virtual: dict[str, _Virtual] = {}
         names = sorted([*SERVED_FILES, *SYMLINK_TARGETS])
@@ -194,14 +199,13 @@ class CfsOperations(pyfuse3.Operations):
         """Set `attr` from `entry`; `modes` (directory, file), when the caller
         knows them for a whole directory's children, saves deriving them."""
         if modes is None:
-            modes = (stat.S_IFDIR | rules.mode_of(path, True, quorate),
-                     stat.S_IFREG | rules.mode_of(path, False, quorate))
+            attr.st_mode = pyfuse3.ModeT(self._mode(path, entry.is_dir, quorate))
+        else:
+            attr.st_mode = pyfuse3.ModeT(modes[0] if entry.is_dir else modes[1])
         if entry.is_dir:
-            attr.st_mode = pyfuse3.ModeT(modes[0])
             attr.st_nlink = 2
             size = 0
         else:
-            attr.st_mode = pyfuse3.ModeT(modes[1])
             attr.st_nlink = 1
             size = entry.size
         attr.st_ino = pyfuse3.InodeT(entry.ino)
@@ -210,6 +214,21 @@ class CfsOperations(pyfuse3.Operations):
         # The root has no stored record: show the time of the last change.
         mtime = entry.mtime if entry.ino != ROOT_INO else self.backend.store.state.mtime
         attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = mtime * 1_000_000_000
+
+    def _mode(self, path: str, is_dir: bool, quorate: bool) -> int:
+        """st_mode of a tree entry: rules.mode_of, remembered per parent
+        directory (deriving it costs more than the rest of a getattr)."""
+        parent = path.rpartition("/")[0]
+        modes = self._mode_cache.get((parent, quorate))
+        if modes is None:
+            modes = self._child_modes(parent, quorate) if path else None
+            if modes is None:
+                kind = stat.S_IFDIR if is_dir else stat.S_IFREG
+                return kind | rules.mode_of(path, is_dir, quorate)
+            if len(self._mode_cache) >= MODE_CACHE_MAX:
+                self._mode_cache.clear()
+            self._mode_cache[(parent, quorate)] = modes
+        return modes[0] if is_dir else modes[1]
 
     @staticmethod
     def _child_modes(dir_path: str, quorate: bool) -> tuple[int, int] | None:
@@ -455,10 +474,25 @@ class CfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if handle.content is not None:
             return handle.content[off:off + size]
-        code, data = self.backend.store.read(self._path(handle.ino), off, size)
-        if code:
-            raise pyfuse3.FUSEError(code)
-        return data
+        entry = self._entry(handle.ino)
+        if entry.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return self._read_chunks(entry, off, size)
+
+    def _read_chunks(self, entry: Entry, off: int, size: int) -> bytes:
+        """Bytes [off, off + size) of a file, read by inode from its stored
+        chunks (the handle knows the entry: no path walk per read)."""
+        end = min(entry.size, off + size)
+        if off >= end:
+            return b""
+        first, last = off // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+        keys = [records.chunk_key(entry.ino, index) for index in range(first, last + 1)]
+        chunks = self.backend.store.get_many(keys)
+        if any(chunk is None for chunk in chunks):
+            raise InvariantError(f"inode {entry.ino}: a content chunk is missing")
+        data = b"".join(chunk for chunk in chunks if chunk is not None)
+        start = off - first * CHUNK_SIZE
+        return data[start:start + end - off]
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         self.counters.requests += 1
