@@ -414,3 +414,41 @@ def test_config_mismatch_is_reported() -> None:
                     other.expected_votes, 10_000)
     core.message_received(2, info.encode())
     assert core.status().config_mismatch == (2,)
+
+
+# ---------------------------------------------------------------- runtime reconfiguration
+
+def reload(sim: QuorumSim, options: dict[str, str], votes: dict[int, int],
+           nodes: list[int]) -> None:
+    """Every node in `nodes` reloads the configuration, one after the other."""
+    config = QuorumConfig.from_options(options, votes)
+    sim.config = config
+    for nodeid in nodes:
+        sim._effects(nodeid, sim.nodes[nodeid].core.reconfigure(config))
+        sim.settle()
+
+
+def test_reload_after_removing_a_dead_node_lowers_quorum() -> None:
+    sim = make({}, count=4)
+    sim.crash(4)
+    assert numbers(sim, 1) == (4, 4, 3, 3, True)
+    reload(sim, {}, {1: 1, 2: 1, 3: 1}, [1])
+    assert numbers(sim, 1) == (3, 4, 3, 3, True)  # the others still expect 4
+    reload(sim, {}, {1: 1, 2: 1, 3: 1}, [2, 3])
+    for nodeid in (1, 2, 3):
+        assert numbers(sim, nodeid) == (3, 3, 3, 2, True)
+
+
+def test_reload_after_adding_a_node_raises_expected() -> None:
+    sim = make({}, count=3)
+    reload(sim, {}, {1: 1, 2: 1, 3: 1, 4: 1}, [1, 2, 3])
+    assert numbers(sim, 2) == (4, 4, 3, 3, True)
+    sim.crash(3)
+    assert numbers(sim, 2) == (4, 4, 2, 3, False)
+
+
+def test_reload_changes_own_votes() -> None:
+    sim = make({}, count=3)
+    reload(sim, {}, {1: 3, 2: 1, 3: 1}, [1])
+    # Node 1 announces 3 votes: T = 5 > E, so expected follows.
+    assert numbers(sim, 2) == (5, 5, 5, 3, True)

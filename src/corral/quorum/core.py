@@ -283,6 +283,27 @@ class QuorumCore:
         message = SetExpected(self.nodeid, self.ring_id, expected_votes)
         return [Send(message.encode())]
 
+    def reconfigure(self, config: QuorumConfig) -> list[Effect]:
+        """The configuration changed at runtime (a node added or removed, votes or
+        two_node changed). This node's votes and the configured expected votes take
+        effect at once; a lower configured value may lower quorum, but H, the highest
+        value among the members, keeps it up until every member has reloaded."""
+        old, self.config = self.config, config
+        me = self._peers[self.nodeid]
+        me.votes = config.votes_of(self.nodeid)
+        lowered = config.expected_votes < old.expected_votes
+        if config.expected_votes != old.expected_votes:
+            self.expected_votes = config.expected_votes
+        if config.two_node and not old.two_node:
+            self._two_node_cleared = False
+        if config.wait_for_all != old.wait_for_all:
+            self.waiting_for_all = config.wait_for_all and not self.quorate
+        self._mismatch.clear()
+        self._recalculate(allow_decrease=lowered)
+        self._evaluate()
+        self._announce()
+        return self._drain()
+
     def announce(self) -> list[Effect]:
         """Send this node's NODEINFO again (a peer's quorum service just joined the group
         and missed the announcement made at the ring change)."""
@@ -398,6 +419,10 @@ class QuorumCore:
 
     def _apply_nodeinfo(self, info: NodeInfo) -> None:
         peer = self._peers[info.nodeid]
+        # A member lowers its expected votes only through an explicit path (expected N,
+        # LMS, downscale, a reload) that this node takes too; once the last member
+        # has caught up, quorum may follow H down (never below this node's own E).
+        lowered = info.expected_votes < peer.expected_votes
         peer.votes = info.votes
         peer.expected_votes = info.expected_votes
         peer.flags = info.flags
@@ -409,7 +434,7 @@ class QuorumCore:
         else:
             self._mismatch.discard(info.nodeid)
         self._sync_pending.discard(info.nodeid)
-        self._recalculate(allow_decrease=False)
+        self._recalculate(allow_decrease=lowered)
         self._evaluate()
         self._check_sync_done()
 

@@ -163,6 +163,13 @@ class QuorumService:
         self._feed(self.core.set_expected(expected_votes))
         await self._drain_outbox()
 
+    def reconfigure(self, config: QuorumConfig) -> None:
+        """Apply a changed `quorum { }` section or nodelist (see QuorumCore.reconfigure)."""
+        for warning in config.warnings:
+            log.warning("quorum: %s", warning)
+        self.config = config
+        self._feed(self.core.reconfigure(config))
+
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call `callback` on every quorate or membership change; returns an unsubscribe."""
         self._subscribers.append(callback)
