@@ -315,6 +315,15 @@ def test_downscale_on_clean_leave_not_below_configured() -> None:
     assert numbers(sim, 1) == (3, 3, 1, 2, False)
 
 
+def test_downscale_when_a_node_outside_the_nodelist_leaves_cleanly() -> None:
+    config = QuorumConfig.from_options({"allow_downscale": "1", "expected_votes": "2"},
+                                       {1: 1, 2: 1})
+    core = QuorumCore(config, 1)
+    core.membership_changed((1, 4), [1, 2, 9])
+    core.membership_changed((1, 8), [1, 2], left_clean=[9])
+    assert core.status().expected_votes == 2
+
+
 def test_downscale_ignores_failed_nodes() -> None:
     sim = make({"allow_downscale": "1", "expected_votes": "3"}, count=5)
     sim.crash(5)

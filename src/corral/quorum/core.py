@@ -204,13 +204,14 @@ class QuorumCore:
         old = set(self.members)
         left = old - set(new)
         clean = {n for n in left if n in left_clean or NodeFlag.LEAVING in self._peers[n].flags}
+        clean_votes = sum(self._peers[n].votes for n in clean)  # before _admit forgets any
         self._admit(new, old)
         if len(new) > 2:
             self._two_node_cleared = True
         self.ring_id, self.members = ring_id, new
         self.phase = Phase.SYNCING
         self._sync_pending = set(new) - {self.nodeid}
-        downscaled = self.config.allow_downscale and bool(clean) and self._downscale(clean)
+        downscaled = self.config.allow_downscale and bool(clean) and self._downscale(clean_votes)
         self._recalculate(allow_decrease=downscaled)
         self._out.append(MembersChanged(ring_id, new, tuple(sorted(left)), tuple(sorted(clean))))
         self._evaluate()
@@ -392,9 +393,8 @@ class QuorumCore:
             del self._peers[nodeid]
         self._mismatch &= set(new)
 
-    def _downscale(self, clean: set[int]) -> bool:
+    def _downscale(self, clean_votes: int) -> bool:
         """allow_downscale: a clean leave lowers expected votes, not below the configured value."""
-        clean_votes = sum(self._peers[n].votes for n in clean)
         floor = self.config.expected_votes
         lowered = max(floor, self.expected_votes - clean_votes)
         if lowered >= self.expected_votes and self._highest_expected() <= lowered:
