@@ -133,7 +133,8 @@ class CfsOperations(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
-        self._append_locks: dict[int, asyncio.Lock] = {}
+        # Per-file append lock and the number of appends using it.
+        self._append_locks: dict[int, tuple[asyncio.Lock, int]] = {}
         self._recent: OrderedDict[int, str] = OrderedDict()
         self._mode_cache: dict[tuple[str, bool], tuple[int, int]] = {}
         node_dir = f"nodes/{backend.nodename}"
@@ -504,15 +505,22 @@ class CfsOperations(pyfuse3.Operations):
         if not handle.append:
             await self._submit(Op.write(self._path(handle.ino), off, buf, int(time.time())))
             return len(buf)
-        lock = self._append_locks.setdefault(handle.ino, asyncio.Lock())
-        async with lock:
-            # Resolve the end of file now, after earlier appends from this
-            # node were applied (see the module doc).
-            entry = self._entry(handle.ino)
-            path = self.tree.path_of(entry)
-            await self._submit(Op.write(path, entry.size, buf, int(time.time())))
-        if not lock.locked():
-            self._append_locks.pop(handle.ino, None)
+        lock, users = self._append_locks.get(handle.ino) or (asyncio.Lock(), 0)
+        self._append_locks[handle.ino] = (lock, users + 1)
+        try:
+            async with lock:
+                # Resolve the end of file now, after earlier appends from
+                # this node were applied (see the module doc).
+                entry = self._entry(handle.ino)
+                path = self.tree.path_of(entry)
+                await self._submit(Op.write(path, entry.size, buf, int(time.time())))
+        finally:
+            # Drop the lock only when no other append waits on it.
+            lock, users = self._append_locks[handle.ino]
+            if users == 1:
+                del self._append_locks[handle.ino]
+            else:
+                self._append_locks[handle.ino] = (lock, users - 1)
         return len(buf)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
