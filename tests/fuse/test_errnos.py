@@ -134,3 +134,12 @@ def test_lock_directories(shared_mount: Mount) -> None:
     os.rmdir(lock)
     os.mkdir(lock)
     os.rmdir(lock)
+
+
+def test_statfs_reports_enforced_limits(shared_mount: Mount) -> None:
+    m = shared_mount
+    info = os.statvfs(m.path(""))
+    assert info.f_bsize == 4096 and info.f_namemax == 255
+    assert info.f_blocks == 4 * 1024 * 1024 * 1024 // 4096  # default total limit
+    assert info.f_files == 1_000_000 and 0 < info.f_ffree < info.f_files
+    assert 0 < info.f_bfree <= info.f_blocks
