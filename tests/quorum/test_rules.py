@@ -4,7 +4,10 @@ Scenarios run on `QuorumSim` (every node a real `QuorumCore`, messages delivered
 total order within each partition, settled after every step) and read each node's
 status: expected votes, highest expected, total votes, quorum, quorate, flags.
 A few checks drive one `QuorumCore` directly where the order of inputs matters
-(sync gating, persist-then-act).
+(sync gating, persist-then-act). Covered: the formula, never-decrease, sync
+gating, wait_for_all and its re-arm, two_node, last_man_standing, auto_tie_breaker
+(lowest, highest, lists, stale views), allow_downscale, expected_votes_tracking,
+`expected N`, configuration mismatch and runtime reconfiguration.
 """
 
 from __future__ import annotations

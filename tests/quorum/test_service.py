@@ -3,7 +3,9 @@
 partitions lose quorum, `expected` propagates, a clean leave (group LEAVE) drives
 allow_downscale while a partition does not, the last-man-standing timer fires on
 the real clock, ev_tracking is written to the state directory and read back as a
-floor, and subscribers see the changes. Each test runs on asyncio and uvloop.
+floor, subscribers see the changes, and services started after the ring formed
+still hear each other (re-announcement on a group join). Each test runs on asyncio
+and uvloop.
 """
 
 from __future__ import annotations
