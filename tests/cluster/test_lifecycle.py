@@ -16,9 +16,10 @@ import shutil
 import signal
 from collections.abc import Callable
 
+from tests.cluster.conftest import wait_until
+
 from corral.corosync_conf import ClusterConfig
 from corral.daemon.demo import DEMO_PASSWORD, DemoCluster
-from tests.cluster.conftest import wait_until
 
 FORM_TIMEOUT_S = 40
 

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.cluster.conftest import wait_until
 
 from corral.cluster.joinclient import PeerClient
 from corral.daemon.demo import DemoCluster
-from tests.cluster.conftest import make_cluster, wait_until  # noqa: F401 (fixture)
 
 FORM_TIMEOUT_S = 40
 
