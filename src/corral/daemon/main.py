@@ -24,6 +24,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="state directory (default: $CORRAL_STATE_DIR or /var/lib/corral)")
     parser.add_argument("--log-level", choices=LEVELS, default="info")
     parser.add_argument("--no-api", action="store_true", help="do not serve the join API")
+    parser.add_argument("--no-fs", action="store_true",
+                        help="run without the configuration filesystem")
+    parser.add_argument("--no-mount", action="store_true",
+                        help="replicate the configuration filesystem but do not mount it")
     parser.add_argument("--stats-interval", type=float, default=30.0, metavar="S",
                         help="seconds between rate/membership log lines")
     return parser.parse_args(argv)
@@ -41,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         daemon = Daemon(DaemonOptions(state_dir, api=not args.no_api,
-                                      stats_interval_s=max(0.5, args.stats_interval)))
+                                      stats_interval_s=max(0.5, args.stats_interval),
+                                      fs=not args.no_fs, mount=not args.no_mount))
     except (CorralError, OSError, ValueError, KeyError) as error:
         print(f"corrald: {error}", file=sys.stderr)
         return 2

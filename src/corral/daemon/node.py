@@ -41,6 +41,7 @@ from corral.daemon.api import ApiServer
 from corral.daemon.configsync import ConfigSync
 from corral.daemon.control import ControlServer
 from corral.daemon.notify import Notifier
+from corral.daemon.tree import Tree, TreeUnavailable
 from corral.engine import next_incarnation, ring_text
 from corral.errors import ConfigError, CorralError
 from corral.quorum.config import QuorumConfig
@@ -54,6 +55,7 @@ log = logging.getLogger("corral.daemon")
 QUORUM_LEAVE_TIMEOUT_S = 2.0
 CLOCK_OFFSET_WARN_MS = 500
 HEARTBEAT_STALE_S = 10.0
+TREE_POLL_S = 1.0
 
 
 @dataclass
@@ -61,6 +63,8 @@ class DaemonOptions:
     state_dir: str
     api: bool = True
     stats_interval_s: float = 30.0
+    fs: bool = True      # run the replicated configuration filesystem
+    mount: bool = True   # and mount it (identity.mount, default /etc/corral)
 
 
 class Daemon:
@@ -104,8 +108,9 @@ class Daemon:
         self._register_control()
         self.api: ApiServer | None = None
         self.ipc: Any = None
-        self.fs_note = "the replicated configuration filesystem is not available in this " \
-            "build yet; no tree is mounted"
+        self.tree: Tree | None = None
+        self.fs_note: str | None = "the configuration filesystem is not started yet"
+        self._tasks: list[asyncio.Task[None]] = []
 
     # ---- Totem events ------------------------------------------------------------
 
@@ -144,7 +149,8 @@ class Daemon:
         log.info("node %d (%s) started: cluster %s, config_version %d, %d node(s), %d link(s)",
                  self.nodeid, self.identity.name, self.config.cluster_name,
                  self.config.config_version, len(self.config.nodes), len(self.config.links))
-        log.warning("%s", self.fs_note)
+        if self.fs_note:
+            log.warning("%s", self.fs_note)
         self.notifier.send("READY=1", f"STATUS=cluster {self.config.cluster_name}")
         tasks = [loop.create_task(self._report())]
         if self.notifier.watchdog_interval_s() is not None:
@@ -198,13 +204,67 @@ class Daemon:
         await self.ipc.start()
         await self.quorum.start()
         await self.sync.start()
+        await self._start_tree()
         if self.options.api:
             addresses = list(self.config.node(self.nodeid).addrs.values())
             self.api = ApiServer(self, addresses, self.identity.api_port,
                                  str(self.layout.node_cert), str(self.layout.node_key))
             await self.api.start()
 
+    async def _start_tree(self) -> None:
+        if not self.options.fs:
+            self.fs_note = "the configuration filesystem is disabled (--no-fs)"
+            return
+        self.tree = Tree(self.layout.root / "cfs", self.identity.mount, self.cpg, self.quorum,
+                         self.identity.name, self.config)
+        try:
+            await self.tree.start(mount=self.options.mount)
+        except TreeUnavailable as error:
+            self.fs_note = str(error)
+            log.error("%s", error)
+        except Exception as error:  # a broken store must not keep the node off the ring
+            self.fs_note = f"the configuration filesystem failed to start: {error!r}"
+            log.exception("tree: start failed")
+        else:
+            self.fs_note = None if self.tree.mounted or not self.options.mount else \
+                "the configuration filesystem is not mounted"
+            if self.tree.mounted:
+                log.info("configuration tree mounted at %s", self.identity.mount)
+        if self.tree.backend is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._watch_tree()))
+
+    async def _watch_tree(self) -> None:
+        """Keep the tree's corosync.conf and the node-local copy in step."""
+        assert self.tree is not None
+        while True:
+            await asyncio.sleep(TREE_POLL_S)
+            try:
+                await self._sync_tree_once(self.tree)
+            except Exception:
+                log.exception("tree: corosync.conf sync failed")
+
+    async def _sync_tree_once(self, tree: Tree) -> None:
+        if not self.quorum.quorate:
+            return
+        await tree.ensure_node_dirs()
+        text = tree.read_conf()
+        version = -1
+        if text is not None:
+            try:
+                version = ClusterConfig.from_text(text, "corosync.conf in the tree").config_version
+            except CorralError as error:
+                log.error("tree: corosync.conf in the tree is invalid: %s", error)
+        if version > self.config.config_version and text is not None:
+            log.info("tree: corosync.conf in the tree has config_version %d: adopting", version)
+            self.adopt(text)
+        elif version < self.config.config_version:
+            await tree.write_conf(self.conf_text)
+
     async def _stop_services(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.tree is not None:
+            await self.tree.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.quorum.stop(), QUORUM_LEAVE_TIMEOUT_S)
         with contextlib.suppress(Exception):
@@ -283,6 +343,8 @@ class Daemon:
         reasons = nodelist.restart_needed(self.config, new, self.nodeid)
         self.config, self.conf_text = new, text
         nodelist.apply_nodelist(self.transport, new)
+        if self.tree is not None:
+            self.tree.update(new)
         self._apply_quorum_config(quorum_config)
         self.restart_reasons = reasons
         log.info("config_version %d applied (%d nodes)%s", new.config_version, len(new.nodes),
@@ -320,6 +382,7 @@ class Daemon:
                                     self.layout.ca_key.read_bytes()).decode()
             version = ClusterConfig.from_text(new_text).config_version
             await self.sync.publish(new_text, version)
+            await self._write_tree(new_text)
             if self.config.config_version < version:
                 raise CorralError("the new config was not applied here; see the corrald log")
             log.info("node %s (nodeid %d) added: config_version %d", node, assigned, version)
@@ -333,6 +396,13 @@ class Daemon:
                 "ca_key": self.layout.ca_key.read_text(),
                 "admin_hash": self.admin_hash() or "",
             }
+
+    async def _write_tree(self, text: str) -> None:
+        if self.tree is not None and self.tree.backend is not None:
+            code = await self.tree.write_conf(text)
+            if code:
+                log.warning("tree: corosync.conf not written (errno %d); the watcher retries",
+                            code)
 
     def _join_addresses(self, params: dict[str, str], peer_ip: str) -> list[str]:
         links = [confedit.parse_link(n, params[f"link{n}"]) for n in range(8)
@@ -359,6 +429,7 @@ class Daemon:
                                                      self.nodeid)
             version = ClusterConfig.from_text(new_text).config_version
             await self.sync.publish(new_text, version)
+            await self._write_tree(new_text)
             log.info("node %s (nodeid %d) removed: config_version %d", node, removed, version)
 
     # ---- API backend -----------------------------------------------------------------
@@ -449,6 +520,13 @@ class Daemon:
         asyncio.get_running_loop().call_later(0.05, self.stop_requested.set)
         return {"stopping": True}
 
+    def _fs_status(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"mounted": False}
+        if self.tree is not None:
+            data = {k: v for k, v in self.tree.status().items() if k != "counters"}
+        data.update(mountpoint=self.identity.mount, note=self.fs_note)
+        return data
+
     def status(self) -> dict[str, Any]:
         links = nodelist.link_states(self.transport)
         now_ns = time.monotonic_ns()
@@ -482,8 +560,7 @@ class Daemon:
             "nodes": rows,
             "clock_offset_warn_ms": CLOCK_OFFSET_WARN_MS,
             "restart_needed": self.restart_reasons,
-            "filesystem": {"mounted": False, "mountpoint": self.identity.mount,
-                           "note": self.fs_note},
+            "filesystem": self._fs_status(),
             "pid": os.getpid(),
         }
 
