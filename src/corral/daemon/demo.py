@@ -31,6 +31,7 @@ from corral.demo import LocalCluster, free_udp_port
 STOP_TIMEOUT_S = 10.0
 QUORATE_TIMEOUT_S = 60.0
 DEMO_PASSWORD = "corral-demo-password"
+CLONE_NEWNET = 0x40000000
 
 
 def free_tcp_port(host: str) -> int:
@@ -92,8 +93,10 @@ class DemoCluster:
         os.chmod(self.workdir / "admin-password", 0o600)
 
     def _in_node(self, nodeid: int, argv: list[str]) -> list[str]:
+        # nsenter switches only the network namespace: unlike `ip netns exec` it
+        # keeps the host's mount namespace, so each node's tree mount is visible.
         if self.use_netns:
-            return ["ip", "netns", "exec", self.net.netns(nodeid), *argv]
+            return ["nsenter", f"--net=/run/netns/{self.net.netns(nodeid)}", "--", *argv]
         return argv
 
     def corral(self, nodeid: int, *args: str, check: bool = True,
@@ -168,10 +171,39 @@ class DemoCluster:
             time.sleep(0.05)
         raise RuntimeError(f"no quorate {n_members}-node cluster after {timeout_s:.0f} s")
 
+    def _create_args(self) -> list[str]:
+        return ["create", self.cluster_name, "--link0", self.address(1), "--name", self.name(1),
+                "--port", str(self.totem_port), "--api-port", str(self.api_port),
+                "--mount", str(self.mount(1)),
+                "--password-file", str(self.workdir / "admin-password"), "--no-start",
+                "--state-dir", str(self.state_dir(1))]
+
+    def _join_args(self, nodeid: int, via: int, token: str) -> list[str]:
+        return ["add", f"{self.address(via)}:{self.api_port}", "--fingerprint",
+                self.fingerprint(via), f"--token={token}", "--name", self.name(nodeid),
+                "--link0", self.address(nodeid), "--api-port", str(self.api_port),
+                "--mount", str(self.mount(nodeid)), "--no-start",
+                "--state-dir", str(self.state_dir(nodeid))]
+
+    def _verb_in_process(self, nodeid: int, argv: list[str]) -> None:
+        """Run a `corral` verb in this process (saves an interpreter start). In a
+        worker thread it first enters the node's network namespace (setns() moves
+        only the calling thread); the main thread never moves (create needs no
+        network)."""
+        from corral.cluster import cli
+
+        if self.use_netns and threading.current_thread() is not threading.main_thread():
+            _enter_netns(f"/run/netns/{self.net.netns(nodeid)}")
+        handler = {"create": cli.create, "add": cli.add}[argv[0]]
+        status = handler(argv[1:])
+        if status != 0:
+            raise RuntimeError(f"corral {argv[0]} for node {nodeid} failed ({status})")
+
     def build(self) -> None:
         """create + start node 1, join every other node, start them, wait for quorum."""
         started = time.monotonic()
-        self.create()
+        self.mount(1).mkdir(parents=True, exist_ok=True)
+        self._verb_in_process(1, self._create_args())
         self.start(1)
         self.wait_quorate([1], 1)
         self.timings["create_to_quorate_s"] = time.monotonic() - started
@@ -182,7 +214,8 @@ class DemoCluster:
 
         def join_and_start(nodeid: int) -> None:
             try:
-                self.join(nodeid, token=tokens[nodeid])
+                self.mount(nodeid).mkdir(parents=True, exist_ok=True)
+                self._verb_in_process(nodeid, self._join_args(nodeid, 1, tokens[nodeid]))
                 self.start(nodeid)
             except BaseException as error:
                 errors.append(error)
@@ -234,9 +267,28 @@ class DemoCluster:
         self.close()
 
 
+def _enter_netns(path: str) -> None:
+    """Move the calling thread into the network namespace at `path`."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"setns {path}: {os.strerror(code)}")
+    finally:
+        os.close(fd)
+
+
 def _unmount(path: Path) -> None:
-    if os.path.ismount(path):
-        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+    """Detach a mount left behind (a daemon killed with -9 leaves a dead FUSE mount)."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts", encoding="utf-8", errors="replace") as mounts:
+        mounted = any(line.split()[1] == target for line in mounts if len(line.split()) > 1)
+    if mounted:
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
 
 # ---- the command ------------------------------------------------------------------------
@@ -276,9 +328,12 @@ def _print_where(cluster: DemoCluster) -> None:
     for nodeid in cluster.nodeids:
         where = f"netns {cluster.net.netns(nodeid)}, " if cluster.use_netns else ""
         print(f"  {cluster.name(nodeid)}: {where}address {cluster.address(nodeid)}, "
-              f"state {cluster.state_dir(nodeid)}, log {cluster.log_path(nodeid)}")
-    print(f"\ntry:  CORRAL_STATE_DIR={cluster.state_dir(2)} corral status"
-          if cluster.n_nodes > 1 else "", flush=True)
+              f"tree {cluster.mount(nodeid)}, state {cluster.state_dir(nodeid)}, "
+              f"log {cluster.log_path(nodeid)}")
+    last = cluster.nodeids[-1]
+    print(f"\ntry:  CORRAL_STATE_DIR={cluster.state_dir(last)} corral status\n"
+          f"      echo 'memory: 512' > {cluster.mount(1)}/nodes/node1/qemu-server/100.conf\n"
+          f"      cat {cluster.mount(last)}/.vmlist", flush=True)
 
 
 def main(argv: Sequence[str]) -> int:
