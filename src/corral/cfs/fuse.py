@@ -135,7 +135,7 @@ class CfsOperations(pyfuse3.Operations):
         self._next_fh = 1
         # Per-file append lock and the number of appends using it.
         self._append_locks: dict[int, tuple[asyncio.Lock, int]] = {}
-        self._recent: OrderedDict[int, str] = OrderedDict()
+        self._recent: OrderedDict[int, tuple[int, str]] = OrderedDict()
         self._mode_cache: dict[tuple[str, bool], tuple[int, int]] = {}
         node_dir = f"nodes/{backend.nodename}"
         self._virtual: dict[str, _Virtual] = {}
@@ -159,18 +159,18 @@ class CfsOperations(pyfuse3.Operations):
             # while the kernel still caches the old inode for this name:
             # answer for whatever now lives at the name, as a path-based
             # filesystem (the reference) would.
-            path = self._recent.get(ino)
-            entry = self.tree.lookup(path) if path is not None else None
+            known = self._recent.get(ino)
+            parent = self.tree.get(known[0]) if known is not None else None
+            if known is not None and parent is not None and parent.is_dir:
+                entry = parent.get_child(known[1])
             if entry is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
 
-    def _remember(self, ino: int, path: str) -> None:
+    def _remember(self, ino: int, parent_ino: int, name: str) -> None:
         """Note the name the kernel knows `ino` by (bounded, oldest dropped)."""
         recent = self._recent
-        if ino in recent:
-            recent.move_to_end(ino)
-        recent[ino] = path
+        recent[ino] = (parent_ino, name)
         if len(recent) > RECENT_INOS_MAX:
             recent.popitem(last=False)
 
@@ -299,9 +299,8 @@ class CfsOperations(pyfuse3.Operations):
         child = parent.get_child(text)
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        path = _join(self.tree.path_of(parent), text)
-        self._remember(child.ino, path)
-        return self._attrs(child, path)
+        self._remember(child.ino, parent.ino, text)
+        return self._attrs(child, _join(self.tree.path_of(parent), text))
 
     async def getattr(self, inode: pyfuse3.InodeT,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -413,12 +412,12 @@ class CfsOperations(pyfuse3.Operations):
             if not page:
                 return
             for entry in page:
-                path = _join(dir_path, entry.name)
+                path = dir_path if modes is not None else _join(dir_path, entry.name)
                 self._fill(attr, entry, path, quorate, modes)
                 name = pyfuse3.FileNameT(entry.name.encode("utf-8", "surrogateescape"))
                 if not pyfuse3.readdir_reply(token, name, attr, cookie + 1):
                     return
-                self._remember(entry.ino, path)
+                self._remember(entry.ino, directory.ino, entry.name)
                 cookie += 1
                 handle.next_cookie = cookie
                 handle.last_name = entry.name
@@ -464,7 +463,7 @@ class CfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if flags & os.O_TRUNC and entry.size:
             await self._submit(Op.truncate(path, 0, now))
-        self._remember(entry.ino, path)
+        self._remember(entry.ino, parent_inode, _name(name))
         info = self._open_handle(_Handle(entry.ino, append=bool(flags & os.O_APPEND)))
         return info, self._attrs(entry, path)
 
@@ -570,7 +569,7 @@ class CfsOperations(pyfuse3.Operations):
         entry = self.tree.lookup(path)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        self._remember(entry.ino, path)
+        self._remember(entry.ino, parent_inode, _name(name))
         return self._attrs(entry, path)
 
     async def unlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
