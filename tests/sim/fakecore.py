@@ -9,7 +9,9 @@ deliberate fault so tests can prove the harness and checkers catch it:
 - "reorder": node 3 swaps the delivery of sequence numbers 5 and 6;
 - "drop": node 2 never delivers sequence number 7;
 - "invent": node 3 delivers a payload nobody submitted;
-- "members": node 2 reports an extra member in the ring.
+- "members": node 2 reports an extra member in the ring;
+- "split": node 3 never leaves its own singleton ring (no convergence);
+- "stuck": node 2 reports a send queue that never drains.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ class FakeCore:
         self.state = STATE_OPERATIONAL
         self.ring_id = (1, 4)
         self.members = tuple(range(1, n_nodes + 1))
-        self.send_queue_len = 0
+        if bug == "split" and nodeid == 3:
+            self.ring_id = (3, 4)
+            self.members = (3,)
+        self.send_queue_len = 1 if bug == "stuck" and nodeid == 2 else 0
 
     def start(self, now_ns: int) -> None:
         members = self.members
@@ -52,6 +57,8 @@ class FakeCore:
         self.events.append((EV_CONFIG, CONF_REGULAR, self.ring_id, members, members, ()))
 
     def submit(self, payload: bytes) -> bool:
+        if self.bug == "split" and self.nodeid == 3:
+            return False
         if self.nodeid == SEQUENCER:
             self._order(self.nodeid, payload)
         else:
@@ -59,6 +66,8 @@ class FakeCore:
         return True
 
     def receive(self, now_ns: int, packet: bytes) -> None:
+        if self.bug == "split" and self.nodeid == 3:
+            return  # cut off from everything, in its own ring
         if packet[:1] == b"S" and self.nodeid == SEQUENCER:
             (sender,) = struct.unpack_from("!I", packet, 1)
             self._order(sender, packet[5:])

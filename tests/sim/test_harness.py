@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from corral.sim.cluster import SimOptions, run_seed
+from corral.sim.cluster import SimOptions, convergence_bound_ns, run_seed
 from corral.sim.faults import FAULT_NAMES, FaultPlan, parse_faults
 from corral.sim.network import SimNetwork
 from corral.sim.rng import derive_seed
@@ -166,3 +166,19 @@ def test_exception_in_the_core_is_reported_as_core_exception() -> None:
     assert result.violation.checker == "core-exception"
     assert result.violation.nodes == [2]
     assert "RuntimeError: planted" in result.report
+
+
+def test_no_convergence_is_a_liveness_violation_stating_the_bound() -> None:
+    options = SimOptions(seed=5, nodes=3, duration_ms=1000, token_ms=500)
+    result = run_seed(options, fake_api(3, "split"))
+    assert result.violation is not None and result.violation.checker == "liveness"
+    # token 500, consensus 600, merge 200, join 50: 1000 + 1800 + 200 + 1000 ms
+    assert convergence_bound_ns(options.totem_config().timers(3)) == 4_000_000_000
+    assert "no single ring of all nodes within 4000ms" in result.report
+    assert "2*token + 3*consensus + merge + 20*join" in result.report
+
+
+def test_send_queue_that_never_drains_is_a_liveness_violation() -> None:
+    result = run_seed(SimOptions(seed=5, nodes=3, duration_ms=1000, token_ms=500), fake_api(3, "stuck"))
+    assert result.violation is not None and result.violation.checker == "liveness"
+    assert "send queues not empty" in result.report
