@@ -89,3 +89,37 @@ def test_without_quorum_everything_is_read_only(mount_factory) -> None:
     with open(conf) as back:
         assert back.read() == "cores: 1\n"
     assert sorted(os.listdir(m.path("nodes/n1/qemu-server"))) == ["100.conf"]
+
+
+def test_run_mount_in_process_stops_on_event(tmp_path) -> None:
+    """run_mount as a daemon embeds it: serve, answer a client running in a
+    thread, unmount when the stop event is set (no signal handlers)."""
+    import asyncio
+
+    from corral.cfs.local import LocalBackend
+    from corral.cfs.mount import lazy_unmount, run_mount
+    from corral.cfs.store import Durability, Store
+
+    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
+        pytest.skip("needs /dev/fuse and root")
+    mountpoint = tmp_path / "mnt"
+
+    async def scenario() -> list[str]:
+        with Store(tmp_path / "store", durability=Durability.PROCESS) as store:
+            stop, ready = asyncio.Event(), asyncio.Event()
+            serving = asyncio.create_task(run_mount(
+                LocalBackend(store, "n1"), mountpoint, stop=stop, ready=ready,
+                handle_signals=False))
+            await asyncio.wait_for(ready.wait(), 30)
+            names = await asyncio.to_thread(os.listdir, mountpoint)
+            stop.set()
+            await asyncio.wait_for(serving, 30)
+            return names
+
+    try:
+        names = asyncio.run(scenario())
+    finally:
+        if is_stale(mountpoint) or is_mounted(mountpoint):
+            lazy_unmount(mountpoint)
+    assert {"local", "qemu-server", "lxc", ".members", ".vmlist"} <= set(names)
+    assert not is_mounted(mountpoint)
