@@ -61,7 +61,10 @@ def _step(rng: random.Random, nodes: list[str], sids: list[str]) -> list[str]:
         f"delay {rng.choice([0, 30, 90])}",
         f"cfs {node} {rng.choice(['rw', 'update'])} fail", f"cfs {node} rw work",
         f"cfs {node} update work", f"service {sid} lock {rng.choice(['backup', 'create'])}",
-        f"service {sid} unlock",
+        f"service {sid} unlock", f"crm {node} stop", f"crm {node} start",
+        f"skip-round {rng.choice(['crm', 'lrm'])} {rng.randint(1, 2)}",
+        f"service {sid} ignored", f"service {sid} manual-migrate {rng.choice(nodes)}",
+        f"service vm:199 add {node} started", "service vm:199 delete",
     ])]
 
 
@@ -72,7 +75,7 @@ def make_scenario(seed: int, directory: pathlib.Path) -> None:
     sids = sorted(services)
     heal = [f"power {n} on" for n in nodes] + [f"network {n} on" for n in nodes]
     heal += [f"cfs {n} rw work" for n in nodes] + [f"cfs {n} update work" for n in nodes]
-    heal += [f"service {sid} unlock" for sid in sids]
+    heal += [f"service {sid} unlock" for sid in sids] + [f"crm {n} start" for n in nodes]
     heal += [f"crm {n} disable-node-maintenance" for n in nodes] + [f"crm {nodes[0]} arm-ha"]
     commands = [[f"power {n} on" for n in nodes]]
     commands += [_step(rng, nodes, sids) for _ in range(rng.randint(3, 8))]

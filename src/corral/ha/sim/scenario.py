@@ -265,8 +265,18 @@ class Simulation:
             cluster.crm_commands.append(f"{action} {sid} {self._node(words[3])}")
         elif action == "stop":
             cluster.crm_commands.append(f"stop {sid} {parse_int(words[3], 'timeout', 0, 86400)}")
+        elif action == "add" and sid in cluster.resources:
+            # As `ha-manager add` does: a resource can only be added once.
+            cluster.log("err", "cmdlist", f"service '{sid}' already exists, not added")
         elif action == "add":
-            props: dict[str, Any] = {"node": self._node(words[3])}
+            node = self._node(words[3])
+            existing = cluster.config_node.get(sid)
+            if existing is not None and existing != node:
+                # The guest already exists: its config (and process) stay where they are.
+                cluster.log("warn", "cmdlist", f"guest '{sid}' lives on '{existing}', adding "
+                                               "it there")
+                node = existing
+            props: dict[str, Any] = {"node": node}
             props["state"] = words[4] if len(words) > 4 else "started"
             if len(words) > 5:
                 props["running"] = words[5]
