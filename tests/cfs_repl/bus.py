@@ -31,6 +31,10 @@ class MemStore:
         self.state = CfsState(debug_checks=True)
         self.dirty = False
         self.dirty_writes: list[bool] = []
+        self.term = 0
+
+    def set_term(self, term: int) -> None:
+        self.term = term
 
     def set_dirty(self, flag: bool) -> None:
         self.dirty = flag
@@ -58,6 +62,7 @@ class MemStore:
         fresh = MemStore()
         fresh.kv = self.kv
         fresh.dirty = self.dirty
+        fresh.term = self.term
         fresh.kv.load_state(fresh.state)
         return fresh
 
@@ -115,8 +120,11 @@ class Bus:
         if not self.queue:
             return False
         sender, payload = self.queue.popleft()
-        for nodeid in self.group_of(sender):
+        group = self.group_of(sender)
+        for nodeid in group:
             self.run(self.nodes[nodeid].core.deliver(sender, payload, self.now_ns), nodeid)
+        for nodeid in group:
+            self.run(self.nodes[nodeid].core.flush_acks(self.now_ns), nodeid)
         return True
 
     def deliver_all(self, steps_max: int = 100_000) -> None:

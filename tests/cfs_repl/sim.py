@@ -111,6 +111,7 @@ class ReplCluster(harness.Cluster):  # type: ignore[misc,name-defined]
             for _client, cpg_event in node.cpg.pop_events():
                 self._feed(node, cpg_event)
         self._timers(node)
+        self._run(node, node.core.flush_acks(self.now_ns))
         node.to_totem.extend(node.cpg.pop_outbox())
         submitted = False
         while node.to_totem and self.cores[nodeid].submit(node.to_totem[0]):

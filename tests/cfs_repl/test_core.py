@@ -30,7 +30,8 @@ S = 1_000_000_000
 MESSAGES = [
     rc.OpMsg(3, 77, b"\x01op-bytes"),
     rc.SyncStart((1, 9), (1, 2, 5)),
-    rc.StateMsg((1, 9), 1234, 0xDEADBEEF, rc.STATE_DIRTY),
+    rc.StateMsg((1, 9), 3, 1234, 0xDEADBEEF, rc.STATE_DIRTY),
+    rc.Ack((1, 9), 17),
     rc.WalkMsg(rc.MsgType.QUERY, (1, 9), 2, b"q"),
     rc.WalkMsg(rc.MsgType.ANSWER, (1, 9), 2, b"answer"),
     rc.WalkMsg(rc.MsgType.PATCH, (1, 9), 2, b"patch", last=False),
@@ -91,14 +92,16 @@ def test_wire_decode_never_crashes(data: bytes) -> None:
 
 
 def test_leader_choice() -> None:
-    def state(version: int, digest: int, flags: int = 0) -> rc.StateMsg:
-        return rc.StateMsg((1, 1), version, digest, flags)
+    def state(version: int, digest: int, flags: int = 0, term: int = 0) -> rc.StateMsg:
+        return rc.StateMsg((1, 1), term, version, digest, flags)
 
     assert rc.choose_leader({1: state(5, 1), 2: state(7, 2), 3: state(6, 3)}) == 2
     assert rc.choose_leader({1: state(5, 1), 2: state(9, 2, rc.STATE_DIRTY)}) == 1
     assert rc.choose_leader({1: state(5, 1), 2: state(5, 2), 3: state(5, 2)}) == 2
     assert rc.choose_leader({2: state(5, 1), 3: state(5, 1)}) == 2
     assert rc.choose_leader({2: state(5, 1, 1), 3: state(6, 1, 1)}) == 3
+    # a side cut off from the quorate history loses even with a higher version
+    assert rc.choose_leader({1: state(9, 1, term=4), 2: state(7, 2, term=5)}) == 2
 
 
 def formed(n: int = 3, **kwargs: object) -> Bus:

@@ -90,6 +90,7 @@ class MsgType(enum.IntEnum):
     VERIFY = 10
     LOG = 11
     FRAG = 12
+    ACK = 13
 
 
 Epoch = tuple[int, int]  # (nodeid of the member that started the sync, its counter)
@@ -114,6 +115,7 @@ STATE_DIRTY = 0x01
 @dataclass(frozen=True, slots=True)
 class StateMsg:
     epoch: Epoch
+    term: int
     version: int
     digest: int
     flags: int
@@ -137,6 +139,15 @@ class Fetch:
     epoch: Epoch
     target: int
     paths: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The sender has applied the first `position` ops of the synced period
+    that began with the resync `epoch`."""
+
+    epoch: Epoch
+    position: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,14 +194,14 @@ class Frag:
 
 
 Message = (OpMsg | SyncStart | StateMsg | WalkMsg | Fetch | SyncDone | VerifyRequest
-           | Verify | LogMsg | Frag)
+           | Verify | LogMsg | Frag | Ack)
 
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _EPOCH = struct.Struct("<IQ")
 _OP_HEAD = struct.Struct("<IQ")
-_STATE = struct.Struct("<IQQQB")
+_STATE = struct.Struct("<IQQQQB")
 _WALK = struct.Struct("<IQIB")
 _DONE = struct.Struct("<IQQ")
 _VERIFY = struct.Struct("<QQQ")
@@ -217,8 +228,11 @@ def encode(message: Message) -> bytes:
                          _U16.pack(len(message.members)),
                          *(_U32.pack(n) for n in message.members)])
     if isinstance(message, StateMsg):
-        return _head(MsgType.STATE) + _STATE.pack(*message.epoch, message.version,
-                                                  message.digest, message.flags)
+        return _head(MsgType.STATE) + _STATE.pack(*message.epoch, message.term,
+                                                  message.version, message.digest,
+                                                  message.flags)
+    if isinstance(message, Ack):
+        return _head(MsgType.ACK) + _DONE.pack(*message.epoch, message.position)
     if isinstance(message, WalkMsg):
         return _head(message.kind) + _WALK.pack(*message.epoch, message.target,
                                                 int(message.last)) + message.body
@@ -320,8 +334,13 @@ def _dec_sync_start(reader: _Reader, kind: MsgType) -> Message:
 
 
 def _dec_state(reader: _Reader, kind: MsgType) -> Message:
-    node, counter, version, digest, flags = reader.unpack(_STATE)
-    return StateMsg((node, counter), version, digest, flags)
+    node, counter, term, version, digest, flags = reader.unpack(_STATE)
+    return StateMsg((node, counter), term, version, digest, flags)
+
+
+def _dec_ack(reader: _Reader, kind: MsgType) -> Message:
+    node, counter, position = reader.unpack(_DONE)
+    return Ack((node, counter), position)
 
 
 def _dec_walk(reader: _Reader, kind: MsgType) -> Message:
@@ -386,6 +405,7 @@ _DECODERS = {
     MsgType.VERIFY: _dec_verify,
     MsgType.LOG: _dec_log,
     MsgType.FRAG: _dec_frag,
+    MsgType.ACK: _dec_ack,
 }
 
 
@@ -482,6 +502,15 @@ class ReplicaStore(Protocol):
         """Persist the marker before returning."""
         ...
 
+    @property
+    def term(self) -> int:
+        """How many quorate resyncs this tree's history went through."""
+        ...
+
+    def set_term(self, term: int) -> None:
+        """Persist the term before returning."""
+        ...
+
     def apply_group(self, ops: Sequence[tuple[Op, int]], *, quorate: bool) -> list[Outcome]: ...
 
     def apply_patch(self, delete: Sequence[str], items: Sequence[PatchItem],
@@ -565,7 +594,7 @@ class ReplicaCore:
         self.counters: dict[str, int] = dict.fromkeys(
             ("malformed", "newer_version", "not_member", "stale", "spoofed", "frag_dropped",
              "ops_applied", "ops_refused_inquorate", "ops_resent", "syncs", "repairs",
-             "verify_rounds", "unlocks_sent", "eagain", "eacces"), 0)
+             "verify_rounds", "unlocks_sent", "eagain", "eacces", "held_dropped"), 0)
         self._held: list[tuple[int, OpMsg]] = []
         self._waiting: list[_Waiting] = []
         self._in_flight: dict[int, bytes] = {}
@@ -579,6 +608,13 @@ class ReplicaCore:
         self._next_verify_ns: int | None = None
         self._log_uid = 0
         self._wire_size = 0
+        # Acknowledgement of own ops once every member applied them (see _confirm).
+        self._period: Epoch | None = None
+        self._position = 0
+        self._acks: dict[int, int] = {}
+        self.ack_due = False
+        self._unconfirmed: dict[int, tuple[int, int]] = {}
+        self._unsure: dict[int, int] = {}
         self._out: list[Action] = []
 
     # ------------------------------------------------------------------ inputs
@@ -586,6 +622,7 @@ class ReplicaCore:
     def confchg(self, members: Sequence[int], now_ns: int) -> list[Action]:
         """The group's membership changed (CPG ConfChg; nodeids of its members)."""
         self.members = tuple(sorted(set(members)))
+        self._drop_held(now_ns)
         self._drop_partials(now_ns)
         self._verify_round = None
         if self.nodeid not in self.members:
@@ -685,16 +722,27 @@ class ReplicaCore:
         for item in self._waiting:
             self._complete(item.request_id, errno.EAGAIN)
         self._waiting = []
-        for request_id in list(self._in_flight):
+        for request_id in [*self._in_flight, *self._unconfirmed, *self._unsure]:
             self._complete(request_id, errno.EIO)
         self._in_flight.clear()
+        self._unconfirmed.clear()
+        self._unsure.clear()
         return self._drain()
 
     # -------------------------------------------------------------- inspection
 
     @property
     def pending(self) -> int:
-        return len(self._waiting) + len(self._in_flight)
+        return (len(self._waiting) + len(self._in_flight) + len(self._unconfirmed)
+                + len(self._unsure))
+
+    def flush_acks(self, now_ns: int) -> list[Action]:
+        """Call once per batch of deliveries (the shell: once per loop
+        iteration): tells the group how many ops this node has applied."""
+        if self.ack_due and self.phase is Phase.SYNCED and self._period is not None:
+            self.ack_due = False
+            self._send(Ack(self._period, self._position))
+        return self._drain()
 
     def log_entries(self) -> list[LogRecord]:
         return list(self.clusterlog.values())
@@ -757,6 +805,24 @@ class ReplicaCore:
             self._own_frag_ops.pop(frag.seq, None)
         return b"".join(partial.parts)
 
+    def _drop_held(self, now_ns: int) -> None:
+        """Ops held by a resync that another change interrupted: every member
+        of that view holds the same ones, so all drop them here and each
+        sender sends its own again after the next resync. (Applying them now
+        would touch trees not yet synced, and only some members of the new
+        view have them.)"""
+        held, self._held = self._held, []
+        again = []
+        for sender, message in held:
+            payload = self._in_flight.pop(message.request_id, None) \
+                if sender == self.nodeid else None
+            if payload is not None:
+                again.append(_Waiting(message.request_id, payload,
+                                      now_ns + self.config.eagain_ns))
+        self.counters["held_dropped"] += len(held)
+        self.counters["ops_resent"] += len(again)
+        self._waiting[:0] = again
+
     def _drop_partials(self, now_ns: int) -> None:
         """At a membership change every member drops messages whose parts
         straddle it; this node sends its own lost ops again after the resync."""
@@ -771,6 +837,7 @@ class ReplicaCore:
         self._partial.clear()
 
     def _left_group(self) -> None:
+        self._end_period()
         self.phase = Phase.JOINING
         self.sync = None
         self._held = []
@@ -786,6 +853,8 @@ class ReplicaCore:
                 self._add_log(record)
         elif isinstance(message, VerifyRequest | Verify):
             self._on_verify(sender, message, now_ns)
+        elif isinstance(message, Ack):
+            self._on_ack(sender, message)
         else:
             self._on_sync_message(sender, message, now_ns)
 
@@ -814,7 +883,14 @@ class ReplicaCore:
             self.counters["ops_refused_inquorate"] += 1
         elif outcome.ok:
             self.counters["ops_applied"] += 1
-        if own:
+        self._position += 1
+        self.ack_due = len(self.members) > 1
+        if own and outcome.ok and outcome.mutations:
+            # Answer once every member has applied it (then any later quorate
+            # partition holds a node that has it), not at the local apply.
+            self._unconfirmed[message.request_id] = (self._position, outcome.errno)
+            self._confirm()
+        elif own:
             self._complete(message.request_id, outcome.errno)
         requests = self.tracker.follow(outcome.effects, now_ns)
         if requests and self._is_lowest() and self.quorate and self.phase is Phase.SYNCED:
@@ -824,6 +900,33 @@ class ReplicaCore:
                     self._log("info", f"lock {request.path} expired: sending UNLOCK")
                     unlock = ops_mod.encode(Op.unlock(request.path, request.checksum))
                     self._send(OpMsg(self.nodeid, 0, unlock))
+
+    def _on_ack(self, sender: int, message: Ack) -> None:
+        if self.phase is not Phase.SYNCED or message.epoch != self._period:
+            self.counters["stale"] += 1
+            return
+        self._acks[sender] = max(self._acks.get(sender, 0), message.position)
+        self._confirm()
+
+    def _confirm(self) -> None:
+        if not self._unconfirmed:
+            return
+        stable = min([self._acks.get(n, 0) for n in self.members if n != self.nodeid],
+                     default=self._position)
+        for request_id, (position, code) in list(self._unconfirmed.items()):
+            if position <= stable:
+                del self._unconfirmed[request_id]
+                self._complete(request_id, code)
+
+    def _end_period(self) -> None:
+        """The synced period ends (membership change, repair, leaving): own ops
+        not yet confirmed by every member are decided at the next resync."""
+        for request_id, (_position, code) in self._unconfirmed.items():
+            self._unsure[request_id] = code
+        self._unconfirmed.clear()
+        self._period = None
+        self._acks = {}
+        self.ack_due = False
 
     def _add_log(self, record: LogRecord) -> None:
         key = (record.node, record.uid, record.time)
@@ -868,6 +971,7 @@ class ReplicaCore:
     # -- resync
 
     def _begin_sync(self, now_ns: int, *, repair: bool) -> None:
+        self._end_period()
         self.phase = Phase.SYNCING
         self.sync = _Sync(repair)
         self._next_verify_ns = None
@@ -905,6 +1009,7 @@ class ReplicaCore:
         if self.phase is Phase.SYNCED:
             # A SYNC_START for an identical earlier view, delivered late: every
             # member takes it at this same point, so resyncing stays consistent.
+            self._end_period()
             self.phase = Phase.SYNCING
             self.sync = _Sync(False)
             self._next_verify_ns = None
@@ -915,7 +1020,8 @@ class ReplicaCore:
         self.sync = sync = _Sync(repair, SyncStep.AWAIT_STATES, message.epoch)
         state = self.store.state
         flags = STATE_DIRTY if self.store.dirty else 0
-        self._send(StateMsg(message.epoch, state.version, state.tree.digest, flags))
+        self._send(StateMsg(message.epoch, self.store.term, state.version, state.tree.digest,
+                            flags))
 
     def _on_state(self, sync: _Sync, sender: int, message: StateMsg, now_ns: int) -> None:
         if sync.step is not SyncStep.AWAIT_STATES or sender in sync.states:
@@ -1024,9 +1130,24 @@ class ReplicaCore:
             self.store.apply_patch((), ())  # persists the head with the version
         if adopt and self.store.dirty:
             self.store.set_dirty(False)
+        sync = self.sync
+        states = sync.states if sync is not None else {}
+        term = max([s.term for s in states.values()] + [self.store.term])
+        term += 1 if self.quorate else 0
+        if term != self.store.term:
+            self.store.set_term(term)  # persisted before any op of the new term
+        replaced = sync is not None and sync.report is not None \
+            and self.nodeid in sync.report.followers
+        for request_id, code in self._unsure.items():
+            # Kept for sure only if this quorate view's tree is this node's own.
+            self._complete(request_id, code if self.quorate and not replaced else errno.EIO)
+        self._unsure.clear()
         self.tracker.rebuild(state.locks(), now_ns)
         report = self.sync.report if self.sync is not None else None
         self.phase = Phase.SYNCED
+        self._period = sync.epoch if sync is not None else None
+        self._position = 0
+        self._acks = {}
         self.sync = None
         self.counters["syncs"] += 1
         if report is not None:
@@ -1053,9 +1174,12 @@ class ReplicaCore:
 
 def choose_leader(states: Mapping[int, StateMsg]) -> int:
     """The member whose tree wins: clean (no unfinished resync) first, then the
-    highest version, then the digest most members hold, then the lowest nodeid."""
+    highest term (quorate resyncs in its history: a side cut off from the
+    quorate history loses even if it applied more), then the highest version,
+    then the digest most members hold, then the lowest nodeid."""
     clean = [n for n, s in states.items() if not s.flags & STATE_DIRTY] or list(states)
     holders: dict[int, int] = {}
     for state in states.values():
         holders[state.digest] = holders.get(state.digest, 0) + 1
-    return max(clean, key=lambda n: (states[n].version, holders[states[n].digest], -n))
+    return max(clean, key=lambda n: (states[n].term, states[n].version,
+                                     holders[states[n].digest], -n))

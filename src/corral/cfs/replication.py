@@ -53,7 +53,27 @@ log = logging.getLogger("corral.cfs.replication")
 
 GROUP = "corral-cfs"
 MARKER_SUFFIX = ".resync"
+TERM_SUFFIX = ".term"
 _NS_PER_S = 1_000_000_000
+
+
+def _fsync_dir(path: Path) -> None:
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _read_term(path: Path) -> int:
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{path}: not a number ({text[:20]!r}); delete it to reset") from None
 
 
 class ReplicatedStore:
@@ -65,6 +85,8 @@ class ReplicatedStore:
         self.store = store
         self.marker = Path(marker) if marker is not None else Path(str(store.path) + MARKER_SUFFIX)
         self._dirty = self.marker.exists()
+        self.term_file = Path(str(store.path) + TERM_SUFFIX)
+        self._term = _read_term(self.term_file)
 
     @property
     def state(self) -> CfsState:
@@ -83,12 +105,23 @@ class ReplicatedStore:
         else:
             self.store.sync()  # the finished resync is durable before the marker goes
             self.marker.unlink(missing_ok=True)
-        directory = os.open(self.marker.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _fsync_dir(self.marker.parent)
         self._dirty = flag
+
+    @property
+    def term(self) -> int:
+        return self._term
+
+    def set_term(self, term: int) -> None:
+        """Durably replace the term file (temp file, fsync, rename, fsync dir)."""
+        temporary = self.term_file.with_name(self.term_file.name + ".tmp")
+        with open(temporary, "w", encoding="ascii") as handle:
+            handle.write(f"{term}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.term_file)
+        _fsync_dir(self.term_file.parent)
+        self._term = term
 
     def apply_group(self, ops: Sequence[tuple[Op, int]], *, quorate: bool) -> list[Outcome]:
         return self.store.apply_group(ops, quorate=quorate)
@@ -149,6 +182,7 @@ class ReplicatedBackend:
         self._completions: list[Complete] = []
         self._flush_scheduled = False
         self._syncing = False
+        self._acks_scheduled = False
         self._applied_at_sync = 0
         self._unsubscribe: Callable[[], None] | None = None
         self.failed: BaseException | None = None
@@ -327,7 +361,14 @@ class ReplicatedBackend:
         if self._completions and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_completions)
+        if self.core.ack_due and not self._acks_scheduled:
+            self._acks_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
         self._arm_timer()
+
+    def _flush_acks(self) -> None:
+        self._acks_scheduled = False
+        self._guarded(self.core.flush_acks)
 
     def _log_line(self, line: LogLine) -> None:
         level = {"info": logging.INFO, "warning": logging.WARNING}.get(line.level, logging.ERROR)
