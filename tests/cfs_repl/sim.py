@@ -53,6 +53,8 @@ class Node:
     results: dict[int, int] = field(default_factory=dict)
     logs: list[str] = field(default_factory=list)
     sent_bytes: int = 0
+    # members of the last Totem ring this node's event stream reported
+    ring: tuple[int, ...] = ()
 
 
 class ReplCluster(harness.Cluster):  # type: ignore[misc,name-defined]
@@ -127,6 +129,7 @@ class ReplCluster(harness.Cluster):  # type: ignore[misc,name-defined]
         elif isinstance(event, ConfChg) and event.group == GROUP:
             self._run(node, node.core.confchg([m.nodeid for m in event.members], now))
         elif isinstance(event, TotemConfChg):
+            node.ring = tuple(event.members)
             quorate = len(event.members) * 2 > len(self.nodeids)
             self._run(node, node.core.quorum_changed(quorate, now))
 

@@ -41,8 +41,8 @@ class Checked(ReplCluster):
             def apply_group(ops, *, quorate, _n=nodeid, _orig=original):  # type: ignore[no-untyped-def]
                 outcomes = _orig(ops, quorate=quorate)
                 if any(o.ok and o.mutations for o in outcomes):
-                    ring = self.cores[_n].members if _n in self.cores else ()
-                    self.applied_rings.append((_n, len(ring)))
+                    # the ring as the node's event stream has reported it so far
+                    self.applied_rings.append((_n, len(self.nodes[_n].ring)))
                 return outcomes
 
             rstore.apply_group = apply_group  # type: ignore[method-assign]
