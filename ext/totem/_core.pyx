@@ -174,6 +174,7 @@ cdef class TotemCore:
     # The current ring (during RECOVERY: the ring being installed).
     cdef uint32_t _ring_rep
     cdef uint64_t _ring_seq
+    cdef uint64_t _ring_epoch
     cdef tuple _members
     cdef uint32_t _next_node
     cdef uint32_t _prev_node
@@ -186,6 +187,7 @@ cdef class TotemCore:
     cdef FrameBuffer _old_buf
     cdef uint32_t _old_rep
     cdef uint64_t _old_seq
+    cdef uint64_t _old_epoch
     cdef tuple _old_members
 
     # Token handling.
@@ -224,6 +226,7 @@ cdef class TotemCore:
     cdef bint _commit_created
     cdef tuple _commit_members
     cdef uint64_t _commit_seq
+    cdef uint64_t _commit_epoch
     cdef tuple _my_commit_slot
 
     # Send queue: a list used as a FIFO from _sq_head; _head_offset is how much
@@ -275,6 +278,9 @@ cdef class TotemCore:
             self._stats[i] = 0
         self._ring_rep = 0
         self._ring_seq = ring_seq
+        self._ring_epoch = 0
+        self._old_epoch = 0
+        self._commit_epoch = 0
         self._highest_ring_seq = ring_seq
         self._members = ()
         self._member_set = frozenset()
@@ -363,7 +369,8 @@ cdef class TotemCore:
             return
         if self._state != S_INITIAL:
             others = tuple(sorted((set(self._members) | self._proc) - {self.nodeid}))
-            packet = encode_join(self.nodeid, self._ring_rep, self._ring_seq, JOIN_FLAG_LEAVE,
+            packet = encode_join(self.nodeid, self._ring_rep, self._ring_seq, self._ring_epoch,
+                                 JOIN_FLAG_LEAVE,
                                  self._highest_ring_seq, others, (self.nodeid,))
             for i in range(LEAVE_COPIES):
                 self._send(BROADCAST, packet, PKT_JOIN)
@@ -488,9 +495,9 @@ cdef class TotemCore:
         elif h.type == PKT_COMMIT:
             self._on_commit(p, n)
         elif h.type == PKT_MERGE_DETECT:
-            self._on_merge_detect(&h, n)
+            self._on_merge_detect(&h, p, n)
         else:
-            self._on_hold_cancel(&h, n)
+            self._on_hold_cancel(&h, p, n)
         return 0
 
     cdef int _fire(self, int timer) except -1:
@@ -500,7 +507,8 @@ cdef class TotemCore:
                 if self._state == S_OPERATIONAL and self._members:
                     self._stats[ST_HOLD_CANCELS] += 1
                     self._send(self._members[0], encode_bare(
-                        PKT_HOLD_CANCEL, self.nodeid, self._ring_rep, self._ring_seq),
+                        PKT_HOLD_CANCEL, self.nodeid, self._ring_rep, self._ring_seq,
+                        self._ring_epoch),
                         PKT_HOLD_CANCEL)
             if self._resume_pending:
                 self._resume_pending = False
@@ -523,7 +531,8 @@ cdef class TotemCore:
             if self._state == S_OPERATIONAL and self._is_rep:
                 self._stats[ST_MERGE_DETECT] += 1
                 self._send(BROADCAST, encode_bare(PKT_MERGE_DETECT, self.nodeid, self._ring_rep,
-                                                  self._ring_seq), PKT_MERGE_DETECT)
+                                                  self._ring_seq, self._ring_epoch),
+                           PKT_MERGE_DETECT)
         elif timer == T_JOIN:
             if self._state == S_GATHER:
                 self._join_dirty = True
@@ -565,7 +574,7 @@ cdef class TotemCore:
         # The sender check also guards against a reused ring id (a node that
         # lost its persisted ring seq): the old incarnation's ring order differs.
         if (t.ring_rep != self._ring_rep or t.ring_seq != self._ring_seq
-                or t.sender != self._prev_node):
+                or t.ring_epoch != self._ring_epoch or t.sender != self._prev_node):
             self._stats[ST_FOREIGN] += 1
             return 0
         return self._token_arrived(&t)
@@ -773,7 +782,8 @@ cdef class TotemCore:
             n = PyBytes_GET_SIZE(inner)
             packet = PyBytes_FromStringAndSize(NULL, MCAST_HEADER_BYTES + n)
             wr_mcast_header(<uchar*>PyBytes_AS_STRING(packet), self.nodeid, self._ring_rep,
-                            self._ring_seq, seq, self.nodeid, MCAST_FLAG_ENCAPSULATED, n)
+                            self._ring_seq, self._ring_epoch, seq, self.nodeid,
+                            MCAST_FLAG_ENCAPSULATED, n)
             memcpy(<uchar*>PyBytes_AS_STRING(packet) + MCAST_HEADER_BYTES,
                    PyBytes_AS_STRING(inner), n)
             t.seq = seq
@@ -829,7 +839,8 @@ cdef class TotemCore:
             self._pop_head(mlen)
         if pos == start:
             return None
-        wr_mcast_header(q, self.nodeid, self._ring_rep, self._ring_seq, seq, self.nodeid, 0,
+        wr_mcast_header(q, self.nodeid, self._ring_rep, self._ring_seq, self._ring_epoch, seq,
+                        self.nodeid, 0,
                         <uint32_t>(pos - start))
         return PyBytes_FromStringAndSize(<char*>q, pos)
 
@@ -875,7 +886,8 @@ cdef class TotemCore:
             self._stats[ST_MALFORMED] += 1
             return 0
         self._stats[ST_IN_BASE + PKT_MCAST - 1] += 1
-        if m.ring_rep == self._ring_rep and m.ring_seq == self._ring_seq and (
+        if (m.ring_rep == self._ring_rep and m.ring_seq == self._ring_seq
+                and m.ring_epoch == self._ring_epoch) and (
                 self._state == S_OPERATIONAL or self._state == S_RECOVERY) and (
                 m.sender in self._member_set and m.origin in self._member_set):
             stored = self._buf.store(m.seq, packet, m.origin, m.flags)
@@ -890,7 +902,7 @@ cdef class TotemCore:
             self._deliver()
             return 0
         if (m.ring_rep == self._old_rep and m.ring_seq == self._old_seq
-                and not (m.flags & MCAST_FLAG_ENCAPSULATED) and self._state == S_GATHER):
+                and m.ring_epoch == self._old_epoch and not (m.flags & MCAST_FLAG_ENCAPSULATED) and self._state == S_GATHER):
             # A late frame of the old ring: keep it for recovery. Only in
             # GATHER: once this node has reported what it holds (its commit
             # slot), it must not deliver anything its peers were not told of.
@@ -908,7 +920,8 @@ cdef class TotemCore:
         cdef McastS im
         if decode_mcast(<const uchar*>PyBytes_AS_STRING(inner), m.body_len, &im, 1) < 0:
             return 0
-        if im.ring_rep != self._old_rep or im.ring_seq != self._old_seq:
+        if (im.ring_rep != self._old_rep or im.ring_seq != self._old_seq
+                or im.ring_epoch != self._old_epoch):
             return 0
         if self._old_buf.store(im.seq, inner, im.origin, 0) == 1:
             self._stats[ST_OLD_RECOVERED] += 1
@@ -1008,26 +1021,30 @@ cdef class TotemCore:
             self._stats[ST_BYTES_DELIVERED] += total
         return 0
 
-    cdef int _on_hold_cancel(self, Header* h, Py_ssize_t n) except -1:
-        if n != HEADER_BYTES:
+    cdef int _on_hold_cancel(self, Header* h, const uchar* p, Py_ssize_t n) except -1:
+        if n != BARE_BYTES:
             self._stats[ST_MALFORMED] += 1
             return 0
+        h.ring_epoch = ld_u64(p + HEADER_BYTES)
         self._stats[ST_IN_BASE + PKT_HOLD_CANCEL - 1] += 1
-        if h.ring_rep != self._ring_rep or h.ring_seq != self._ring_seq:
+        if (h.ring_rep != self._ring_rep or h.ring_seq != self._ring_seq
+                or h.ring_epoch != self._ring_epoch):
             self._stats[ST_FOREIGN] += 1
             return 0
         if self._held:
             self._resume_held()
         return 0
 
-    cdef int _on_merge_detect(self, Header* h, Py_ssize_t n) except -1:
-        if n != HEADER_BYTES:
+    cdef int _on_merge_detect(self, Header* h, const uchar* p, Py_ssize_t n) except -1:
+        if n != BARE_BYTES:
             self._stats[ST_MALFORMED] += 1
             return 0
+        h.ring_epoch = ld_u64(p + HEADER_BYTES)
         self._stats[ST_IN_BASE + PKT_MERGE_DETECT - 1] += 1
         if self._state != S_OPERATIONAL:
             return 0
-        if h.ring_rep == self._ring_rep and h.ring_seq == self._ring_seq:
+        if (h.ring_rep == self._ring_rep and h.ring_seq == self._ring_seq
+                and h.ring_epoch == self._ring_epoch):
             return 0
         if h.sender in self._members and h.ring_seq < self._ring_seq:
             return 0
@@ -1047,6 +1064,7 @@ cdef class TotemCore:
             self._buf = swap
             self._old_rep = self._ring_rep
             self._old_seq = self._ring_seq
+            self._old_epoch = self._ring_epoch
             self._old_members = self._members
             self._proc = set(self._members)
             self._failed = set()
@@ -1082,7 +1100,8 @@ cdef class TotemCore:
         cdef uint64_t seq = self._highest_ring_seq
         if self._ring_seq > seq:
             seq = self._ring_seq
-        self._send(BROADCAST, encode_join(self.nodeid, self._ring_rep, self._ring_seq, 0, seq,
+        self._send(BROADCAST, encode_join(self.nodeid, self._ring_rep, self._ring_seq,
+                                          self._ring_epoch, 0, seq,
                                           sorted(self._proc), sorted(self._failed)), PKT_JOIN)
         return 0
 
@@ -1092,7 +1111,7 @@ cdef class TotemCore:
             self._stats[ST_MALFORMED] += 1
             return 0
         self._stats[ST_IN_BASE + PKT_JOIN - 1] += 1
-        sender, _, _, flags, join_ring_seq, proc, failed = j
+        sender, _, _, flags, join_ring_seq, proc, failed, _ = j
         if join_ring_seq > self._highest_ring_seq:
             self._highest_ring_seq = join_ring_seq
         if flags & JOIN_FLAG_LEAVE:
@@ -1203,9 +1222,12 @@ cdef class TotemCore:
         seq += 4
         self._highest_ring_seq = seq
         self._commit_created = True
-        slots = tuple([(0, 0, 0, 0, 0, 0)] * len(active))
-        self._send(self.nodeid, encode_commit(self.nodeid, self.nodeid, seq, 0, active, slots),
-                   PKT_COMMIT)
+        slots = tuple([(0, 0, 0, 0, 0, 0, 0)] * len(active))
+        # The epoch tells this ring from an earlier one with the same (rep, seq),
+        # possible when a node lost its persisted ring seq.
+        epoch = <uint64_t>self._now
+        self._send(self.nodeid, encode_commit(self.nodeid, self.nodeid, seq, epoch, 0, active,
+                                              slots), PKT_COMMIT)
         return 0
 
     cdef int _on_commit(self, const uchar* p, Py_ssize_t n) except -1:
@@ -1214,7 +1236,7 @@ cdef class TotemCore:
             self._stats[ST_MALFORMED] += 1
             return 0
         self._stats[ST_IN_BASE + PKT_COMMIT - 1] += 1
-        sender, rep, seq, hop, members, slots = c
+        sender, rep, seq, hop, members, slots, epoch = c
         count = len(members)
         if self.nodeid not in members:
             self._stats[ST_WRONG_STATE] += 1
@@ -1223,29 +1245,31 @@ cdef class TotemCore:
         if seq > self._highest_ring_seq:
             self._highest_ring_seq = seq
         if hop < count:
-            return self._commit_first_rotation(rep, seq, hop, members, slots, index)
+            return self._commit_first_rotation(rep, seq, epoch, hop, members, slots, index)
         if hop < 2 * count:
-            return self._commit_second_rotation(rep, seq, hop, members, slots, index)
+            return self._commit_second_rotation(rep, seq, epoch, hop, members, slots, index)
         if (index != 0 or self._state != S_RECOVERY or self._token_originated
-                or rep != self._ring_rep or seq != self._ring_seq):
+                or rep != self._ring_rep or seq != self._ring_seq or epoch != self._ring_epoch):
             self._stats[ST_WRONG_STATE] += 1
             return 0
         return self._originate_token()
 
-    cdef int _commit_first_rotation(self, uint32_t rep, uint64_t seq, int hop, tuple members,
-                                    tuple slots, int index) except -1:
+    cdef int _commit_first_rotation(self, uint32_t rep, uint64_t seq, uint64_t epoch, int hop,
+                                    tuple members, tuple slots, int index) except -1:
         if (members[hop] != self.nodeid or self._state != S_GATHER
                 or set(members) != self._proc - self._failed or seq <= self._ring_seq):
             self._stats[ST_WRONG_STATE] += 1
             return 0
         filled = list(slots)
-        self._my_commit_slot = (self._old_rep, self._old_seq, self._old_buf.aru,
+        self._my_commit_slot = (self._old_rep, self._old_seq, self._old_epoch, self._old_buf.aru,
                                 self._old_buf.delivered, self._old_buf.high, 1)
         filled[index] = self._my_commit_slot
         self._state = S_COMMIT
         self._commit_members = members
         self._commit_seq = seq
+        self._commit_epoch = epoch
         self._ring_seq = seq
+        self._ring_epoch = epoch
         self._ring_rep = rep
         # Persist, then send: the new ring seq must be durable before this
         # commit token leaves (the caller takes it before popping the outbox).
@@ -1253,36 +1277,37 @@ cdef class TotemCore:
         self._deadlines[T_JOIN] = -1
         self._deadlines[T_CONSENSUS] = -1
         self._deadlines[T_TOKEN_LOSS] = self._now + self.token_ns
-        return self._forward_commit(rep, seq, hop + 1, members, tuple(filled), index)
+        return self._forward_commit(rep, seq, epoch, hop + 1, members, tuple(filled), index)
 
-    cdef int _commit_second_rotation(self, uint32_t rep, uint64_t seq, int hop, tuple members,
-                                     tuple slots, int index) except -1:
+    cdef int _commit_second_rotation(self, uint32_t rep, uint64_t seq, uint64_t epoch, int hop,
+                                     tuple members, tuple slots, int index) except -1:
         if (members[hop - len(members)] != self.nodeid or self._state != S_COMMIT
-                or seq != self._commit_seq or members != self._commit_members
+                or seq != self._commit_seq or epoch != self._commit_epoch
+                or members != self._commit_members
                 or slots[index] != self._my_commit_slot):
             # A stale commit token: another round (or a previous incarnation
             # of this node, after a lost ring-seq file) filled our slot.
             self._stats[ST_WRONG_STATE] += 1
             return 0
         for slot in slots:
-            if not slot[5]:
+            if not slot[6]:
                 self._stats[ST_MALFORMED] += 1
                 return 0
-        self._recovery_enter(rep, seq, members, slots)
+        self._recovery_enter(rep, seq, epoch, members, slots)
         self._deadlines[T_TOKEN_LOSS] = self._now + self.token_ns
-        return self._forward_commit(rep, seq, hop + 1, members, slots, index)
+        return self._forward_commit(rep, seq, epoch, hop + 1, members, slots, index)
 
-    cdef int _forward_commit(self, uint32_t rep, uint64_t seq, int hop, tuple members,
-                             tuple slots, int index) except -1:
+    cdef int _forward_commit(self, uint32_t rep, uint64_t seq, uint64_t epoch, int hop,
+                             tuple members, tuple slots, int index) except -1:
         cdef uint32_t dest = members[(index + 1) % len(members)]
-        cdef bytes packet = encode_commit(self.nodeid, rep, seq, hop, members, slots)
+        cdef bytes packet = encode_commit(self.nodeid, rep, seq, epoch, hop, members, slots)
         self._token_copy = packet
         self._token_dest = dest
         self._send(dest, packet, PKT_COMMIT)
         self._deadlines[T_TOKEN_RETRANSMIT] = self._now + self.token_retransmit_ns
         return 0
 
-    cdef int _recovery_enter(self, uint32_t rep, uint64_t seq, tuple members,
+    cdef int _recovery_enter(self, uint32_t rep, uint64_t seq, uint64_t epoch, tuple members,
                              tuple slots) except -1:
         cdef int i
         cdef uint64_t low
@@ -1290,6 +1315,7 @@ cdef class TotemCore:
         cdef bint need = False
         self._ring_rep = rep
         self._ring_seq = seq
+        self._ring_epoch = epoch
         self._members = members
         i = members.index(self.nodeid)
         self._next_node = members[(i + 1) % len(members)]
@@ -1313,15 +1339,18 @@ cdef class TotemCore:
         trans = []
         trans_slots = []
         for i in range(len(members)):
-            if slots[i][0] == self._old_rep and slots[i][1] == self._old_seq:
+            if (slots[i][0] == self._old_rep and slots[i][1] == self._old_seq
+                    and slots[i][2] == self._old_epoch):
                 trans.append(members[i])
                 trans_slots.append(slots[i])
         self._trans = tuple(trans)
         # Old-ring messages above the lowest aru of the transitional members
         # are re-sent (encapsulated) unless every one of them holds the same.
-        low = min([slot[2] for slot in trans_slots])
+        if not trans_slots:
+            raise InvariantError("commit token without this node's own slot")
+        low = min([slot[3] for slot in trans_slots])
         for slot in trans_slots:
-            if slot[2] != low or slot[4] != low:
+            if slot[3] != low or slot[5] != low:
                 need = True
         self._recovery_queue = []
         self._recovery_head = 0
@@ -1341,6 +1370,7 @@ cdef class TotemCore:
         t.sender = self.nodeid
         t.ring_rep = self._ring_rep
         t.ring_seq = self._ring_seq
+        t.ring_epoch = self._ring_epoch
         t.token_seq = 1
         t.seq = 0
         t.aru = 0
@@ -1389,6 +1419,7 @@ cdef class TotemCore:
         self._old_buf.reset()
         self._old_rep = self._ring_rep
         self._old_seq = self._ring_seq
+        self._old_epoch = self._ring_epoch
         self._old_members = self._members
         self._proc = set()
         self._failed = set()

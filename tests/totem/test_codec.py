@@ -39,7 +39,8 @@ nodeid_lists = st.lists(u32, max_size=20, unique=True).map(lambda xs: tuple(sort
 
 def header(ptype: int) -> st.SearchStrategy[dict]:
     return st.fixed_dictionaries(
-        {"type": st.just(ptype), "sender": u32, "ring_rep": u32, "ring_seq": u64}
+        {"type": st.just(ptype), "sender": u32, "ring_rep": u32, "ring_seq": u64,
+         "ring_epoch": u64}
     )
 
 
@@ -66,7 +67,7 @@ joins = st.tuples(
         "failed": nodeid_lists,
     }),
 )
-slots = st.tuples(u32, u64, u64, u64, u64, st.integers(0, 1))
+slots = st.tuples(u32, u64, u64, u64, u64, u64, st.integers(0, 1))
 
 
 @st.composite
@@ -99,7 +100,7 @@ def test_round_trip(parts: tuple[dict, dict]) -> None:
 
 def _samples() -> list[bytes]:
     rng = random.Random(7)
-    ring = {"ring_rep": 1, "ring_seq": 8}
+    ring = {"ring_rep": 1, "ring_seq": 8, "ring_epoch": 77}
     out = [
         encode_packet({"type": PACKET_TOKEN, "sender": 2, **ring, "token_seq": 5, "seq": 9,
                        "aru": 7, "aru_addr": 3, "fcc": 4, "backlog": 1, "retrans_flg": 0,
@@ -109,7 +110,7 @@ def _samples() -> list[bytes]:
         encode_packet({"type": PACKET_JOIN, "sender": 2, **ring, "flags": 0,
                        "join_ring_seq": 8, "proc": (1, 2, 3), "failed": (3,)}),
         encode_packet({"type": PACKET_COMMIT, "sender": 2, **ring, "hop": 1,
-                       "members": (1, 2), "slots": ((1, 4, 0, 0, 0, 1), (0, 0, 0, 0, 0, 0))}),
+                       "members": (1, 2), "slots": ((1, 4, 5, 0, 0, 0, 1), (0, 0, 0, 0, 0, 0, 0))}),
         encode_packet({"type": PACKET_MERGE_DETECT, "sender": 2, **ring}),
         encode_packet({"type": PACKET_TOKEN_HOLD_CANCEL, "sender": 2, **ring}),
     ]
@@ -157,7 +158,7 @@ def test_wrong_version_and_magic() -> None:
 
 
 def test_fragment_record_bounds_checked() -> None:
-    ring = {"type": PACKET_MCAST, "sender": 2, "ring_rep": 1, "ring_seq": 8, "seq": 1,
+    ring = {"type": PACKET_MCAST, "sender": 2, "ring_rep": 1, "ring_seq": 8, "ring_epoch": 3, "seq": 1,
             "origin": 2, "flags": 0}
     # offset + length beyond the total, a zero-length fragment, an unknown record kind
     for body in (b"\x01" + (10).to_bytes(4, "little") + (8).to_bytes(4, "little")

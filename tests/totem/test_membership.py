@@ -259,15 +259,15 @@ def test_stale_second_rotation_commit_token_is_dropped() -> None:
     core.receive(1, encode_packet({"type": PACKET_JOIN, "sender": 1, "ring_rep": 1, "ring_seq": 0,
                                    "flags": 0, "join_ring_seq": 96, "proc": (1, 2),
                                    "failed": ()}))
-    empty = (0, 0, 0, 0, 0, 0)
-    rep_slot = (1, 96, 0, 0, 0, 1)
+    empty = (0, 0, 0, 0, 0, 0, 0)
+    rep_slot = (1, 96, 5, 0, 0, 0, 1)
     core.receive(2, encode_packet({"type": PACKET_COMMIT, "sender": 1, "ring_rep": 1,
                                    "ring_seq": 100, "hop": 1, "members": (1, 2),
                                    "slots": (rep_slot, empty)}))
     assert core.state == STATE_COMMIT
     forwarded = [p for d, p in core.pop_outbox() if p[3] == PACKET_COMMIT]
     my_slot = _core_decode(forwarded[-1])["slots"][1]
-    stale = (2, 40, 7, 7, 7, 1)
+    stale = (2, 40, 9, 7, 7, 7, 1)
     before = core.stats()["dropped_wrong_state"]
     core.receive(3, encode_packet({"type": PACKET_COMMIT, "sender": 1, "ring_rep": 1,
                                    "ring_seq": 100, "hop": 3, "members": (1, 2),
