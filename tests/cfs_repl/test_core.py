@@ -293,3 +293,41 @@ def test_core_is_sans_io() -> None:
     text = path.read_text()
     for name in ("asyncio", "socket", "time", "random", "threading", "subprocess"):
         assert f"import {name}\n" not in text and f"from {name} import" not in text, name
+
+
+def _split_now(bus: Bus, *groups: tuple[int, ...], inquorate: tuple[int, ...] = ()) -> None:
+    """A partition that loses every message still in flight (the ACKs)."""
+    bus.queue.clear()
+    bus.groups = [tuple(sorted(g)) for g in groups]
+    for group in bus.groups:
+        for nodeid in group:
+            if nodeid in inquorate:
+                bus.run(bus.nodes[nodeid].core.quorum_changed(False, bus.now_ns), nodeid)
+            bus.run(bus.nodes[nodeid].core.confchg(group, bus.now_ns), nodeid)
+    bus.deliver_all()
+
+
+def test_op_is_answered_once_every_member_applied_it() -> None:
+    bus = formed()
+    request = bus.submit(2, Op.mkdir("d", T))
+    bus.step()  # the op is applied everywhere; the ACKs are still queued
+    assert request not in bus.nodes[2].results
+    bus.deliver_all()
+    assert bus.nodes[2].results[request] == 0
+
+
+def test_unconfirmed_op_on_the_minority_is_eio() -> None:
+    bus = formed()
+    request = bus.submit(3, Op.mkdir("d", T))
+    bus.step()
+    _split_now(bus, (1, 2), (3,), inquorate=(3,))
+    assert bus.nodes[3].results[request] == errno.EIO
+
+
+def test_unconfirmed_op_on_the_quorate_side_is_kept_and_answered() -> None:
+    bus = formed()
+    request = bus.submit(1, Op.mkdir("d", T))
+    bus.step()
+    _split_now(bus, (1, 2), (3,), inquorate=(3,))
+    assert bus.nodes[1].results[request] == 0
+    assert bus.nodes[1].store.term > bus.nodes[3].store.term
