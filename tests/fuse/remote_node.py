@@ -2,7 +2,11 @@
 behind the kernel's back, the way a replicated backend applies operations
 delivered from other nodes. Commands arrive as JSON files in a directory:
 
-    python tests/fuse/remote_node.py STORE MOUNTPOINT CMD_DIR READY_FILE
+    python tests/fuse/remote_node.py STORE MOUNTPOINT CMD_DIR READY_FILE [notify]
+
+With `notify`, the backend offers a change feed (as a replicated backend
+does for operations from other nodes) and the kernel caches names and
+attributes for 30 s, so only the front's invalidation can show changes.
 
 `CMD_DIR/<n>.json` holds a list of [kind, path, arg] items (kinds: write,
 rename, unlink, mkdir, create); after applying them the helper writes
@@ -40,28 +44,42 @@ def to_op(kind: str, path: str, arg: str) -> Op:
     raise ValueError(kind)
 
 
-async def follow(store: Store, commands: Path) -> None:
+class FeedBackend(LocalBackend):
+    """LocalBackend whose change feed also reports the "remote" operations."""
+
+    def report(self, op: Op) -> None:
+        for listener in self._listeners:
+            listener(op)
+
+
+async def follow(backend: FeedBackend, commands: Path, notify: bool) -> None:
+    store = backend.store
     while True:
         for command in sorted(commands.glob("*.json")):
-            items = json.loads(command.read_text())
-            codes = [store.apply(to_op(*item), writer=REMOTE_WRITER, quorate=True).errno
-                     for item in items]
+            codes = []
+            for item in json.loads(command.read_text()):
+                op = to_op(*item)
+                codes.append(store.apply(op, writer=REMOTE_WRITER, quorate=True).errno)
+                if notify and codes[-1] == 0:
+                    backend.report(op)
             command.unlink()
             command.with_suffix(".done").write_text(json.dumps(codes))
         await asyncio.sleep(0.02)
 
 
-async def main(store_dir: str, mountpoint: str, commands: str, ready_file: str) -> None:
+async def main(store_dir: str, mountpoint: str, commands: str, ready_file: str,
+               notify: bool) -> None:
     with Store(store_dir, durability=Durability.PROCESS) as store:
-        backend = LocalBackend(store, "n1")
+        backend = FeedBackend(store, "n1")
         ready = asyncio.Event()
-        serving = asyncio.create_task(run_mount(backend, mountpoint, ready=ready))
+        serving = asyncio.create_task(run_mount(
+            backend, mountpoint, ready=ready, cache_timeout_s=30.0 if notify else 1.0))
         await ready.wait()
-        follower = asyncio.create_task(follow(store, Path(commands)))
+        follower = asyncio.create_task(follow(backend, Path(commands), notify))
         Path(ready_file).write_text("up\n")
         await serving
         follower.cancel()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:5]))
+    asyncio.run(main(*sys.argv[1:5], notify=sys.argv[5:] == ["notify"]))

@@ -23,7 +23,7 @@ CACHE_TIMEOUT_S = 1.0
 
 
 class Remote:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *extra: str) -> None:
         self.base = base
         self.root = base / "mnt"
         self.commands = base / "cmd"
@@ -31,7 +31,7 @@ class Remote:
         ready = base / "ready"
         self.proc = subprocess.Popen(
             [sys.executable, str(HELPER), str(base / "store"), str(self.root),
-             str(self.commands), str(ready)])
+             str(self.commands), str(ready), *extra])
         deadline = time.monotonic() + 30
         while not ready.exists():
             assert self.proc.poll() is None and time.monotonic() < deadline
@@ -66,11 +66,11 @@ class Remote:
             lazy_unmount(self.root)
 
 
-@pytest.fixture
-def remote(tmp_path: Path):
+@pytest.fixture(params=["timeouts"])
+def remote(tmp_path: Path, request: pytest.FixtureRequest):
     if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
         pytest.skip("needs /dev/fuse and root")
-    node = Remote(tmp_path)
+    node = Remote(tmp_path, *(["notify"] if request.param == "notify" else []))
     try:
         yield node
     finally:
@@ -103,3 +103,36 @@ def test_remote_changes_become_visible(remote: Remote) -> None:
     assert os.listdir(remote.path("nodes/n1/qemu-server")) == ["101.conf"]
     assert not os.path.exists(target)
     assert os.stat(remote.path("nodes/n1/qemu-server/101.conf")).st_size == 0
+
+
+@pytest.mark.parametrize("remote", ["notify"], indirect=True)
+def test_change_feed_invalidates_at_once(remote: Remote) -> None:
+    """With a change feed the kernel may cache for 30 s, yet removals,
+    renames and size changes from elsewhere show at once."""
+    os.makedirs(remote.path("nodes/n1/qemu-server"))
+    conf = remote.path("nodes/n1/qemu-server/100.conf")
+    other = remote.path("nodes/n1/qemu-server/200.conf")
+    for path in (conf, other):
+        with open(path, "w") as out:
+            out.write("cores: 1\n")
+        assert os.stat(path).st_size == 9  # cached by the kernel now
+    assert remote.apply(("write", "nodes/n1/qemu-server/100.conf", "cores: 16\n")) == [0]
+    assert wait_for(lambda: os.stat(conf).st_size == 10)
+    assert remote.apply(("unlink", "nodes/n1/qemu-server/200.conf", "")) == [0]
+    assert wait_for(lambda: not os.path.exists(other))
+    assert remote.apply(("rename", "nodes/n1/qemu-server/100.conf",
+                         "nodes/n1/qemu-server/300.conf")) == [0]
+    assert wait_for(lambda: not os.path.exists(conf))
+    with open(remote.path("nodes/n1/qemu-server/300.conf")) as moved:
+        assert moved.read() == "cores: 16\n"
+
+
+def wait_for(condition, timeout_s: float = 5.0) -> bool:
+    """Name invalidations go through pyfuse3's notify thread: allow it a
+    moment (far below the 30 s cache timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False

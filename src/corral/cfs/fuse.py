@@ -43,7 +43,7 @@ import pyfuse3
 from corral.cfs import records, rules
 from corral.cfs._tree import ROOT_INO, Entry, Tree
 from corral.cfs.backend import CfsBackend
-from corral.cfs.ops import Op
+from corral.cfs.ops import Op, OpKind
 from corral.cfs.store import Durability
 from corral.errors import InvariantError
 
@@ -145,6 +145,51 @@ class CfsOperations(pyfuse3.Operations):
             link = None if target is None else (node_dir + target).encode()
             self._virtual[name] = _Virtual(VIRTUAL_INO_BASE + index, name, link)
         self._virtual_by_ino = {v.ino: v for v in self._virtual.values()}
+        self.serving = False  # set while pyfuse3 has a session (init .. close)
+        # A backend that applies other nodes' operations may offer a change
+        # feed (optional, duck-typed: `add_change_listener(callback)`); the
+        # front then drops the kernel's cached names and attributes for them.
+        register = getattr(backend, "add_change_listener", None)
+        if callable(register):
+            register(self.applied_elsewhere)
+
+    def init(self) -> None:
+        self.serving = True
+
+    # ----------------------------------------------- other nodes' changes
+
+    def applied_elsewhere(self, op: Op) -> None:
+        """Called on the event loop after `op` (from another node) was
+        applied to the store: invalidate what the kernel may cache about it.
+        Names go through pyfuse3's notify thread (invalidate_entry must not
+        run inside a request); attributes are dropped at once."""
+        if not self.serving:
+            return
+        if op.kind in (OpKind.WRITE, OpKind.TRUNCATE, OpKind.SET_MTIME):
+            entry = self.tree.lookup(op.path)
+            if entry is not None:
+                self._invalidate_attrs(entry.ino)
+        elif op.kind in (OpKind.UNLINK, OpKind.RMDIR, OpKind.UNLOCK):
+            self._invalidate_name(op.path)
+        elif op.kind == OpKind.RENAME:
+            self._invalidate_name(op.path)
+            self._invalidate_name(op.path2)
+
+    def _invalidate_name(self, path: str) -> None:
+        parent_path, name = rules.split_parent(path)
+        parent = self.tree.lookup(parent_path)
+        if parent is not None and name:
+            pyfuse3.invalidate_entry_async(
+                pyfuse3.InodeT(parent.ino),
+                pyfuse3.FileNameT(name.encode("utf-8", "surrogateescape")),
+                ignore_enoent=True)
+
+    @staticmethod
+    def _invalidate_attrs(ino: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(pyfuse3.InodeT(ino), attr_only=True)
+        except OSError:
+            pass  # the kernel does not know this inode: nothing cached
 
     # ------------------------------------------------------------ helpers
 

@@ -54,6 +54,7 @@ class LocalBackend:
         # Local mode keeps its own cluster log (recovery notes); bounded.
         self.clusterlog: deque[virtual.LogEntry] = deque(maxlen=CLUSTERLOG_KEPT)
         self.ops_applied = 0
+        self._listeners: list[Callable[[Op], None]] = []
         for problem in store.load_problems:
             log.warning("cfs store: %s", problem)
         if read_only:
@@ -61,6 +62,11 @@ class LocalBackend:
         else:
             log.warning("cfs: LOCAL MODE on node %s: quorum forced, no replication; "
                         "never run local mode on more than one node of a cluster", nodename)
+
+    def add_change_listener(self, callback: Callable[[Op], None]) -> None:
+        """Be told of operations applied here that did not come through
+        `submit` (the expiry unlocks below), so caches can be dropped."""
+        self._listeners.append(callback)
 
     @property
     def store(self) -> Store:
@@ -90,10 +96,12 @@ class LocalBackend:
     def _judge_unlock(self, request: UnlockRequested, now_ns: int) -> None:
         if not self.locks.is_expired(request.path, request.checksum, now_ns):
             return
-        unlocked = self._store.apply(Op.unlock(request.path, request.checksum),
-                                     writer=LOCAL_WRITER, quorate=True)
+        unlock = Op.unlock(request.path, request.checksum)
+        unlocked = self._store.apply(unlock, writer=LOCAL_WRITER, quorate=True)
         if unlocked.ok:
             log.info("cfs: expired lock %s removed", request.path)
+            for listener in self._listeners:
+                listener(unlock)
         self.locks.follow(unlocked.effects, now_ns)
 
     def virtual_file(self, name: str) -> bytes | None:

@@ -137,6 +137,7 @@ async def run_mount(backend: CfsBackend, mountpoint: str | os.PathLike[str] = DE
             watcher.cancel()
         for signum in signals:
             loop.remove_signal_handler(signum)
+        operations.serving = False
         pyfuse3.close(unmount=unmount)
         if not unmount and is_mounted(mountpoint):
             lazy_unmount(mountpoint)
