@@ -317,8 +317,7 @@ class CfsOperations(pyfuse3.Operations):
             len(self._virtual_content(item))
         attr.st_blocks = -(-attr.st_size // 512)
         if item.target is not None:
-            # The reference shows its links at the daemon's start time; the
-            # tree root's mtime is our equivalent of "when the tree changed".
+            # Links show the time of the tree's last change (the root's).
             mtime_ns = self.backend.store.state.mtime * 1_000_000_000
             attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = mtime_ns
         # Generated files keep mtime 0, as in the reference.
@@ -444,7 +443,7 @@ class CfsOperations(pyfuse3.Operations):
         return cookie
 
     def _reply_entries(self, handle: _DirHandle, directory: Entry, cookie: int,
-                             base: int, quorate: bool, token: pyfuse3.ReaddirToken) -> None:
+                       base: int, quorate: bool, token: pyfuse3.ReaddirToken) -> None:
         tree = self.tree
         dir_path = tree.path_of(directory)
         attr = self._blank_attrs()  # readdir_reply copies it: one object serves all
