@@ -86,6 +86,10 @@ def test_oversize_write_is_rejected_whole(shared_mount: Mount) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:
         expect_errno(errno.EFBIG, os.pwrite, fd, b"b" * 100, limit - 50)
+        # A large write() is one request (max_write 1 MiB, up to 256 pages
+        # of the caller's buffer), rejected whole: the reference got 128 KiB
+        # pieces and kept those below the limit.
+        expect_errno(errno.EFBIG, os.pwrite, fd, b"b" * (512 * 1024), limit - 100 * 1024)
     finally:
         os.close(fd)
     expect_errno(errno.EFBIG, os.truncate, path, 2 * limit)

@@ -8,7 +8,9 @@ contract (docs/cfs.md) plus the FUSE-only ones below.
 
 Choices (see docs/fuse.md for the reasons):
 - Each `write()` request is ONE operation and returns only once applied.
-  The kernel splits a larger write() into max_write (128 KiB) requests.
+  libfuse 3 negotiates max_write = 1 MiB (256 pages), so a write() of up to
+  that size is one operation (rejected whole on EFBIG/ENOSPC); larger ones
+  are split by the kernel.
 - O_APPEND: the offset is resolved at submit time from this node's tree (the
   kernel's offset comes from its cached size, which another node's append
   can make stale), under a per-inode lock, so appends from this node never
