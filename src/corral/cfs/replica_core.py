@@ -663,9 +663,10 @@ class ReplicaCore:
 
     def submit(self, op: Op, request_id: int, now_ns: int) -> list[Action]:
         """Apply `op` cluster-wide; a Complete(request_id, errno) follows once
-        it is applied locally (or refused)."""
-        if request_id in self._in_flight or any(w.request_id == request_id
-                                                for w in self._waiting):
+        every member applied it (or at once if it is refused)."""
+        if request_id in self._in_flight or request_id in self._unconfirmed \
+                or request_id in self._unsure \
+                or any(w.request_id == request_id for w in self._waiting):
             raise UsageError(f"request id {request_id} is already pending")
         code, op_bytes = _op_encode_errno(op)
         if code or not self.quorate:
