@@ -2,7 +2,8 @@
 
 Checks: create starts a quorate one-node cluster and refuses a second create;
 a join by token and one by password; `corral status`/`nodes` from every node
-(pvecm layout, versions and clock offsets filled in); `expected` refuses
+(pvecm layout, versions and clock offsets filled in); a write on one node's
+mounted tree seen on the others, corosync.conf in the tree; `expected` refuses
 nonsense; delnode refuses an online node and removes a stopped one (the config
 change reaches the other member); a node whose state was wiped joins again,
 first after delnode (it gets a free id) and then in place with --force.
@@ -26,6 +27,14 @@ FORM_TIMEOUT_S = 40
 
 def _conf(cluster: DemoCluster, nodeid: int) -> ClusterConfig:
     return ClusterConfig.from_file(str(cluster.layout(nodeid).conf))
+
+
+def _read(path: object) -> str | None:
+    try:
+        with open(str(path), encoding="utf-8") as handle:
+            return handle.read()
+    except OSError:
+        return None
 
 
 def _status_json(cluster: DemoCluster, nodeid: int) -> dict[str, object]:
@@ -74,6 +83,17 @@ def test_cluster_lifecycle(make_cluster: Callable[[int], DemoCluster]) -> None:
         assert f"node{nodeid} (local)" in nodes
         assert _conf(cluster, nodeid).config_version == 3
 
+    # The replicated tree: a write on node 1's mount is seen on the others' mounts,
+    # and the tree carries the current corosync.conf.
+    guest = "nodes/node1/qemu-server/100.conf"
+    wait_until(lambda: (cluster.mount(1) / "nodes/node1/qemu-server").is_dir(), 15, "node dirs")
+    (cluster.mount(1) / guest).write_text("memory: 512\n")
+    for nodeid in (2, 3):
+        wait_until(lambda n=nodeid: _read(cluster.mount(n) / guest) == "memory: 512\n", 10,
+                   f"the write on node {nodeid}")
+        assert "config_version: 3" in (cluster.mount(nodeid) / "corosync.conf").read_text()
+        assert '"100"' in (cluster.mount(nodeid) / ".vmlist").read_text()
+
     for bad in ("1", "abc", "9", "0"):
         result = cluster.corral(1, "expected", bad, check=False)
         assert result.returncode == 2, bad
@@ -112,6 +132,10 @@ def test_cluster_lifecycle(make_cluster: Callable[[int], DemoCluster]) -> None:
     cluster.start(3)
     cluster.wait_quorate([1, 2, 3], 3, FORM_TIMEOUT_S)
     assert _conf(cluster, 3).config_version == 6
+    # The wiped node got the tree back by resync, including the earlier write.
+    wait_until(lambda: _read(cluster.mount(3) / guest) == "memory: 512\n", 15, "resync")
+    wait_until(lambda: "config_version: 6" in (_read(cluster.mount(3) / "corosync.conf") or ""),
+               10, "corosync.conf in the tree")
 
 
 def test_sigterm_leaves_and_cleans_up(make_cluster: Callable[[int], DemoCluster]) -> None:

@@ -265,7 +265,13 @@ def _check_can_join(layout: Layout, name: str, mount: str, force: bool) -> None:
         return
     for kind in GUEST_DIRS:
         for base in (Path(mount) / "nodes" / name / kind, layout.root / "guests" / kind):
-            if base.is_dir() and any(base.glob("*.conf")):
+            try:
+                found = base.is_dir() and any(base.glob("*.conf"))
+            except OSError as error:  # e.g. a dead mount of a crashed daemon (ENOTCONN)
+                print(f"corral add: cannot check {base} for guest configs: {error.strerror}",
+                      file=sys.stderr)
+                continue
+            if found:
                 raise CliError(f"this node holds guest configs ({base}); a joining node "
                                "must have none (move them away, or --force)")
 

@@ -112,7 +112,7 @@ class DemoCluster:
         return result
 
     def create(self) -> None:
-        self.mount(1).mkdir(parents=True, exist_ok=True)
+        _prepare_mount(self.mount(1))
         self.corral(1, "create", self.cluster_name, "--link0", self.address(1),
                     "--name", self.name(1), "--port", str(self.totem_port),
                     "--api-port", str(self.api_port), "--mount", str(self.mount(1)),
@@ -121,7 +121,7 @@ class DemoCluster:
     def join(self, nodeid: int, via: int = 1, token: str | None = None,
              extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
         """`corral add` node `nodeid` through member `via` (a fresh token unless given)."""
-        self.mount(nodeid).mkdir(parents=True, exist_ok=True)
+        _prepare_mount(self.mount(nodeid))
         if token is None:
             token = self.join_token(via)
         return self.corral(nodeid, "add", f"{self.address(via)}:{self.api_port}",
@@ -202,7 +202,7 @@ class DemoCluster:
     def build(self) -> None:
         """create + start node 1, join every other node, start them, wait for quorum."""
         started = time.monotonic()
-        self.mount(1).mkdir(parents=True, exist_ok=True)
+        _prepare_mount(self.mount(1))
         self._verb_in_process(1, self._create_args())
         self.start(1)
         self.wait_quorate([1], 1)
@@ -214,7 +214,7 @@ class DemoCluster:
 
         def join_and_start(nodeid: int) -> None:
             try:
-                self.mount(nodeid).mkdir(parents=True, exist_ok=True)
+                _prepare_mount(self.mount(nodeid))
                 self._verb_in_process(nodeid, self._join_args(nodeid, 1, tokens[nodeid]))
                 self.start(nodeid)
             except BaseException as error:
@@ -280,6 +280,12 @@ def _enter_netns(path: str) -> None:
             raise OSError(code, f"setns {path}: {os.strerror(code)}")
     finally:
         os.close(fd)
+
+
+def _prepare_mount(path: Path) -> None:
+    """Create a node's mountpoint; detach a dead mount of a killed daemon first."""
+    _unmount(path)
+    path.mkdir(parents=True, exist_ok=True)
 
 
 def _unmount(path: Path) -> None:

@@ -561,6 +561,8 @@ class Daemon:
             "clock_offset_warn_ms": CLOCK_OFFSET_WARN_MS,
             "restart_needed": self.restart_reasons,
             "filesystem": self._fs_status(),
+            "engine": {k: v for k, v in self.node.status().items()
+                       if k in ("core_stats", "transport_stats", "node_stats", "lag")},
             "pid": os.getpid(),
         }
 
