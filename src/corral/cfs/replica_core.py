@@ -14,9 +14,13 @@ Protocol (docs/cfs-replication.md has the full description):
 
 - Ops are multicast as OP messages and applied on every member in delivery
   order (`store.apply_group`), with the node's quorum flag at that point;
-  the submitter gets the errno its own node got.
+  the submitter gets the errno its own node got, once every member has
+  applied the op (ACK positions; `flush_acks` once per batch of
+  deliveries). An op not yet confirmed when the membership changes is
+  decided at the end of the next resync (its errno if this node is quorate
+  there and kept its tree, EIO otherwise).
 - Every group membership change starts a resync: the lowest member sends
-  SYNC_START, everyone answers STATE (version, root digest, dirty flag),
+  SYNC_START, everyone answers STATE (term, version, root digest, dirty flag),
   the leader is chosen by `choose_leader`, members whose digest differs
   walk the leader's tree (QUERY/ANSWER), FETCH what differs and apply the
   PATCH, then send SYNC_DONE; when all have, every member adopts the same
