@@ -417,6 +417,10 @@ cdef class TotemCore:
         return (self._ring_rep, self._ring_seq)
 
     @property
+    def ring_epoch(self) -> int:
+        return self._ring_epoch
+
+    @property
     def members(self) -> tuple:
         return self._members
 

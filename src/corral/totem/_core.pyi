@@ -102,6 +102,11 @@ class TotemCore:
     @property
     def ring_id(self) -> tuple[int, int]: ...
     @property
+    def ring_epoch(self) -> int:
+        """The representative's now_ns when it created the current ring: with
+        ring_id it identifies the ring uniquely, even if a node lost its
+        persisted ring seq and a (rep, seq) pair comes round again."""
+    @property
     def members(self) -> tuple[int, ...]: ...
     @property
     def send_queue_len(self) -> int: ...
