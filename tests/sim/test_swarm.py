@@ -43,9 +43,7 @@ SOAK_SEEDS = int(os.environ.get("CORRAL_SOAK_SEEDS", "3000"))
 
 # seed: why it is expected to fail (a core bug reported in .scratch/sim-failures.md)
 # Seeds fixed by a core change stay in regression_seeds.txt with their finding.
-F2 = "F2 in .scratch/sim-failures.md: stale commit token after a restart -> ValueError in _recovery_enter"
-F3 = "F3 in .scratch/sim-failures.md: ring id reused after a disk loss merges two old rings"
-KNOWN_CORE_BUGS: dict[int, str] = {2196: F2, 2216: F2, 7256: F3}
+KNOWN_CORE_BUGS: dict[int, str] = {}
 
 
 def swarm_options(seed: int, *, duration_ms: int | None = None) -> SimOptions:
