@@ -12,8 +12,6 @@ import argparse
 import base64
 import contextlib
 import getpass
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -205,7 +203,7 @@ def _start_and_wait(layout: Layout, timeout_s: float = START_TIMEOUT_S) -> int:
             return 1
         with contextlib.suppress(ControlError):
             quorum = request(str(layout.control_socket), "quorum", timeout_s=2.0)
-            if quorum.get("quorate"):
+            if quorum.get("quorate") and quorum.get("ready"):
                 print(f"corrald running (pid {process.pid}), cluster quorate; log: "
                       f"{layout.logfile}")
                 return 0
@@ -472,16 +470,3 @@ def updatecerts(argv: Sequence[str]) -> int:
 
     return _run_verb("updatecerts", body)
 
-
-def stop(argv: Sequence[str]) -> int:
-    """Stop this node's corrald (SIGTERM to the pid in corrald.pid); used by the demo."""
-    parser = _parser("stop", "stop corrald")
-    args = parser.parse_args(argv)
-    layout = _layout(args)
-    try:
-        pid = int(layout.pidfile.read_text().strip())
-        os.kill(pid, signal.SIGTERM)
-    except (OSError, ValueError) as error:
-        print(f"corral stop: {error}", file=sys.stderr)
-        return 1
-    return 0

@@ -155,7 +155,8 @@ class DemoCluster:
             quorum = self.control(nodeid, "quorum")
         except ControlError:
             return False
-        return bool(quorum.get("quorate")) and len(quorum.get("members", [])) == n_members
+        return bool(quorum.get("quorate")) and bool(quorum.get("ready")) and \
+            len(quorum.get("members", [])) == n_members
 
     def wait_quorate(self, nodeids: Sequence[int], n_members: int,
                      timeout_s: float = QUORATE_TIMEOUT_S) -> None:

@@ -111,6 +111,7 @@ class Daemon:
         self.tree: Tree | None = None
         self.fs_note: str | None = "the configuration filesystem is not started yet"
         self._tasks: list[asyncio.Task[None]] = []
+        self.ready = False
 
     # ---- Totem events ------------------------------------------------------------
 
@@ -151,6 +152,7 @@ class Daemon:
                  self.config.config_version, len(self.config.nodes), len(self.config.links))
         if self.fs_note:
             log.warning("%s", self.fs_note)
+        self.ready = True
         self.notifier.send("READY=1", f"STATUS=cluster {self.config.cluster_name}")
         tasks = [loop.create_task(self._report())]
         if self.notifier.watchdog_interval_s() is not None:
@@ -489,7 +491,9 @@ class Daemon:
         return self.status()
 
     async def _ctl_quorum(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self.quorum.status().to_dict()
+        data = self.quorum.status().to_dict()
+        data["ready"] = self.ready  # every service is up (READY=1 was sent)
+        return data
 
     async def _ctl_expected(self, request: dict[str, Any]) -> dict[str, Any]:
         votes = request.get("votes")
@@ -564,6 +568,7 @@ class Daemon:
             "engine": {k: v for k, v in self.node.status().items()
                        if k in ("core_stats", "transport_stats", "node_stats", "lag")},
             "pid": os.getpid(),
+            "ready": self.ready,
         }
 
 

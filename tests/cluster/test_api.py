@@ -1,0 +1,60 @@
+"""The HTTPS join API in the reference's shapes, against a real corrald: apiversion
+without auth, tickets from POST /access/ticket, CSRF required on writes, join info
+with this node's fingerprint, the nodelist, DELETE of a node, 401 without
+credentials, 501 for unknown paths, and the listener bound only to the node's
+configured address."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import pytest
+
+from corral.cluster.joinclient import JoinError, PeerClient
+from corral.daemon.demo import DEMO_PASSWORD, DemoCluster
+
+FORM_TIMEOUT_S = 40
+
+
+def test_api_shapes(make_cluster: Callable[[int], DemoCluster]) -> None:
+    cluster = make_cluster(2)
+    cluster.create()
+    cluster.start(1)
+    cluster.wait_quorate([1], 1, FORM_TIMEOUT_S)
+    fingerprint = cluster.fingerprint(1)
+    client = PeerClient(cluster.address(1), cluster.api_port, fingerprint)
+    assert client.call("GET", "/cluster/config/apiversion") == 1
+    with pytest.raises(JoinError, match="No ticket"):
+        client.call("GET", "/cluster/config/join")
+    with pytest.raises(JoinError, match="not implemented"):
+        client.call("GET", "/nodes")
+    with pytest.raises(JoinError, match="authentication failure"):
+        client.login("root@pam", "wrong")
+    with pytest.raises(JoinError, match="authentication failure"):
+        client.login("admin@pve", DEMO_PASSWORD)
+    client.login("root@pam", DEMO_PASSWORD)
+    assert client.ticket is not None and client.ticket.startswith("PVE:root@pam:")
+
+    info = client.call("GET", "/cluster/config/join")
+    assert info["preferred_node"] == "node1"
+    assert info["totem"]["cluster_name"] == "demo" and info["totem"]["config_version"] == "1"
+    [entry] = info["nodelist"]
+    assert entry["pve_fp"] == fingerprint and entry["pve_addr"] == cluster.address(1)
+    assert entry["ring0_addr"] == cluster.address(1) and entry["nodeid"] == 1
+
+    cluster.join(2)
+    nodes = client.call("GET", "/cluster/config/nodes")
+    assert [(n["name"], n["nodeid"], n["quorum_votes"]) for n in nodes] == \
+        [("node1", 1, 1), ("node2", 2, 1)]
+
+    csrf, client.csrf = client.csrf, None
+    with pytest.raises(JoinError, match="authentication failure"):
+        client.call("DELETE", "/cluster/config/nodes/node2")  # no CSRF token
+    client.csrf = csrf
+    assert client.call("DELETE", "/cluster/config/nodes/node2") is None
+    assert cluster.control(1, "status")["config_version"] == 3
+
+    # Bound to the configured address only: not on another loopback address.
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.9", cluster.api_port), 2):
+        pass
