@@ -13,6 +13,7 @@ from corral.cfs.memkv import MemoryKV
 from corral.cfs.ops import Op
 from corral.cfs.replica_core import (
     Action,
+    Applied,
     Complete,
     LogLine,
     Multicast,
@@ -73,6 +74,7 @@ class BusNode:
     store: MemStore
     results: dict[int, int] = field(default_factory=dict)
     logs: list[LogLine] = field(default_factory=list)
+    applied: list[Op] = field(default_factory=list)
 
 
 class Bus:
@@ -99,6 +101,8 @@ class Bus:
                 self.queue.append((nodeid, action.payload))
             elif isinstance(action, Complete):
                 node.results[action.request_id] = action.errno
+            elif isinstance(action, Applied):
+                node.applied.append(action.op)
             else:
                 node.logs.append(action)
 

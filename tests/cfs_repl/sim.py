@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 from corral.cfs.ops import Op
-from corral.cfs.replica_core import Complete, Multicast, Phase, ReplicaConfig, ReplicaCore
+from corral.cfs.replica_core import (
+    Applied,
+    Complete,
+    Multicast,
+    Phase,
+    ReplicaConfig,
+    ReplicaCore,
+)
 from corral.cfs.replication import ReplicatedStore
 from corral.cfs.store import Durability, Store
 from corral.cpg.core import CpgCore, SyncState
@@ -52,6 +59,7 @@ class Node:
     fed: int = 0
     results: dict[int, int] = field(default_factory=dict)
     logs: list[str] = field(default_factory=list)
+    applied: list[Op] = field(default_factory=list)
     sent_bytes: int = 0
     # members of the last Totem ring this node's event stream reported
     ring: tuple[int, ...] = ()
@@ -149,6 +157,8 @@ class ReplCluster(harness.Cluster):  # type: ignore[misc,name-defined]
                 key = (node.nodeid, action.request_id)
                 if action.errno == 0:
                     self.acked[key] = self.ops[key]
+            elif isinstance(action, Applied):
+                node.applied.append(action.op)
             else:
                 node.logs.append(f"{action.level}: {action.text}")  # type: ignore[attr-defined]
         node.to_totem.extend(node.cpg.pop_outbox())

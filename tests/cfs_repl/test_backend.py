@@ -67,6 +67,8 @@ def test_backend_end_to_end(tmp_path: pathlib.Path, run: Any) -> None:
         network.start()
         network.configure([[1, 2, 3]])
         try:
+            changes: list[Op] = []
+            backends[3].add_change_listener(changes.append)
             for backend in backends.values():
                 await backend.start()
             for backend in backends.values():
@@ -102,6 +104,9 @@ def test_backend_end_to_end(tmp_path: pathlib.Path, run: Any) -> None:
             for store in stores.values():
                 assert store.read_file("nodes/node2/qemu-server/100.conf") == b"cores: 2\n"
             assert len({(s.state.version, s.state.tree.digest) for s in stores.values()}) == 1
+            # node 3's change feed saw the others' ops, not its own
+            assert "nodes/node1/qemu-server" in [op.path for op in changes]
+            assert all(op.kind.name != "WRITE" for op in changes)
             # without quorum: EACCES at once, nothing changes; reads still work
             quorate[3] = False
             assert await b3.submit(Op.mkdir("x", T)) == errno.EACCES

@@ -331,3 +331,20 @@ def test_unconfirmed_op_on_the_quorate_side_is_kept_and_answered() -> None:
     _split_now(bus, (1, 2), (3,), inquorate=(3,))
     assert bus.nodes[1].results[request] == 0
     assert bus.nodes[1].store.term > bus.nodes[3].store.term
+
+
+def test_change_feed_reports_what_did_not_come_through_submit() -> None:
+    bus = formed()
+    assert bus.do(1, Op.mkdir("d", T)) == 0
+    assert bus.nodes[1].applied == []
+    assert [op.path for op in bus.nodes[2].applied] == ["d"]
+    for i in range(3):
+        assert bus.do(1, Op.create(f"d/f{i}", T)) == 0
+    bus.configure((1, 2), (3,))
+    assert bus.do(1, Op.write("d/f0", 0, b"new", T)) == 0
+    assert bus.do(1, Op.unlink("d/f1")) == 0
+    bus.nodes[3].applied.clear()
+    bus.configure((1, 2, 3))
+    bus.deliver_all()
+    fed = {(op.kind.name, op.path) for op in bus.nodes[3].applied}
+    assert ("TRUNCATE", "d/f0") in fed and ("UNLINK", "d/f1") in fed

@@ -468,7 +468,16 @@ class LogLine:
     text: str
 
 
-Action = Multicast | Complete | LogLine
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The tree changed without a local submit (another node's op, an UNLOCK
+    of the lowest member, a resync patch shown as the op that has the same
+    effect on caches): for the FUSE front's cache invalidation."""
+
+    op: Op
+
+
+Action = Multicast | Complete | LogLine | Applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -890,6 +899,8 @@ class ReplicaCore:
             self.counters["ops_applied"] += 1
         self._position += 1
         self.ack_due = len(self.members) > 1
+        if outcome.ok and outcome.mutations and not own:
+            self._out.append(Applied(op))
         if own and outcome.ok and outcome.mutations:
             # Answer once every member has applied it (then any later quorate
             # partition holds a node that has it), not at the local apply.
@@ -1102,7 +1113,13 @@ class ReplicaCore:
             self.store.set_dirty(True)  # persisted before the tree changes
         delete = walk.delete if not sync.patch_started else []
         sync.patch_started = True
-        self.store.apply_patch(delete, items, walk.touch_dirs if last else ())
+        touch = walk.touch_dirs if last else []
+        self.store.apply_patch(delete, items, touch)
+        self._out += [Applied(Op.unlink(path)) for path in delete]
+        self._out += [Applied(Op.set_mtime(item.path, item.mtime) if item.is_dir else
+                              Op.truncate(item.path, len(item.content or b""), item.mtime))
+                      for item in items]
+        self._out += [Applied(Op.set_mtime(path, mtime)) for path, mtime in touch]
         sync.report.fetched += len(items)
         sync.report.deleted += len(delete)
         if last:

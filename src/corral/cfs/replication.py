@@ -35,6 +35,7 @@ from corral.cfs import virtual
 from corral.cfs.ops import Op
 from corral.cfs.replica_core import (
     Action,
+    Applied,
     Complete,
     LogLine,
     Multicast,
@@ -185,6 +186,7 @@ class ReplicatedBackend:
         self._acks_scheduled = False
         self._applied_at_sync = 0
         self._unsubscribe: Callable[[], None] | None = None
+        self._listeners: list[Callable[[Op], None]] = []
         self.failed: BaseException | None = None
 
     # ------------------------------------------------------------ CfsBackend
@@ -228,6 +230,13 @@ class ReplicatedBackend:
                        for r in self.core.log_entries()]
             return virtual.render_clusterlog(entries)
         return None
+
+    def add_change_listener(self, callback: Callable[[Op], None]) -> None:
+        """Be told (on the event loop, after the store changed) of every change
+        that did not come through this node's `submit`: other nodes' ops,
+        UNLOCKs, and resync patches (as unlink / truncate / set_mtime ops of
+        the same paths), so the FUSE front can drop cached names and attributes."""
+        self._listeners.append(callback)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -358,6 +367,12 @@ class ReplicatedBackend:
                 self._completions.append(action)
             elif isinstance(action, LogLine):
                 self._log_line(action)
+            elif isinstance(action, Applied):
+                for listener in self._listeners:
+                    try:
+                        listener(action.op)
+                    except Exception:
+                        log.exception("cfs: a change listener raised")
         if self._completions and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_completions)
