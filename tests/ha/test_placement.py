@@ -169,3 +169,22 @@ def test_strict_rule_without_online_node_reports_reason() -> None:
     placement = select("vm:1", {"state": "recovery", "node": "node4"}, [rule],
                        preference=Preference.BEST_SCORE)
     assert placement.node is None and "strict" in (placement.reason or "")
+
+
+def test_dynamic_counts_measured_usage_of_running_services() -> None:
+    status: dict[str, dict[str, Any]] = {
+        "vm:1": {"state": "started", "node": "node1", "running": 1},
+        "vm:2": {"state": "started", "node": "node2"},  # not confirmed running yet
+    }
+    stats = {"vm:1": ServiceStats(8, 64 * GiB), "vm:2": ServiceStats(2, 8 * GiB)}
+    measured = {"vm:1": ServiceStats(0.5, 1 * GiB), "vm:2": ServiceStats(1, 4 * GiB)}
+    model = UsageModel(CrsMode.DYNAMIC, NODES, {}, stats, measured)
+    model.add_services(status)
+    assert model.memory["node1"] == 1 * GiB  # measured
+    assert model.memory["node2"] == 8 * GiB  # starting: counted with its maximum
+    assert model.usage_of("vm:1", "node3") == (0.5, float(GiB))
+    static = UsageModel(CrsMode.STATIC, NODES, {}, stats, measured)
+    static.add_services(status)
+    assert static.memory["node1"] == 64 * GiB
+    scores = model.scores("vm:9", ["node1", "node2", "node3"])
+    assert min(scores, key=lambda n: (scores[n], n)) == "node3"

@@ -84,7 +84,7 @@ def make_scenario(seed: int, directory: pathlib.Path) -> None:
     commands += [heal, heal, ["delay 400"], [f"crm {nodes[0]} arm-ha"]]
     datacenter = {"ha": {"shutdown_policy": rng.choice(["conditional", "freeze", "failover",
                                                          "migrate"])},
-                  "crs": {"ha": rng.choice(["basic", "static"]),
+                  "crs": {"ha": rng.choice(["basic", "static", "dynamic"]),
                           "ha-rebalance-on-start": rng.choice([0, 1]),
                           "ha-auto-rebalance": rng.choice([0, 1])},
                   "ha-timing": {"profile": rng.choice(["reference", "fast"])

@@ -14,7 +14,7 @@ from typing import Any
 from corral.errors import ConfigError, InvariantError
 from corral.ha.logic.config import AutoRebalance, ResourceConfig, parse_crm_command
 from corral.ha.logic.env import HaEnvironment
-from corral.ha.logic.placement import Placement, UsageModel, select_service_node
+from corral.ha.logic.placement import Placement, ServiceStats, UsageModel, select_service_node
 from corral.ha.logic.rebalance import choose_move, imbalance, node_loads
 from corral.ha.logic.rules import CompiledRules, compile_rules, rules_from_groups
 from corral.ha.logic.settings import HaTimings
@@ -50,7 +50,6 @@ class Manager:
         self.last_seen_ns: dict[str, int] = {}
         self.crs_mode = CrsMode.BASIC
         self.crs_seen = False
-        self.dynamic_warned = False
         self.rebalance_on_start = False
         self.auto_rebalance = AutoRebalance()
         self.imbalance_rounds = 0
@@ -144,7 +143,13 @@ class Manager:
         online = self.online_nodes()
         capacities = {n: self.env.node_capacity(n) for n in online}
         stats = {sid: self.env.service_stats(sid) for sid in self.service_status}
-        model = UsageModel(self.crs_mode, online, capacities, stats)
+        measured: dict[str, ServiceStats] = {}
+        if self.crs_mode == CrsMode.DYNAMIC:
+            for sid in self.service_status:
+                usage = self.env.service_measured_usage(sid)
+                if usage is not None:
+                    measured[sid] = usage
+        model = UsageModel(self.crs_mode, online, capacities, stats, measured)
         model.add_services(self.service_status, skip=skip)
         return model
 
@@ -244,11 +249,6 @@ class Manager:
             self.log("warn", f"datacenter.cfg: {error}; keeping previous settings")
             return
         mode = datacenter.crs_mode
-        if mode == CrsMode.DYNAMIC:
-            if not self.dynamic_warned:
-                self.log("warn", "scheduler mode 'dynamic' is not supported, using 'basic'")
-            self.dynamic_warned = True
-            mode = CrsMode.BASIC
         if mode != self.crs_mode:
             if self.crs_mode == CrsMode.BASIC and not self.crs_seen:
                 self.log("info", f"using scheduler mode '{mode}'")
@@ -310,7 +310,7 @@ class Manager:
     def _auto_rebalance_step(self) -> None:
         """At most one motion per round, only when imbalance stayed high for hold rounds."""
         settings = self.auto_rebalance
-        if not settings.enabled or self.crs_mode != CrsMode.STATIC:
+        if not settings.enabled or self.crs_mode == CrsMode.BASIC:
             self.imbalance_rounds = 0
             return
         if any(e["state"] in MOTION_STATES or e.get("cmd") for e in self.service_status.values()):

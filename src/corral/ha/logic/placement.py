@@ -74,8 +74,11 @@ class UsageModel:
 
     def __init__(self, mode: CrsMode, online_nodes: list[str],
                  capacities: Mapping[str, NodeCapacity],
-                 stats: Mapping[str, ServiceStats]) -> None:
+                 stats: Mapping[str, ServiceStats],
+                 measured: Mapping[str, ServiceStats] | None = None) -> None:
         self.mode = mode
+        # dynamic mode: measured usage of running services (cpu = cores in use)
+        self.measured = measured or {}
         self.nodes = sorted(online_nodes)
         self.capacities = {n: capacities.get(n, NodeCapacity()) for n in self.nodes}
         self.stats = stats
@@ -90,6 +93,12 @@ class UsageModel:
         """Cores the service is assumed to use on `node` (maxcpu 0 = the whole node)."""
         maxcpu = self.stats_of(sid).maxcpu
         return maxcpu if maxcpu > 0 else self.capacities[node].cores
+
+    def usage_of(self, sid: str, node: str) -> tuple[float, float]:
+        """(cores, memory bytes) a running service adds to `node` in this model."""
+        if self.mode == CrsMode.DYNAMIC and sid in self.measured:
+            return self.measured[sid].maxcpu, float(self.measured[sid].maxmem_bytes)
+        return self.service_cpu(sid, node), float(self.stats_of(sid).maxmem_bytes)
 
     def criteria(self, cpu: Mapping[str, float], memory: Mapping[str, float]) -> list[float]:
         """The four TOPSIS criteria (avg/max cpu load, avg/max memory load) of a cluster state."""
@@ -106,10 +115,15 @@ class UsageModel:
         return [average(cpu_loads), 1.0 + max(cpu_loads, default=0.0),
                 average(memory_loads), 1.0 + max(memory_loads, default=0.0)]
 
-    def add(self, sid: str, node: str) -> None:
+    def add(self, sid: str, node: str, running: bool = False) -> None:
+        """Count the service on `node`; a running one counts its measured usage (dynamic)."""
         if node not in self.count:
             return
         self.count[node] += 1
+        if running and self.mode == CrsMode.DYNAMIC and sid in self.measured:
+            self.cpu[node] += self.measured[sid].maxcpu
+            self.memory[node] += self.measured[sid].maxmem_bytes
+            return
         self.cpu[node] += self.service_cpu(sid, node)
         self.memory[node] += self.stats_of(sid).maxmem_bytes
 
@@ -121,13 +135,15 @@ class UsageModel:
             entry = service_status[sid]
             state = entry.get("state")
             if state in LOADS_CURRENT and entry.get("node"):
-                self.add(sid, entry["node"])
+                running = state == ServiceState.STARTED and bool(entry.get("running"))
+                self.add(sid, entry["node"], running)
             if state in LOADS_TARGET and entry.get("target"):
                 self.add(sid, entry["target"])
 
     def scores(self, sid: str, candidates: list[str]) -> dict[str, float]:
-        """Lower is better: service count (basic) or negated TOPSIS closeness (static)."""
-        if self.mode != CrsMode.STATIC:
+        """Lower is better: service count (basic) or negated TOPSIS closeness (static and
+        dynamic; the service to place always counts with its maximum values)."""
+        if self.mode == CrsMode.BASIC:
             return {n: float(self.count.get(n, 0)) for n in candidates}
         rows = [self._criteria_if_started_on(sid, n) for n in candidates]
         closeness = topsis_scores(rows, TOPSIS_WEIGHTS)

@@ -1,8 +1,9 @@
-"""Automatic load rebalancing for the static CRS mode (opt-in, `crs: ha-auto-rebalance=1`).
+"""Automatic load rebalancing for the static and dynamic CRS modes (opt-in,
+`crs: ha-auto-rebalance=1`).
 
 Imbalance is the coefficient of variation (population standard deviation over mean, the raw
 form the reference's 5.2.0 tests use) of node loads, a node's load being the mean of its CPU
-and memory load from the services' assigned maxima. Candidates are "stationary bundles":
+and memory load from the services' assigned maxima (static) or measured usage (dynamic). Candidates are "stationary bundles":
 started services together with their positively-affine started peers on the same node; a
 bundle may go to any other node of its node-affinity rule's highest online priority class (a
 lower class would be undone by failback) that hosts none of its negatively-affine peers. `bruteforce` picks the move with the lowest resulting imbalance,
@@ -98,11 +99,12 @@ def _after_move(usage: UsageModel, members: tuple[str, ...], source: str, target
                 ) -> tuple[dict[str, float], dict[str, float]]:
     cpu, memory = dict(usage.cpu), dict(usage.memory)
     for sid in members:
-        stats_memory = usage.stats_of(sid).maxmem_bytes
-        cpu[source] -= usage.service_cpu(sid, source)
-        cpu[target] += usage.service_cpu(sid, target)
-        memory[source] -= stats_memory
-        memory[target] += stats_memory
+        source_cpu, source_memory = usage.usage_of(sid, source)
+        target_cpu, target_memory = usage.usage_of(sid, target)
+        cpu[source] -= source_cpu
+        cpu[target] += target_cpu
+        memory[source] -= source_memory
+        memory[target] += target_memory
     return cpu, memory
 
 

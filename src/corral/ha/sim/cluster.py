@@ -23,6 +23,9 @@ from corral.ha.logic.settings import NS_PER_S, HaTimings
 from corral.ha.logic.statusfiles import format_status_file, parse_lrm_status, parse_manager_status
 from corral.ha.logic.types import SAFE_LEFTOVER_LOCKS
 
+# Measured usage of a running guest without dynamic_service_stats: 2 cores, 2 GiB.
+DEFAULT_DYNAMIC_USAGE = ServiceStats(2.0, 2 * 1024**3)
+
 LEVELS = {"info": "info", "warn": "warn", "err": "err", "notice": "noti", "email": "emai"}
 
 
@@ -80,6 +83,7 @@ class SimCluster:
         self.running: dict[str, set[str]] = {n: set() for n in self.nodes}
         self.guest_locks: dict[str, str] = {}
         self.stats: dict[str, ServiceStats] = {}
+        self.dynamic_stats: dict[str, ServiceStats] = {}
         self.failing: dict[str, FailingResource] = {}
         self.uid_counter = 0
         self.log_lines: list[str] = []
@@ -352,3 +356,8 @@ class SimEnv:
 
     def service_stats(self, sid: str) -> ServiceStats:
         return self.cluster.stats.get(sid, ServiceStats())
+
+    def service_measured_usage(self, sid: str) -> ServiceStats | None:
+        if not any(sid in guests for guests in self.cluster.running.values()):
+            return None
+        return self.cluster.dynamic_stats.get(sid, DEFAULT_DYNAMIC_USAGE)

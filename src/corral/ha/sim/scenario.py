@@ -55,6 +55,7 @@ class Scenario:
     groups: dict[str, GroupConfig] = field(default_factory=dict)
     datacenter: dict[str, Any] = field(default_factory=dict)
     static_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dynamic_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _read_json(path: pathlib.Path, default: Any) -> Any:
@@ -97,7 +98,8 @@ def load_scenario(directory: str | pathlib.Path) -> Scenario:
                     manager_status=manager_status,
                     rules=rules, groups=groups,
                     datacenter=_read_json(path / "datacenter.cfg", {}),
-                    static_stats=_read_json(path / "static_service_stats", {}))
+                    static_stats=_read_json(path / "static_service_stats", {}),
+                    dynamic_stats=_read_json(path / "dynamic_service_stats", {}))
 
 
 @dataclass
@@ -146,6 +148,9 @@ class Simulation:
         for sid, stats in sorted(scenario.static_stats.items()):
             cluster.stats[sid] = ServiceStats(float(stats.get("maxcpu", 4)),
                                               int(stats.get("maxmem", 4 * 1024**3)))
+        for sid, stats in sorted(scenario.dynamic_stats.items()):
+            cluster.dynamic_stats[sid] = ServiceStats(float(stats.get("cpu", 2)),
+                                                      int(stats.get("mem", 2 * 1024**3)))
         cluster.rules = scenario.rules
         cluster.groups = scenario.groups
         cluster.manager_status = scenario.manager_status
@@ -289,6 +294,8 @@ class Simulation:
             cluster.guest_locks.pop(sid, None)
         elif action == "set-static-stats" and words[3] == "maxcpu" and words[5] == "maxmem":
             cluster.stats[sid] = ServiceStats(float(words[4]), int(words[6]) * MIB)
+        elif action == "set-dynamic-stats" and words[3] == "cpu" and words[5] == "mem":
+            cluster.dynamic_stats[sid] = ServiceStats(float(words[4]), int(words[6]) * MIB)
         elif action == "manual-migrate":
             self._manual_migrate(sid, self._node(words[3]))
         else:
