@@ -185,3 +185,31 @@ def test_window_limits_frames_per_rotation() -> None:
     # Every node got a fair share of the ring.
     assert min(counts.values()) > 0.2 * sum(counts.values())
     assert tokens > 0
+
+
+def test_lost_token_retransmitted_by_last_holder_and_duplicates_filtered() -> None:
+    cluster = formed(3)
+    cluster.run_for(seconds(1))
+    state = {"dropped": False}
+
+    def drop_one_token(src: int, dst: int, packet: bytes) -> bool:
+        if packet[3] == 1 and src == 2 and not state["dropped"]:
+            state["dropped"] = True
+            return True
+        return False
+
+    cluster.drop_filter = drop_one_token
+    cluster.submit(1, b"after-loss")
+    cluster.run_for(seconds(2))
+    assert state["dropped"] and delivered_everywhere(cluster, 1)
+    assert cluster.cores[2].stats()["token_retransmits"] >= 1
+    # Every token copy arrives twice: the second copy is filtered by token_seq.
+    cluster.drop_filter = None
+    cluster.duplicate = 1.0
+    for i in range(20):
+        cluster.submit(2, b"dup-%d" % i)
+    cluster.run_until(lambda: delivered_everywhere(cluster, 21), seconds(5))
+    cluster.run_for(seconds(1))
+    assert sum(cluster.cores[n].stats()["dropped_duplicate_token"] for n in cluster.nodeids) > 0
+    assert [p for _, p in cluster.logs[3].delivered] == [b"after-loss"] + [b"dup-%d" % i for i in range(20)]
+    assert all(c.stats()["memberships_formed"] == 2 for c in cluster.cores.values())
