@@ -66,6 +66,9 @@ def describe_packet(packet: bytes) -> str:
     return packet[:16].hex()
 MAX_EVENTS = 5_000_000
 PPM = 1_000_000
+# Share of seeds whose workload also fills one node's send queue to the brim.
+BURST_PROBABILITY = 0.05
+BURST_MAX_MESSAGES = 20_000
 
 
 def convergence_bound_ns(timers: TotemTimers) -> int:
@@ -237,6 +240,11 @@ class Simulation:
         self.crashes = 0
         # Workload intensity is part of the swarm choice too.
         self.submit_interval_ns = self.workload_rng.choice((2, 5, 20, 50)) * NS_PER_MS
+        # A few seeds also fill one node's send queue until the core refuses.
+        self.burst_rng = derive_rng(seed, "burst")
+        self.burst_at_ns = -1
+        if self.burst_rng.random() < BURST_PROBABILITY:
+            self.burst_at_ns = self.burst_rng.randrange(max(1, self.safety_end_ns))
 
     # -- driving --------------------------------------------------------------------
 
@@ -274,6 +282,8 @@ class Simulation:
             self.scheduler.at(self._jitter("leave", plan.leave_interval_ns), ("leave",))
         self.network.set_plan(plan)
         self.scheduler.at(self.timers.token_ns // 2, ("submit",))
+        if self.burst_at_ns >= 0:
+            self.scheduler.at(self.burst_at_ns, ("burst",))
         self.scheduler.at(self.safety_end_ns, ("heal",))
         self.scheduler.at(self.converge_deadline_ns, ("deadline",))
 
@@ -283,7 +293,7 @@ class Simulation:
             "restart": self._on_restart, "crash": self._on_crash, "partition": self._on_partition,
             "asym": self._on_asym, "uncut": self._on_uncut, "heal": self._on_heal,
             "deadline": self._on_deadline, "end": self._on_end, "pause": self._on_pause,
-            "leave": self._on_leave,
+            "leave": self._on_leave, "burst": self._on_burst,
         }
         while not self.finished:
             event = self.scheduler.pop()
@@ -356,6 +366,29 @@ class Simulation:
             self.checker.on_submit(slot.proc, payload)
         else:
             self.backpressure += 1
+        self._drain(slot)
+
+    def _on_burst(self, event: tuple[Any, ...]) -> None:
+        """Submit small messages from one node until its core refuses one
+        (backpressure), at most BURST_MAX_MESSAGES."""
+        now_ns = self.scheduler.now_ns
+        up = [s for s in self.slots.values() if s.core is not None and s.paused_until_ns <= now_ns]
+        if not up:
+            return
+        slot = up[self.burst_rng.randrange(len(up))]
+        self.driving_node = slot.nodeid
+        accepted = 0
+        while accepted < BURST_MAX_MESSAGES:
+            slot.counter += 1
+            payload = make_payload(slot.nodeid, slot.counter, 8)
+            if not slot.core.submit(payload):
+                self.backpressure += 1
+                break
+            accepted += 1
+            self.submitted += 1
+            self.checker.on_submit(slot.proc, payload)
+        self.digest.update(b"b%d:%d;" % (slot.nodeid, accepted))
+        self._note(f"n{slot.nodeid} burst: {accepted} messages accepted" + (", then refused" if accepted < BURST_MAX_MESSAGES else ""))
         self._drain(slot)
 
     def _on_restart(self, event: tuple[Any, ...]) -> None:
