@@ -6,7 +6,8 @@ changes nothing while the majority writes, then catches up through the
 digest walk with bytes that grow with the changes; a node restarted from a
 stale store resyncs; writes submitted during a resync wait and then proceed
 (or fail with EAGAIN after the bound); a node killed without leaving and
-restarted catches up."""
+restarted catches up; the periodic verification repairs a store damaged
+behind replication's back."""
 
 from __future__ import annotations
 
@@ -210,5 +211,28 @@ def test_eagain_after_bound_when_resync_cannot_finish(tmp_path: pathlib.Path) ->
         start = cluster.now_ns
         assert cluster.wait_result(2, request) == errno.EAGAIN
         assert cluster.now_ns - start >= harness.seconds(2)
+    finally:
+        cluster.close()
+
+
+def test_verification_repairs_a_damaged_store(tmp_path: pathlib.Path) -> None:
+    config = ReplicaConfig(verify_interval_ns=harness.seconds(2), part_max_bytes=64 * 1024)
+    cluster = ReplCluster((1, 2, 3), tmp_path, config=config)
+    cluster.start()
+    try:
+        cluster.settle()
+        for i in range(10):
+            assert cluster.do(1 + i % 3, Op.create(f"f{i}", T)) == 0
+        assert cluster.do(1, Op.write("f3", 0, b"keep me", T)) == 0
+        cluster.settle()
+        # node 2 loses a file behind replication's back (same version)
+        cluster.nodes[2].store.apply_patch(["f3"], [])
+        assert len(set(cluster.digests().values())) == 2
+        cluster.run_for(harness.seconds(5))
+        cluster.settle()
+        assert len(set(cluster.digests().values())) == 1
+        assert cluster.nodes[2].store.read_file("f3") == b"keep me"
+        assert cluster.nodes[1].core.counters["repairs"] == 1
+        assert any("repair" in line for line in cluster.nodes[1].logs)
     finally:
         cluster.close()
