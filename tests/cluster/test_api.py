@@ -48,6 +48,7 @@ def test_api_shapes(make_cluster: Callable[[int], DemoCluster]) -> None:
     assert [(n["name"], n["nodeid"], n["quorum_votes"]) for n in nodes] == \
         [("node1", 1, 1), ("node2", 2, 1)]
 
+    cluster.control(1, "expected", votes=1)  # node2 never starts: node 1 alone is quorate
     csrf, client.csrf = client.csrf, None
     with pytest.raises(JoinError, match="authentication failure"):
         client.call("DELETE", "/cluster/config/nodes/node2")  # no CSRF token

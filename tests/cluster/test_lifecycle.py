@@ -54,7 +54,10 @@ def test_cluster_lifecycle(make_cluster: Callable[[int], DemoCluster]) -> None:
     assert again.returncode == 2 and "already in a cluster" in again.stderr
     assert _conf(cluster, 1).config_version == 1
 
+    # Each new node raises the expected votes: it must be up before the next join.
     cluster.join(2)
+    cluster.start(2)
+    cluster.wait_quorate([1, 2], 2, FORM_TIMEOUT_S)
     joined = cluster.corral(3, "add", f"{cluster.address(1)}:"
                             f"{cluster.api_port}", "--fingerprint", cluster.fingerprint(1),
                             "--password", "--name", cluster.name(3), "--link0",
@@ -62,7 +65,6 @@ def test_cluster_lifecycle(make_cluster: Callable[[int], DemoCluster]) -> None:
                             "--mount", str(cluster.mount(3)), "--no-start",
                             stdin_text=DEMO_PASSWORD + "\n")
     assert "joined as nodeid 3" in joined.stdout
-    cluster.start(2)
     cluster.start(3)
     cluster.wait_quorate([1, 2, 3], 3, FORM_TIMEOUT_S)
 

@@ -119,6 +119,11 @@ def test_join_refusals(make_cluster: Callable[[int], DemoCluster], plain_http_se
     used = cluster.join_token(1)
     cluster.join(2, token=used)
     assert cluster.control(1, "status")["config_version"] == 2
+    # node2 is configured but not started: node 1 alone has 1 of 2 expected votes.
+    # Config changes need quorum.
+    refused = cluster.corral(1, "delnode", "node2", check=False)
+    assert refused.returncode == 2 and "not quorate" in refused.stderr
+    assert cluster.corral(1, "expected", "1").returncode == 0
     assert "join token already used" in add(member, "--fingerprint", fingerprint,
                                             f"--token={used}", node=3)
     again = cluster.corral(2, "add", member, "--fingerprint", fingerprint, token(), "--name",

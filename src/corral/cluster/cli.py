@@ -12,6 +12,7 @@ import argparse
 import base64
 import contextlib
 import getpass
+import os
 import socket
 import subprocess
 import sys
@@ -193,8 +194,36 @@ def _remove(paths: list[Path]) -> None:
             path.unlink()
 
 
+def _running_pid(layout: Layout) -> int | None:
+    """The pid of a corrald already running for this state directory (e.g. started
+    with --wait-for-cluster by the service manager), else None."""
+    try:
+        pid = int(layout.pidfile.read_text().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            cmdline = handle.read()
+    except (OSError, ValueError):
+        return None
+    return pid if b"corral" in cmdline else None
+
+
+class _Running:
+    """A corrald this command did not start: looks like a Popen for _start_and_wait."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            self.returncode = -1
+        return self.returncode
+
+
 def _start_and_wait(layout: Layout, timeout_s: float = START_TIMEOUT_S) -> int:
-    process = start_daemon(layout)
+    pid = _running_pid(layout)
+    process: Any = _Running(pid) if pid is not None else start_daemon(layout)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

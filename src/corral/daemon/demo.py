@@ -137,12 +137,15 @@ class DemoCluster:
     def fingerprint(self, nodeid: int) -> str:
         return fingerprint_pem(self.layout(nodeid).node_cert.read_bytes())
 
-    def start(self, nodeid: int) -> None:
+    def start(self, nodeid: int, wait_for_cluster: bool = False) -> None:
         if nodeid in self.processes and self.processes[nodeid].poll() is None:
             raise RuntimeError(f"node {nodeid} is already running")
+        self.state_dir(nodeid).mkdir(parents=True, exist_ok=True)
         argv = self._in_node(nodeid, [
             sys.executable, "-m", "corral.daemon.main", "--state-dir", str(self.state_dir(nodeid)),
             "--stats-interval", str(self.stats_interval_s)])
+        if wait_for_cluster:
+            argv.append("--wait-for-cluster")
         with open(self.log_path(nodeid), "ab") as log:
             self.processes[nodeid] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                                       stderr=log, start_new_session=True)
@@ -201,36 +204,38 @@ class DemoCluster:
             raise RuntimeError(f"corral {argv[0]} for node {nodeid} failed ({status})")
 
     def build(self) -> None:
-        """create + start node 1, join every other node, start them, wait for quorum."""
+        """Start every corrald (waiting for its config), create on node 1, then join
+        the other nodes one at a time, each quorate before the next: adding a node
+        raises the expected votes, so the cluster needs the new node up before it
+        can admit another (as in the reference)."""
         started = time.monotonic()
-        _prepare_mount(self.mount(1))
+        for nodeid in self.nodeids:
+            _prepare_mount(self.mount(nodeid))
+            self.start(nodeid, wait_for_cluster=True)
         self._verb_in_process(1, self._create_args())
-        self.start(1)
         self.wait_quorate([1], 1)
         self.timings["create_to_quorate_s"] = time.monotonic() - started
-        # Joins run in parallel (node 1 admits them one at a time); a node that
-        # got an older config catches up from its peers when its corrald starts.
-        tokens = {nodeid: self.join_token(1) for nodeid in self.nodeids[1:]}
+        for nodeid in self.nodeids[1:]:
+            token = self.join_token(1)
+            self._run_in_thread(nodeid, self._join_args(nodeid, 1, token))
+            self.wait_quorate(self.nodeids[:nodeid], nodeid)
+        self.timings["joins_s"] = time.monotonic() - started - self.timings["create_to_quorate_s"]
+        self.timings["quorate_s"] = time.monotonic() - started
+
+    def _run_in_thread(self, nodeid: int, argv: list[str]) -> None:
         errors: list[BaseException] = []
 
-        def join_and_start(nodeid: int) -> None:
+        def run() -> None:
             try:
-                _prepare_mount(self.mount(nodeid))
-                self._verb_in_process(nodeid, self._join_args(nodeid, 1, tokens[nodeid]))
-                self.start(nodeid)
+                self._verb_in_process(nodeid, argv)
             except BaseException as error:
                 errors.append(error)
 
-        threads = [threading.Thread(target=join_and_start, args=(n,)) for n in self.nodeids[1:]]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
         if errors:
-            raise RuntimeError(f"join failed: {errors[0]}")
-        self.timings["joins_s"] = time.monotonic() - started - self.timings["create_to_quorate_s"]
-        self.wait_quorate(self.nodeids, self.n_nodes)
-        self.timings["quorate_s"] = time.monotonic() - started
+            raise RuntimeError(f"join of node {nodeid} failed: {errors[0]}")
 
     # ---- teardown ---------------------------------------------------------------------
 

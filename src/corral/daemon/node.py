@@ -353,14 +353,8 @@ class Daemon:
                  "; restart needed for: " + ", ".join(reasons) if reasons else "")
 
     def _apply_quorum_config(self, config: QuorumConfig) -> None:
-        # The quorum service has no reload yet: swap the core's config (votes and the
-        # expected votes of the nodelist) and announce, as votequorum does on reload.
-        core = self.quorum.core
-        core.config = config
-        if config.expected_votes > core.expected_votes:
-            core.expected_votes = config.expected_votes
-        if core.ring_id is not None:
-            self.quorum._feed(core.announce())
+        # Votes and expected votes of the new nodelist take effect now (votequorum reload).
+        self.quorum.reconfigure(config)
 
     def online(self) -> frozenset[int]:
         return frozenset(self.members)
