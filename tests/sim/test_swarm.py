@@ -37,7 +37,7 @@ if not hasattr(_core, "TotemCore"):
     pytest.skip("corral.totem._core has no TotemCore yet", allow_module_level=True)
 
 HERE = pathlib.Path(__file__).resolve().parent
-SWARM_SEEDS = 500
+SWARM_SEEDS = 400
 BIG_SWARM_SEEDS = 100
 SOAK_SEEDS = int(os.environ.get("CORRAL_SOAK_SEEDS", "3000"))
 
