@@ -97,6 +97,9 @@ def test_join_tokens_expire_and_are_used_once() -> None:
     tokens.consume(digest, 1031.0)
     with pytest.raises(TokenError, match="already used"):
         tokens.check(token, 1032.0)
+    tokens.restore(digest)  # the join failed: usable again
+    assert tokens.check(token, 1032.0) == digest
+    tokens.consume(digest, 1033.0)
     with pytest.raises(TokenError, match="bad join token"):
         tokens.check("cjt_forged", 1032.0)
 

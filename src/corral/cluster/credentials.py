@@ -83,6 +83,12 @@ class JoinTokens:
         expiry = self.expiry_s.pop(digest, now_s)
         self.used[digest] = expiry
 
+    def restore(self, digest: str) -> None:
+        """Give a consumed token back (the join it was used for failed)."""
+        expiry = self.used.pop(digest, None)
+        if expiry is not None:
+            self.expiry_s[digest] = expiry
+
     def _forget_old(self, now_s: float) -> None:
         # Expired tokens are kept a while so that their use says "expired", not "bad".
         horizon = now_s - MAX_TOKEN_LIFETIME_S

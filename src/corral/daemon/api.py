@@ -65,6 +65,7 @@ class ApiBackend(Protocol):
     def admin_hash(self) -> str | None: ...
     def check_join_token(self, token: str) -> str: ...
     def consume_join_token(self, digest: str) -> None: ...
+    def restore_join_token(self, digest: str) -> None: ...
     def node_auth(self, header: str) -> int | None: ...
     def corosync_conf(self) -> dict[str, Any]: ...
 
@@ -156,6 +157,9 @@ class ApiServer:
             raise
         except CorralError as error:
             raise ApiError(500, str(error)) from None
+        except Exception:
+            log.exception("API: %s %s failed", request.method, request.path)
+            raise ApiError(500, "internal error (see the corrald log)") from None
         return 200, {"data": data}
 
     def _route(self, request: Request) -> tuple[Callable[[Request, str], Awaitable[Any]], str,
@@ -243,10 +247,17 @@ class ApiServer:
         if request.params.get("apiversion") not in (None, str(API_VERSION)):
             raise ApiError(400, "Parameter verification failed.",
                            {"apiversion": f"unsupported join API version (ours: {API_VERSION})"})
-        result = await self.backend.add_node(node, request.params, request.peer_ip)
-        if request.token_digest is not None:
-            self.backend.consume_join_token(request.token_digest)
-        return result
+        digest = request.token_digest
+        if digest is not None:
+            # Taken now (no await since the check): a second request with the same
+            # token is refused even while this add is in flight; given back on failure.
+            self.backend.consume_join_token(digest)
+        try:
+            return await self.backend.add_node(node, request.params, request.peer_ip)
+        except BaseException:
+            if digest is not None:
+                self.backend.restore_join_token(digest)
+            raise
 
     async def _delete_node(self, request: Request, node: str) -> None:
         await self.backend.delete_node(node)

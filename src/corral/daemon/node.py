@@ -442,6 +442,9 @@ class Daemon:
     def consume_join_token(self, digest: str) -> None:
         self.tokens.consume(digest, time.time())
 
+    def restore_join_token(self, digest: str) -> None:
+        self.tokens.restore(digest)
+
     def node_auth(self, header: str) -> int | None:
         known = frozenset(n.nodeid for n in self.config.nodes)
         return catchup.check_node_auth(self.key, header, time.time(), known)
