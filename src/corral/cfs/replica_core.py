@@ -898,7 +898,8 @@ class ReplicaCore:
         elif outcome.ok:
             self.counters["ops_applied"] += 1
         self._position += 1
-        self.ack_due = len(self.members) > 1
+        # Only other nodes wait for this node's ACK, and only for their ops.
+        self.ack_due = self.ack_due or (sender != self.nodeid and len(self.members) > 1)
         if outcome.ok and outcome.mutations and not own:
             self._out.append(Applied(op))
         if own and outcome.ok and outcome.mutations:
