@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -53,6 +54,7 @@ class DemoCluster:
         self.totem_port = 5405
         self.api_port = 8006
         self.timings: dict[str, float] = {}
+        self.verb_output: dict[int, str] = {}
 
     @property
     def use_netns(self) -> bool:
@@ -199,9 +201,16 @@ class DemoCluster:
         if self.use_netns and threading.current_thread() is not threading.main_thread():
             _enter_netns(f"/run/netns/{self.net.netns(nodeid)}")
         handler = {"create": cli.create, "add": cli.add}[argv[0]]
-        status = handler(argv[1:])
+        output = io.StringIO()
+        errors = io.StringIO()
+        # The verbs print for an operator ("start the node with ..."): keep that out of
+        # the demo's own output. Only this thread runs meanwhile (the caller waits).
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(errors):
+            status = handler(argv[1:])
         if status != 0:
-            raise RuntimeError(f"corral {argv[0]} for node {nodeid} failed ({status})")
+            raise RuntimeError(f"corral {argv[0]} for node {nodeid} failed ({status}): "
+                               f"{errors.getvalue().strip()}")
+        self.verb_output[nodeid] = output.getvalue()
 
     def build(self) -> None:
         """Start every corrald (waiting for its config), create on node 1, then join
@@ -213,11 +222,14 @@ class DemoCluster:
             _prepare_mount(self.mount(nodeid))
             self.start(nodeid, wait_for_cluster=True)
         self._verb_in_process(1, self._create_args())
+        print(f"corral demo: created cluster {self.cluster_name!r} on {self.name(1)}", flush=True)
         self.wait_quorate([1], 1)
         self.timings["create_to_quorate_s"] = time.monotonic() - started
         for nodeid in self.nodeids[1:]:
             token = self.join_token(1)
             self._run_in_thread(nodeid, self._join_args(nodeid, 1, token))
+            print(f"corral demo: {self.verb_output[nodeid].splitlines()[0]} (via "
+                  f"{self.name(1)}, token + fingerprint)", flush=True)
             self.wait_quorate(self.nodeids[:nodeid], nodeid)
         self.timings["joins_s"] = time.monotonic() - started - self.timings["create_to_quorate_s"]
         self.timings["quorate_s"] = time.monotonic() - started
