@@ -24,9 +24,10 @@ see them (extended virtual synchrony):
     (EV_CONFIG, kind: int (CONF_TRANSITIONAL | CONF_REGULAR), ring_id: tuple[int, int],
                 members: tuple[int, ...], joined: tuple[int, ...], left: tuple[int, ...])
 
-`left` on a regular or transitional configuration lists nodes that failed
-(nodedown); `leaving` nodes that announced a graceful leave appear in
-`left_gracefully()` of that configuration as well (see `last_leavers`).
+`left` on a regular or transitional configuration lists every old member that
+did not move on with this node (failed, partitioned away or left); those that
+announced a graceful leave (`leave()`) are also returned by `last_leavers()`
+right after that configuration.
 
 Configuration events (identical on every node that makes the same transition):
 TRANSITIONAL has members = the old members that move to the new ring together,
