@@ -29,6 +29,12 @@ def _conf(cluster: DemoCluster, nodeid: int) -> ClusterConfig:
     return ClusterConfig.from_file(str(cluster.layout(nodeid).conf))
 
 
+def _mounted(path: object) -> bool:
+    target = os.path.realpath(str(path))
+    with open("/proc/self/mounts", encoding="utf-8") as mounts:
+        return any(line.split()[1] == target for line in mounts)
+
+
 def _read(path: object) -> str | None:
     try:
         with open(str(path), encoding="utf-8") as handle:
@@ -80,6 +86,7 @@ def test_cluster_lifecycle(make_cluster: Callable[[int], DemoCluster]) -> None:
         assert "Nodes:            3" in text and f"0x{nodeid:08x}" in text
         assert f"{cluster.address(nodeid)} (local)" in text
         assert "MISMATCH" not in text and "TOO LARGE" not in text
+        assert f"Configuration tree: mounted at {cluster.mount(nodeid)} (synced" in text
         nodes = cluster.corral(nodeid, "nodes").stdout
         assert nodes.startswith("\nMembership information\n")
         assert f"node{nodeid} (local)" in nodes
@@ -141,8 +148,9 @@ def test_cluster_lifecycle(make_cluster: Callable[[int], DemoCluster]) -> None:
 
 
 def test_sigterm_leaves_and_cleans_up(make_cluster: Callable[[int], DemoCluster]) -> None:
-    """SIGTERM: exit 0, sockets and pid file removed, cluster files kept; the survivor
-    of a 2-node cluster sees the node go and loses quorum; a restart rejoins."""
+    """SIGTERM: exit 0, tree unmounted, sockets and pid file removed, cluster files
+    kept; the survivor of a 2-node cluster sees the node go and loses quorum; a
+    restart rejoins."""
     cluster = make_cluster(2)
     cluster.create()
     cluster.start(1)
@@ -150,9 +158,11 @@ def test_sigterm_leaves_and_cleans_up(make_cluster: Callable[[int], DemoCluster]
     cluster.join(2)
     cluster.start(2)
     cluster.wait_quorate([1, 2], 2, FORM_TIMEOUT_S)
+    wait_until(lambda: (cluster.mount(2) / ".members").exists(), 15, "node 2's tree mounted")
     process = cluster.processes[2]
     process.send_signal(signal.SIGTERM)
     assert process.wait(15) == 0
+    assert not _mounted(cluster.mount(2))
     layout = cluster.layout(2)
     assert not layout.control_socket.exists() and not layout.pidfile.exists()
     assert layout.conf.exists()

@@ -36,6 +36,9 @@ def format_node_table(status: dict[str, Any]) -> str:
              f"{'Nodeid':>10} {'Name':<16} {'Online':<6} {'Votes':>5} {'Links':<16} "
              f"{'Version':<18} Clock offset"]
     warnings = []
+    fs = status.get("filesystem") or {}
+    if not fs.get("mounted") and fs.get("note"):
+        warnings.append(str(fs["note"]))
     for row in status["nodes"]:
         name = row["name"] + (" (local)" if row["local"] else "")
         links = " ".join(f"{k}:{v}" for k, v in sorted(row["links"].items())) or "-"
@@ -56,9 +59,9 @@ def format_node_table(status: dict[str, Any]) -> str:
                      f"{links:<16} {version_text:<18} {offset_text}")
     for reason in status.get("restart_needed") or []:
         warnings.append(f"config change needs a corrald restart: {reason}")
-    fs = status.get("filesystem") or {}
-    if not fs.get("mounted") and fs.get("note"):
-        warnings.append(str(fs["note"]))
+    if fs.get("mounted"):
+        lines += ["", f"Configuration tree: mounted at {fs.get('mountpoint')} "
+                  f"({fs.get('phase', '?')}, version {fs.get('version', '?')})"]
     text = "\n".join(lines) + "\n"
     if warnings:
         text += "\n" + "\n".join(f"WARNING: {w}" for w in warnings) + "\n"
