@@ -233,8 +233,8 @@ def _start_and_wait(layout: Layout, timeout_s: float = START_TIMEOUT_S) -> int:
         with contextlib.suppress(ControlError):
             quorum = request(str(layout.control_socket), "quorum", timeout_s=2.0)
             if quorum.get("quorate") and quorum.get("ready"):
-                print(f"corrald running (pid {process.pid}), cluster quorate; log: "
-                      f"{layout.logfile}")
+                where = "its own log" if pid is not None else str(layout.logfile)
+                print(f"corrald running (pid {process.pid}), cluster quorate; log: {where}")
                 return 0
         time.sleep(0.05)
     print(f"corral: corrald (pid {process.pid}) is running but not quorate after "
