@@ -140,6 +140,8 @@ class ApiServer:
                 await writer.drain()
         except (TimeoutError, ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
             pass
+        except Exception:
+            log.exception("API: connection from %s failed", writer.get_extra_info("peername"))
         finally:
             self._connections -= 1
             with contextlib.suppress(Exception):
@@ -294,7 +296,10 @@ async def _read_request(reader: asyncio.StreamReader) -> Request:
         headers[key.strip().lower()] = value.strip()
     parsed = urllib.parse.urlsplit(target)
     params = dict(urllib.parse.parse_qsl(parsed.query))
-    length = int(headers.get("content-length", "0") or 0)
+    try:
+        length = int(headers.get("content-length", "0") or 0)
+    except ValueError:
+        raise ApiError(400, "bad Content-Length") from None
     if not 0 <= length <= MAX_BODY_BYTES:
         raise ApiError(400, "request body too large")
     body = await reader.readexactly(length) if length else b""

@@ -146,6 +146,8 @@ class Daemon:
             await self._start_services()
         except BaseException:
             await self._stop_services()
+            with contextlib.suppress(FileNotFoundError):
+                self.layout.pidfile.unlink()
             raise
         log.info("node %d (%s) started: cluster %s, config_version %d, %d node(s), %d link(s)",
                  self.nodeid, self.identity.name, self.config.cluster_name,
