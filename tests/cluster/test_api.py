@@ -1,12 +1,13 @@
 """The HTTPS join API in the reference's shapes, against a real corrald: apiversion
 without auth, tickets from POST /access/ticket, CSRF required on writes, join info
 with this node's fingerprint, the nodelist, DELETE of a node, 401 without
-credentials, 501 for unknown paths, and the listener bound only to the node's
-configured address."""
+credentials, 501 for unknown paths, malformed requests refused, and the listener
+bound only to the node's configured address."""
 
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Callable
 
 import pytest
@@ -15,6 +16,22 @@ from corral.cluster.joinclient import JoinError, PeerClient
 from corral.daemon.demo import DEMO_PASSWORD, DemoCluster
 
 FORM_TIMEOUT_S = 40
+
+
+def _raw_request(host: str, port: int, raw: bytes) -> bytes:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, port), 5) as sock, \
+            context.wrap_socket(sock) as tls:
+        tls.sendall(raw)
+        chunks = []
+        try:
+            while chunk := tls.recv(4096):
+                chunks.append(chunk)
+        except (OSError, ssl.SSLError):
+            pass
+        return b"".join(chunks)
 
 
 def test_api_shapes(make_cluster: Callable[[int], DemoCluster]) -> None:
@@ -55,6 +72,14 @@ def test_api_shapes(make_cluster: Callable[[int], DemoCluster]) -> None:
     client.csrf = csrf
     assert client.call("DELETE", "/cluster/config/nodes/node2") is None
     assert cluster.control(1, "status")["config_version"] == 3
+
+    # Malformed requests get an error (or a closed connection) and change nothing.
+    for raw in (b"garbage\r\n\r\n", b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+                b"POST /api2/json/access/ticket HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+                b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n"):
+        reply = _raw_request(cluster.address(1), cluster.api_port, raw)
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 4"), reply[:80]
+    assert client.call("GET", "/cluster/config/apiversion") == 1
 
     # Bound to the configured address only: not on another loopback address.
     with pytest.raises(OSError), socket.create_connection(("127.0.0.9", cluster.api_port), 2):
