@@ -1,0 +1,558 @@
+"""Guest lifecycle on one node: QEMU daemonized with a pid file and a QMP socket per guest.
+
+QEMU runs with `-daemonize` in its own session, so restarting the node daemon (or this
+CLI exiting) never touches a running guest; everything we need to find it again lives
+under the run dir: `<vmid>.pid`, `<vmid>.qmp`, `<vmid>.serialN`, `<vmid>.log`.
+Configs live in the tree at `nodes/<node>/qemu-server/<vmid>.conf`, storages in
+`storage.cfg` at the tree root. Every lifecycle operation is a task (see tasks.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from corral.guests import storage as storage_mod
+from corral.guests.config import (
+    ConfigError,
+    VmConfig,
+    is_disk_key,
+    is_valid_vmid,
+    parse_config,
+    parse_property_string,
+    write_config,
+)
+from corral.guests.qmp import QmpClient, QmpError
+from corral.guests.tasks import TaskLog, TaskStore, Upid
+
+DEFAULT_RUN_DIR = "/run/corral/qemu-server"
+DEFAULT_TASK_DIR = "/var/log/corral/tasks"
+DEFAULT_TEST_GUEST_DIR = "/var/cache/corral/test-guest"
+QEMU_BINARY = "qemu-system-x86_64"
+QEMU_START_TIMEOUT_S = 30.0
+QUIT_TIMEOUT_S = 10.0
+KVM_PROBE_TIMEOUT_S = 10.0
+DEFAULT_SHUTDOWN_TIMEOUT_S = 60.0
+NET_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139",
+               "vmxnet3": "vmxnet3"}
+
+
+class GuestError(RuntimeError):
+    """A lifecycle operation cannot be done (message is meant for the operator)."""
+
+
+def _read_int_file(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as handle:
+            return int(handle.read().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+class GuestManager:
+    """The guests of one node, for a tree rooted at `root`."""
+
+    def __init__(self, root: str, node: str, run_dir: str = DEFAULT_RUN_DIR,
+                 task_dir: str = DEFAULT_TASK_DIR, test_guest_dir: str | None = None) -> None:
+        self.root = root
+        self.node = node
+        self.run_dir = run_dir
+        self.tasks = TaskStore(task_dir, node)
+        self.test_guest_dir = test_guest_dir or os.environ.get(
+            "CORRAL_TEST_GUEST_DIR", DEFAULT_TEST_GUEST_DIR)
+        os.makedirs(run_dir, exist_ok=True)
+
+    # --- configs ----------------------------------------------------------------------
+
+    def config_dir(self) -> str:
+        return os.path.join(self.root, "nodes", self.node, "qemu-server")
+
+    def config_path(self, vmid: int) -> str:
+        return os.path.join(self.config_dir(), f"{vmid}.conf")
+
+    def load_config(self, vmid: int) -> VmConfig:
+        if not is_valid_vmid(vmid):
+            raise GuestError(f"invalid vmid {vmid} (100..999999999)")
+        try:
+            with open(self.config_path(vmid), encoding="utf-8") as handle:
+                return parse_config(handle.read())
+        except FileNotFoundError:
+            raise GuestError(f"Configuration file 'nodes/{self.node}/qemu-server/{vmid}.conf' "
+                             "does not exist") from None
+
+    def save_config(self, vmid: int, config: VmConfig) -> None:
+        path = self.config_path(vmid)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            handle.write(write_config(config))
+        os.replace(path + ".tmp", path)
+
+    def list_vmids(self) -> list[int]:
+        try:
+            names = os.listdir(self.config_dir())
+        except FileNotFoundError:
+            return []
+        return sorted(int(name[:-5]) for name in names
+                      if name.endswith(".conf") and name[:-5].isdigit())
+
+    @contextmanager
+    def guest_lock(self, vmid: int) -> Iterator[None]:
+        """Serialises operations on one guest on this node (a flock, released on exit)."""
+        with open(os.path.join(self.run_dir, f"lock-{vmid}"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def storages(self) -> storage_mod.StorageConfig:
+        return storage_mod.load_storage_cfg(self.root)
+
+    def allocate_disks(self, vmid: int, config: VmConfig, keys: list[str], log: TaskLog) -> None:
+        """Turn `storage:SIZE` disk values (SIZE in GiB, as the reference) into volumes."""
+        for key in keys:
+            props = parse_property_string(key, config.entries[key], "file")
+            match = re.match(r"^([A-Za-z][A-Za-z0-9_.-]*):(\d+(\.\d+)?)$", props["file"])
+            if not match:
+                continue
+            size = f"{match.group(2)}G"
+            fmt = props.pop("format", "qcow2")
+            volume = storage_mod.create_volume(self.storages(), match.group(1), vmid, size, fmt)
+            log.log(f"{key}: allocated volume {volume} ({size})")
+            rest = {name: value for name, value in props.items() if name != "file"}
+            rest["size"] = size
+            config.set(key, ",".join([volume, *(f"{n}={v}" for n, v in rest.items())]))
+
+    # --- process discovery ------------------------------------------------------------
+
+    def _path(self, vmid: int, suffix: str) -> str:
+        return os.path.join(self.run_dir, f"{vmid}.{suffix}")
+
+    def qmp_path(self, vmid: int) -> str:
+        return self._path(vmid, "qmp")
+
+    def serial_path(self, vmid: int, index: int = 0) -> str:
+        return self._path(vmid, f"serial{index}")
+
+    def pid(self, vmid: int) -> int | None:
+        """The QEMU pid if it runs (checked against its command line, not just the pid)."""
+        pid = _read_int_file(self._path(vmid, "pid"))
+        if pid is None:
+            return None
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                cmdline = handle.read().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        if self._path(vmid, "pid").encode() not in cmdline:
+            return None          # the pid was reused by another process
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return None
+        except FileNotFoundError:
+            return None
+        return pid
+
+    # --- command line -----------------------------------------------------------------
+
+    def build_command(self, vmid: int, config: VmConfig, accel: str) -> list[str]:
+        cores, sockets = config.int_value("cores", 1), config.int_value("sockets", 1)
+        cpu = parse_property_string("cpu", config.get("cpu") or "qemu64", "cputype")
+        cpu_arg = ",".join([cpu["cputype"], *[f for f in cpu.get("flags", "").split(";") if f]])
+        command = [
+            QEMU_BINARY, "-name", f"{config.get('name') or f'vm{vmid}'},debug-threads=on",
+            "-machine", f"{config.get('machine') or 'pc'},accel={accel}",
+            "-cpu", cpu_arg, "-smp", f"{cores * sockets},sockets={sockets},cores={cores}",
+            "-m", str(config.int_value("memory", 512)), "-nodefaults", "-display", "none",
+            "-chardev", f"socket,id=qmp,path={self.qmp_path(vmid)},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+            "-pidfile", self._path(vmid, "pid"), "-daemonize",
+        ]
+        boot_order = self._boot_order(config)
+        command += self._disk_args(vmid, config, boot_order)
+        command += self._net_args(config, boot_order)
+        for key, value in config.entries.items():
+            if key.startswith("serial") and value == "socket":
+                path = self.serial_path(vmid, int(key[6:]))
+                command += ["-chardev", f"socket,id={key},path={path},server=on,wait=off",
+                            "-device", f"isa-serial,chardev={key}"]
+            elif key.startswith("serial"):
+                command += ["-chardev", f"serial,id={key},path={value}",
+                            "-device", f"isa-serial,chardev={key}"]
+        command += shlex.split(config.get("args") or "")
+        return command
+
+    @staticmethod
+    def _boot_order(config: VmConfig) -> list[str]:
+        boot = config.get("boot")
+        if not boot:
+            return []
+        props = parse_property_string("boot", boot, "legacy")
+        return props.get("order", "").split(";") if "order" in props else []
+
+    def _disk_args(self, vmid: int, config: VmConfig, boot_order: list[str]) -> list[str]:
+        args: list[str] = []
+        storages: storage_mod.StorageConfig | None = None
+        controllers: set[str] = set()
+        for key, props in config.disks():
+            bus, index = re.match(r"^([a-z]+)(\d+)$", key).groups()  # type: ignore[union-attr]
+            drive = [f"if=none,id=drive-{key}"]
+            cdrom = props.get("media") == "cdrom"
+            if props["file"] != "none":
+                storages = storages or self.storages()
+                path = storage_mod.volume_path(storages, props["file"])
+                fmt = props.get("format") or storage_mod.volume_format(props["file"])
+                drive.append(f"file={path},format={'raw' if cdrom else fmt}")
+            drive += [f"media={'cdrom' if cdrom else 'disk'}", f"cache={props.get('cache', 'writeback')}"]
+            args += ["-drive", ",".join(drive)]
+            device = self._disk_device(bus, int(index), key, cdrom, controllers, args)
+            if key in boot_order:
+                device += f",bootindex={100 + boot_order.index(key)}"
+            args += ["-device", device]
+        return args
+
+    @staticmethod
+    def _disk_device(bus: str, index: int, key: str, cdrom: bool, controllers: set[str],
+                     args: list[str]) -> str:
+        if bus == "virtio":
+            return f"virtio-blk-pci,drive=drive-{key},id={key}"
+        if bus == "scsi":
+            if "scsi" not in controllers:
+                controllers.add("scsi")
+                args += ["-device", "virtio-scsi-pci,id=scsihw0"]
+            kind = "scsi-cd" if cdrom else "scsi-hd"
+            return f"{kind},bus=scsihw0.0,scsi-id={index},drive=drive-{key},id={key}"
+        if bus == "sata":
+            if "sata" not in controllers:
+                controllers.add("sata")
+                args += ["-device", "ahci,id=ahci0"]
+            return f"{'ide-cd' if cdrom else 'ide-hd'},bus=ahci0.{index},drive=drive-{key},id={key}"
+        kind = "ide-cd" if cdrom else "ide-hd"
+        return f"{kind},bus=ide.{index // 2},unit={index % 2},drive=drive-{key},id={key}"
+
+    @staticmethod
+    def _net_args(config: VmConfig, boot_order: list[str]) -> list[str]:
+        args: list[str] = []
+        for key, value in config.entries.items():
+            if not key.startswith("net"):
+                continue
+            props = parse_property_string(key, value, None)
+            model = next(name for name in props if name in NET_DEVICES)
+            if "bridge" in props:
+                args += ["-netdev", f"bridge,id={key},br={props['bridge']}"]
+            else:
+                args += ["-netdev", f"user,id={key},restrict=on"]
+            device = f"{NET_DEVICES[model]},mac={props[model]},netdev={key},id={key}"
+            if key in boot_order:
+                device += f",bootindex={100 + boot_order.index(key)}"
+            args += ["-device", device]
+        return args
+
+    # --- accelerator probe ------------------------------------------------------------
+
+    def accelerator(self) -> str:
+        """kvm or tcg: the probe result cached in the run dir (CORRAL_ACCEL overrides)."""
+        forced = os.environ.get("CORRAL_ACCEL")
+        if forced in ("kvm", "tcg"):
+            return forced
+        cache = os.path.join(self.run_dir, "accel")
+        try:
+            with open(cache, encoding="ascii") as handle:
+                cached = handle.read().split()
+            if cached and cached[0] in ("kvm", "tcg"):
+                return cached[0]
+        except FileNotFoundError:
+            pass
+        accel, reason = probe_kvm(self.test_guest_dir, self.run_dir)
+        with open(cache, "w", encoding="ascii") as handle:
+            handle.write(f"{accel} {reason}\n")
+        return accel
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self, vmid: int, skiplock: bool = False) -> Upid:
+        return (await self.tasks.run_async("qmstart", str(vmid),
+                                           lambda log: self._start(vmid, log, skiplock)))[0]
+
+    async def _start(self, vmid: int, log: TaskLog, skiplock: bool) -> None:
+        with self.guest_lock(vmid):
+            config = self.load_config(vmid)
+            if config.get("lock") and not skiplock:
+                raise GuestError(f"VM is locked ({config.get('lock')})")
+            if self.pid(vmid) is not None:
+                raise GuestError(f"VM {vmid} already running")
+            accel = self.accelerator()
+            command = self.build_command(vmid, config, accel)
+            log.log(f"starting VM {vmid} with accel={accel}")
+            for stale in ("qmp", "pid"):
+                if os.path.exists(self._path(vmid, stale)):
+                    os.unlink(self._path(vmid, stale))
+            await asyncio.to_thread(self._spawn, vmid, command)
+            if self.pid(vmid) is None:
+                raise GuestError(f"VM {vmid} did not stay running (see {self._path(vmid, 'log')})")
+
+    def _spawn(self, vmid: int, command: list[str]) -> None:
+        with open(self._path(vmid, "log"), "w", encoding="utf-8") as log_file:
+            try:
+                result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log_file,
+                                        stderr=log_file, start_new_session=True,
+                                        timeout=QEMU_START_TIMEOUT_S, check=False)
+            except FileNotFoundError:
+                raise GuestError(f"{QEMU_BINARY} is not installed (apt-get install qemu-system-x86)") from None
+            except subprocess.TimeoutExpired:
+                raise GuestError(f"QEMU did not daemonize within {QEMU_START_TIMEOUT_S} s") from None
+        if result.returncode != 0:
+            with open(self._path(vmid, "log"), encoding="utf-8", errors="replace") as handle:
+                detail = handle.read().strip().splitlines()
+            raise GuestError(f"start failed: QEMU exited with code {result.returncode}: "
+                             f"{detail[-1] if detail else 'no output'}")
+
+    async def qmp(self, vmid: int, command: str, timeout_s: float = 10.0, **arguments: Any) -> Any:
+        if self.pid(vmid) is None:
+            raise GuestError(f"VM {vmid} not running")
+        async with QmpClient(self.qmp_path(vmid)) as client:
+            return await client.command(command, timeout_s=timeout_s, **arguments)
+
+    async def _wait_exit(self, vmid: int, pid: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.pid(vmid) != pid:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def stop(self, vmid: int, skiplock: bool = False) -> Upid:
+        return (await self.tasks.run_async("qmstop", str(vmid),
+                                           lambda log: self._locked_stop(vmid, log, skiplock)))[0]
+
+    async def _locked_stop(self, vmid: int, log: TaskLog, skiplock: bool) -> None:
+        with self.guest_lock(vmid):
+            config = self.load_config(vmid)
+            if config.get("lock") and not skiplock:
+                raise GuestError(f"VM is locked ({config.get('lock')})")
+            await self._stop(vmid, log)
+
+    async def _stop(self, vmid: int, log: TaskLog) -> None:
+        """quit over QMP; SIGTERM then SIGKILL if QEMU does not go away."""
+        pid = self.pid(vmid)
+        if pid is None:
+            log.log(f"VM {vmid} is not running")
+            return
+        try:
+            await self.qmp(vmid, "quit", timeout_s=QUIT_TIMEOUT_S)
+        except (QmpError, GuestError) as exc:
+            log.warn(f"quit over QMP failed: {exc}")
+        if await self._wait_exit(vmid, pid, QUIT_TIMEOUT_S):
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            log.log(f"VM {vmid} still running, sending {sig.name}")
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            if await self._wait_exit(vmid, pid, QUIT_TIMEOUT_S):
+                return
+        raise GuestError(f"VM {vmid} (pid {pid}) does not stop")
+
+    async def shutdown(self, vmid: int, timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+                       force: bool = False) -> Upid:
+        return (await self.tasks.run_async(
+            "qmshutdown", str(vmid), lambda log: self._shutdown(vmid, log, timeout_s, force)))[0]
+
+    async def _shutdown(self, vmid: int, log: TaskLog, timeout_s: float, force: bool) -> None:
+        with self.guest_lock(vmid):
+            pid = self.pid(vmid)
+            if pid is None:
+                log.log(f"VM {vmid} is not running")
+                return
+            await self.qmp(vmid, "system_powerdown")
+            if await self._wait_exit(vmid, pid, timeout_s):
+                return
+            if not force:
+                raise GuestError("VM quit/powerdown failed - got timeout")
+            log.warn(f"guest did not power down within {timeout_s:g} s, stopping it")
+            await self._stop(vmid, log)
+
+    async def reboot(self, vmid: int, timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+                     force: bool = False) -> Upid:
+        """Shut down (forced after the timeout if asked) and start again, as the reference."""
+        async def work(log: TaskLog) -> None:
+            await self._shutdown(vmid, log, timeout_s, force)
+            await self._start(vmid, log, skiplock=False)
+        return (await self.tasks.run_async("qmreboot", str(vmid), work))[0]
+
+    async def suspend(self, vmid: int) -> Upid:
+        async def work(log: TaskLog) -> None:
+            await self.qmp(vmid, "stop")
+        return (await self.tasks.run_async("qmpause", str(vmid), work))[0]
+
+    async def resume(self, vmid: int) -> Upid:
+        async def work(log: TaskLog) -> None:
+            await self.qmp(vmid, "cont")
+        return (await self.tasks.run_async("qmresume", str(vmid), work))[0]
+
+    async def destroy(self, vmid: int) -> Upid:
+        return (await self.tasks.run_async("qmdestroy", str(vmid),
+                                           lambda log: self._destroy(vmid, log)))[0]
+
+    async def _destroy(self, vmid: int, log: TaskLog) -> None:
+        with self.guest_lock(vmid):
+            config = self.load_config(vmid)
+            if config.get("lock"):
+                raise GuestError(f"VM is locked ({config.get('lock')})")
+            await self._stop(vmid, log)
+            storages: storage_mod.StorageConfig | None = None
+            for key, props in config.disks():
+                volume = props["file"]
+                if props.get("media") == "cdrom" or volume == "none":
+                    continue
+                storages = storages or self.storages()
+                try:
+                    storage_mod.remove_volume(storages, volume)
+                    log.log(f"{key}: removed volume {volume}")
+                except storage_mod.StorageError as exc:
+                    log.warn(str(exc))
+            os.unlink(self.config_path(vmid))
+            for suffix in ("qmp", "pid", "log", "serial0"):
+                if os.path.exists(self._path(vmid, suffix)):
+                    os.unlink(self._path(vmid, suffix))
+
+    # --- create / set -----------------------------------------------------------------
+
+    def create(self, vmid: int, settings: dict[str, str]) -> Upid:
+        def work(log: TaskLog) -> None:
+            if not is_valid_vmid(vmid):
+                raise GuestError(f"invalid vmid {vmid} (100..999999999)")
+            with self.guest_lock(vmid):
+                if os.path.exists(self.config_path(vmid)):
+                    raise GuestError(f"VM {vmid} already exists")
+                config = VmConfig()
+                for key, value in settings.items():
+                    config.set(key, value)
+                self.allocate_disks(vmid, config, [k for k in config.entries if is_disk_key(k)], log)
+                self.save_config(vmid, config)
+        return self.tasks.run("qmcreate", str(vmid), work)[0]
+
+    def set_options(self, vmid: int, settings: dict[str, str], delete: list[str]) -> None:
+        """`qm set`: validate everything first, allocate new disks, then write once."""
+        with self.guest_lock(vmid):
+            config = self.load_config(vmid)
+            if config.get("lock") and "lock" not in delete and "lock" not in settings:
+                raise GuestError(f"VM is locked ({config.get('lock')})")
+            for key in delete:
+                config.delete(key)
+            for key, value in settings.items():
+                config.set(key, value)
+            new_disks = [k for k in settings if is_disk_key(k)]
+            if new_disks:
+                self.tasks.run("qmconfig", str(vmid),
+                               lambda log: self.allocate_disks(vmid, config, new_disks, log))
+            self.save_config(vmid, config)
+
+    # --- status -----------------------------------------------------------------------
+
+    async def status(self, vmid: int) -> dict[str, Any]:
+        config = self.load_config(vmid)
+        result: dict[str, Any] = {"vmid": vmid, "name": config.get("name") or f"VM {vmid}",
+                                  "status": "stopped", "maxmem": config.int_value("memory", 512) << 20,
+                                  "cpus": config.int_value("cores", 1) * config.int_value("sockets", 1)}
+        for key in ("lock", "tags"):
+            if config.get(key):
+                result[key] = config.get(key)
+        pid = self.pid(vmid)
+        if pid is None:
+            return result
+        result.update({"status": "running", "pid": pid, **process_stats(pid)})
+        result["cpu"] = round(result["cputime"] / max(result["uptime"], 1) / result["cpus"], 4)
+        try:
+            async with QmpClient(self.qmp_path(vmid)) as client:
+                result["qmpstatus"] = (await client.command("query-status"))["status"]
+                kvm = await client.command("query-kvm")
+                result["accel"] = "kvm" if kvm.get("enabled") else "tcg"
+                result.update(_block_totals(await client.command("query-blockstats")))
+        except QmpError as exc:
+            result["qmpstatus"] = f"unknown ({exc})"
+        return result
+
+    async def list_guests(self) -> list[dict[str, Any]]:
+        return [await self.status(vmid) for vmid in self.list_vmids()]
+
+
+def _block_totals(stats: list[dict[str, Any]]) -> dict[str, int]:
+    read = sum(int(entry.get("stats", {}).get("rd_bytes", 0)) for entry in stats)
+    written = sum(int(entry.get("stats", {}).get("wr_bytes", 0)) for entry in stats)
+    return {"diskread": read, "diskwrite": written}
+
+
+def process_stats(pid: int) -> dict[str, Any]:
+    """uptime (s), cputime (s) and resident memory (bytes) of a process, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    with open("/proc/uptime", encoding="ascii") as handle:
+        host_uptime_s = float(handle.read().split()[0])
+    rss_pages = 0
+    with open(f"/proc/{pid}/statm", encoding="ascii") as handle:
+        rss_pages = int(handle.read().split()[1])
+    start_s = int(fields[19]) / ticks
+    return {"uptime": int(host_uptime_s - start_s),
+            "cputime": (int(fields[11]) + int(fields[12])) / ticks,
+            "memhost": rss_pages * os.sysconf("SC_PAGE_SIZE")}
+
+
+def probe_kvm(test_guest_dir: str, run_dir: str,
+              timeout_s: float = KVM_PROBE_TIMEOUT_S) -> tuple[str, str]:
+    """Boot the test guest under KVM and see it reach userspace; else TCG.
+
+    /dev/kvm existing is not enough: on some nested hosts a real kernel hangs early
+    under KVM, so only a guest that prints its first userspace line counts.
+    """
+    if not os.path.exists("/dev/kvm"):
+        return "tcg", "no /dev/kvm"
+    kernel = os.path.join(test_guest_dir, "vmlinuz")
+    initrd = os.path.join(test_guest_dir, "initrd.img")
+    if not (os.path.exists(kernel) and os.path.exists(initrd)):
+        return "tcg", f"no probe guest in {test_guest_dir} (scripts/build-test-guest.sh)"
+    serial = os.path.join(run_dir, "kvm-probe.serial")
+    command = [QEMU_BINARY, "-machine", "pc,accel=kvm", "-cpu", "qemu64", "-m", "64",
+               "-nodefaults", "-display", "none", "-no-reboot", "-kernel", kernel, "-initrd", initrd,
+               "-append", "console=ttyS0 quiet panic=-1 corral.dirty=0",
+               "-serial", f"file:{serial}"]
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return "tcg", f"{QEMU_BINARY} missing"
+    deadline = time.monotonic() + timeout_s
+    reached = False
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+            with open(serial, "rb") if os.path.exists(serial) else open(os.devnull, "rb") as handle:
+                if b"corral-guest up" in handle.read():
+                    reached = True
+                    break
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if os.path.exists(serial):
+            os.unlink(serial)
+    if reached:
+        return "kvm", "probe guest reached userspace under KVM"
+    return "tcg", f"probe guest did not reach userspace under KVM within {timeout_s:g} s"
+
+
+def check_config_value(key: str, value: str) -> None:
+    """Re-exported for the CLI: validate one key without a config."""
+    VmConfig().set(key, value)
+
+
+__all__ = ["ConfigError", "GuestError", "GuestManager", "check_config_value", "probe_kvm"]
