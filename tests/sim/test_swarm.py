@@ -43,7 +43,8 @@ SOAK_SEEDS = int(os.environ.get("CORRAL_SOAK_SEEDS", "3000"))
 
 # seed: why it is expected to fail (a core bug reported in .scratch/sim-failures.md)
 # Seeds fixed by a core change stay in regression_seeds.txt with their finding.
-KNOWN_CORE_BUGS: dict[int, str] = {}
+F4 = "F4 in .scratch/sim-failures.md: encapsulated recovery frames dropped as malformed"
+KNOWN_CORE_BUGS: dict[int, str] = {40367: F4}
 
 
 def swarm_options(seed: int, *, duration_ms: int | None = None) -> SimOptions:

@@ -615,6 +615,10 @@ class Simulation:
     def _on_deadline(self, event: tuple[Any, ...]) -> None:
         if self.converged_at_ns >= 0 or self.scheduler.now_ns < self.converge_deadline_ns:
             return
+        # A packet the core could not decode is the more precise diagnosis.
+        for slot in self.slots.values():
+            if slot.core is not None:
+                self._check_wire(slot)
         states = "; ".join(
             f"n{slot.nodeid}: " + ("down" if slot.core is None else f"state {slot.core.state} ring {tuple(slot.core.ring_id)} members {tuple(slot.core.members)}")
             for slot in self.slots.values()
@@ -627,6 +631,8 @@ class Simulation:
         )
 
     def _on_end(self, event: tuple[Any, ...]) -> None:
+        for slot in self.slots.values():
+            self._check_wire(slot)
         """Final checks, once the queues are empty and all nodes are in one ring.
 
         Packets still in flight from the fault phase (a late JOIN, say) may
