@@ -264,6 +264,8 @@ class FsEnv:
             return None
 
     def write_manager_status(self, status: dict[str, Any]) -> bool:
+        if not self.quorate():
+            return False
         return self.tree.write_atomic("ha/manager_status", format_status_file(_wall(status)))
 
     def read_lrm_status(self, node: str) -> dict[str, Any] | None:
@@ -277,6 +279,8 @@ class FsEnv:
             return None
 
     def write_lrm_status(self, status: dict[str, Any]) -> bool:
+        if not self.quorate():
+            return False
         return self.tree.write_atomic(f"nodes/{self.node}/lrm_status",
                                       format_status_file(_wall(status)))
 
@@ -314,6 +318,8 @@ class FsEnv:
         # Rename first: a CLI appending meanwhile creates a new file instead of being lost.
         source = self.tree.path("ha/crm_commands")
         taken = self.tree.path(f"ha/.crm_commands.{secrets.token_hex(4)}")
+        if not self.quorate():
+            return []
         try:
             os.rename(source, taken)
         except OSError:
@@ -341,7 +347,9 @@ class FsEnv:
                              " - treating it as lost")
             del self.held_locks[name]
             return False
-        ok = self.tree.try_lock(name, last_ns is not None)
+        # The filesystem refuses every change without quorum; checking here as well gives a
+        # plain directory (with a members file) the same semantics.
+        ok = self.quorate() and self.tree.try_lock(name, last_ns is not None)
         if ok:
             self.held_locks[name] = now_ns
         else:
@@ -399,7 +407,7 @@ class FsEnv:
         return self.agent.migrate(sid, target)
 
     def steal_service(self, sid: str, from_node: str, to_node: str) -> None:
-        if not self.agent.move_config(sid, from_node, to_node):
+        if not self.quorate() or not self.agent.move_config(sid, from_node, to_node):
             self.log("err", f"moving the config of {sid} from {from_node} to {to_node} failed")
 
     def remove_safe_locks(self, sid: str) -> list[str]:
