@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from corral.guests.tasks import TaskError, TaskStore, Upid, new_upid, parse_upid, process_start_ticks
+from corral.guests.tasks import (
+    TaskError,
+    TaskStore,
+    Upid,
+    new_upid,
+    parse_upid,
+    process_start_ticks,
+)
 
 UPID_RE = re.compile(r"^UPID:[^:]+:[0-9A-F]{8}:[0-9A-F]{8,9}:[0-9A-F]{8}:[^:]+:[^:]*:[^:]+:$")
 

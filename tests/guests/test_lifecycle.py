@@ -1,0 +1,169 @@
+"""A real test guest (scripts/build-test-guest.sh) under QEMU: the KVM probe decides the
+accelerator and status reports it; the guest's serial counter increases while running,
+stops while suspended and continues after resume; status fields come from /proc and
+QMP; QEMU runs in its own session (a daemon restart does not touch it); QMP commands,
+errors and events; shutdown times out without --forceStop and force-stops with it;
+reboot gives a new QEMU; destroy removes volumes and config. One guest boot plus one
+reboot and one KVM probe, to stay cheap on a loaded 2-core box."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.guests.qemu import DEFAULT_TEST_GUEST_DIR, GuestError, GuestManager
+from corral.guests.qmp import QmpClient, QmpError
+from corral.guests.tasks import parse_upid
+
+ROOT = Path(__file__).resolve().parents[2]
+GUEST_DIR = os.environ.get("CORRAL_TEST_GUEST_DIR", DEFAULT_TEST_GUEST_DIR)
+VMID = 100
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                                reason="qemu-system-x86_64 missing (apt-get install qemu-system-x86)")
+
+
+def _read_counter(path: str, duration_s: float) -> list[int]:
+    """Counter values printed on the guest's serial socket during `duration_s`."""
+    values: list[int] = []
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(path)
+        sock.settimeout(0.2)
+        buffer = b""
+        deadline = time.monotonic() + duration_s
+        while time.monotonic() < deadline:
+            try:
+                buffer += sock.recv(4096)
+            except TimeoutError:
+                continue
+        for line in buffer.decode(errors="replace").split("\n")[:-1]:   # complete lines only
+            if line.startswith("corral-counter "):
+                values.append(int(line.split()[1]))
+    return values
+
+
+def _wait_counter(path: str, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        values = _read_counter(path, 1.0)
+        if values:
+            return values
+    raise AssertionError(f"no counter on {path} within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def guest_image() -> str:
+    subprocess.run([str(ROOT / "scripts/build-test-guest.sh"), GUEST_DIR], check=True,
+                   capture_output=True, timeout=600)
+    return GUEST_DIR
+
+
+@pytest.fixture
+def manager(tmp_path: Path, guest_image: str) -> Iterator[GuestManager]:
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree/storage.cfg").write_text(
+        f"dir: local\n\tpath {tmp_path}/store\n\tcontent images\n")
+    guests = GuestManager(str(tmp_path / "tree"), "n1", str(tmp_path / "run"),
+                          str(tmp_path / "tasks"), test_guest_dir=guest_image)
+    yield guests
+    pid = guests.pid(VMID)
+    if pid is not None:          # teardown even when the test failed half-way
+        os.kill(pid, signal.SIGKILL)
+
+
+def _create(guests: GuestManager, image: str) -> None:
+    guests.create(VMID, {
+        "name": "counter", "memory": "96", "serial0": "socket", "virtio0": "local:0.0625,format=raw",
+        "args": f"-kernel {image}/vmlinuz -initrd {image}/initrd.img "
+                "-append 'console=ttyS0 quiet panic=-1 corral.dirty=8 corral.period=0.1'",
+    })
+
+
+def test_guest_lifecycle(manager: GuestManager, guest_image: str) -> None:
+    os.environ.pop("CORRAL_ACCEL", None)
+    _create(manager, guest_image)
+    volume = manager.load_config(VMID).get("virtio0") or ""
+    assert volume.startswith("local:100/vm-100-disk-0.raw")
+    asyncio.run(manager.start(VMID))
+    accel_cache = Path(manager.run_dir, "accel").read_text().split()[0]
+    pid = manager.pid(VMID)
+    assert pid is not None and os.getsid(pid) != os.getsid(0)
+    with pytest.raises(GuestError, match="already running"):
+        asyncio.run(manager.start(VMID))
+    serial = manager.serial_path(VMID)
+    before = _wait_counter(serial, 60.0)
+    later = _read_counter(serial, 1.5)
+    assert later and max(later) > max(before)
+
+    status = asyncio.run(manager.status(VMID))
+    assert status["status"] == "running" and status["qmpstatus"] == "running"
+    assert status["pid"] == pid and status["accel"] == accel_cache
+    assert status["maxmem"] == 96 << 20 and 0 < status["memhost"]
+    assert status["cputime"] > 0 and status["uptime"] >= 0 and status["diskread"] > 0
+
+    asyncio.run(manager.suspend(VMID))
+    assert asyncio.run(manager.status(VMID))["qmpstatus"] == "paused"
+    assert _read_counter(serial, 1.0) == []
+    asyncio.run(manager.resume(VMID))
+    resumed = _wait_counter(serial, 10.0)
+    assert min(resumed) > max(later)
+
+    with pytest.raises(GuestError, match="got timeout"):
+        asyncio.run(manager.shutdown(VMID, timeout_s=1.0, force=False))
+    failed = manager.tasks.list_tasks(1)[0]
+    assert failed["type"] == "qmshutdown" and str(failed["status"]).startswith("ERROR: VM quit")
+    assert manager.pid(VMID) == pid
+
+    upid = asyncio.run(manager.reboot(VMID, timeout_s=0.5, force=True))
+    assert manager.tasks.read_log(upid)[-1] == "TASK WARNINGS: 1"
+    new_pid = manager.pid(VMID)
+    assert new_pid is not None and new_pid != pid
+    assert min(_wait_counter(serial, 60.0)) < max(resumed)    # a fresh boot counts from 1
+
+    upid = asyncio.run(manager.shutdown(VMID, timeout_s=0.5, force=True))
+    assert manager.pid(VMID) is None
+    assert asyncio.run(manager.status(VMID))["status"] == "stopped"
+    assert parse_upid(str(upid)).task_type == "qmshutdown"
+
+    asyncio.run(manager.destroy(VMID))
+    assert not os.path.exists(manager.config_path(VMID))
+    assert os.listdir(Path(manager.root).parent / "store/images/100") == []
+
+
+def test_qmp_client_commands_errors_events(manager: GuestManager, guest_image: str) -> None:
+    os.environ["CORRAL_ACCEL"] = "tcg"        # the probe already ran in the test above
+    try:
+        _create(manager, guest_image)
+        asyncio.run(manager.start(VMID))
+    finally:
+        del os.environ["CORRAL_ACCEL"]
+
+    async def exercise() -> None:
+        async with QmpClient(manager.qmp_path(VMID)) as client:
+            assert (await client.command("query-status"))["status"] == "running"
+            with pytest.raises(QmpError, match="no-such-command: CommandNotFound"):
+                await client.command("no-such-command")
+            await client.command("stop")
+            event = await client.wait_event("STOP", timeout_s=5.0)
+            assert event["event"] == "STOP"
+            await client.command("cont")
+            assert (await client.wait_event("RESUME", timeout_s=5.0))["event"] == "RESUME"
+            with pytest.raises(QmpError, match="timeout"):
+                await client.wait_event("NEVER-HAPPENS", timeout_s=0.3)
+        with pytest.raises(QmpError, match="cannot connect"):
+            await QmpClient(manager.qmp_path(VMID) + ".missing").connect(timeout_s=1.0)
+
+    asyncio.run(exercise())
+    asyncio.run(manager.stop(VMID))
+    assert manager.pid(VMID) is None
+    with pytest.raises(GuestError, match="not running"):
+        asyncio.run(manager.suspend(VMID))
