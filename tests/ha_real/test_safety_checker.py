@@ -14,10 +14,11 @@ from .harness import SafetyChecker, guest_pids, make_guest, wait_for
 
 
 def test_checker_reports_double_run(tmp_path: Path) -> None:
-    root = tmp_path / "tree"
-    make_guest(root, "n1", 100)
-    make_guest(root, "n2", 100)  # a corrupt tree: the same guest configured twice
-    agents = {n: ProcessGuestAgent(root, n, tmp_path / n / "guests") for n in ("n1", "n2")}
+    # Two diverged trees (a split brain): each node believes it owns the guest.
+    for node in ("n1", "n2"):
+        make_guest(tmp_path / f"tree-{node}", node, 100)
+    agents = {n: ProcessGuestAgent(tmp_path / f"tree-{n}", n, tmp_path / n / "guests")
+              for n in ("n1", "n2")}
     checker = SafetyChecker({n: a.guest_dir for n, a in agents.items()})
     checker.start()
     try:
