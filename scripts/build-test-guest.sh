@@ -7,7 +7,8 @@
 #        /var/cache/corral/test-guest). Idempotent: does nothing when the outputs exist
 #        and this script has not changed. Kernel command line knobs read by init:
 #        corral.dirty=MIB (working set rewritten continuously, default 16, 0 = idle)
-#        corral.period=SECONDS (pause between counter steps, default 0.2).
+#        corral.period=SECONDS (pause between counter steps, default 0.2),
+#        corral.noacpi (ignore the ACPI power button, to test forced shutdowns).
 set -eu
 
 OUT="${1:-${CORRAL_TEST_GUEST_DIR:-/var/cache/corral/test-guest}}"
@@ -46,6 +47,15 @@ ROOT="$WORK/root"
 mkdir -p "$ROOT/bin" "$ROOT/proc" "$ROOT/sys" "$ROOT/dev" "$ROOT/tmp"
 cp /bin/busybox "$ROOT/bin/busybox"
 ln -s busybox "$ROOT/bin/sh"
+# ACPI power button -> poweroff, so `qm shutdown` works without --forceStop: the
+# button and evdev drivers are modules in the cloud kernel; busybox acpid runs the
+# script for the power button's event.
+MODDIR="$(echo "$WORK"/kernel/lib/modules/*/kernel)"
+mkdir -p "$ROOT/lib" "$ROOT/etc/acpi/PWRF"
+cp "$MODDIR/drivers/input/evdev.ko" "$MODDIR/drivers/acpi/button.ko" "$ROOT/lib/"
+printf '#!/bin/sh\necho "corral-guest powering off" > /dev/ttyS0\nsync\npoweroff -f\n' \
+    > "$ROOT/etc/acpi/PWRF/00000080"
+chmod 755 "$ROOT/etc/acpi/PWRF/00000080"
 cat > "$ROOT/init" <<'INIT'
 #!/bin/sh
 /bin/busybox --install -s /bin
@@ -53,14 +63,19 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 mkdir -p /dev/shm && mount -t tmpfs -o size=95% tmpfs /dev/shm
+insmod /lib/evdev.ko 2>/dev/null
+insmod /lib/button.ko 2>/dev/null
 dirty=16
+acpi=1
 period=0.2
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         corral.dirty=*) dirty="${arg#corral.dirty=}" ;;
         corral.period=*) period="${arg#corral.period=}" ;;
+        corral.noacpi) acpi=0 ;;
     esac
 done
+[ "$acpi" = 1 ] && acpid -c /etc/acpi -l /dev/null
 dd if=/dev/urandom of=/tmp/seed bs=64k count=16 2>/dev/null
 echo "corral-guest up dirty=${dirty}MiB" > /dev/ttyS0
 i=0

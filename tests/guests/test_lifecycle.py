@@ -2,8 +2,9 @@
 accelerator and status reports it; the guest's serial counter increases while running,
 stops while suspended and continues after resume; status fields come from /proc and
 QMP; QEMU runs in its own session (a daemon restart does not touch it); QMP commands,
-errors and events; shutdown times out without --forceStop and force-stops with it;
-reboot gives a new QEMU; destroy removes volumes and config. One guest boot plus one
+errors and events; a guest ignoring the power button makes shutdown time out without
+--forceStop and is force-stopped with it; reboot gives a new QEMU; a guest handling the
+power button shuts down cleanly; destroy removes volumes and config. One guest boot plus one
 reboot and one KVM probe, to stay cheap on a loaded 2-core box."""
 
 from __future__ import annotations
@@ -80,17 +81,20 @@ def manager(tmp_path: Path, guest_image: str) -> Iterator[GuestManager]:
         os.kill(pid, signal.SIGKILL)
 
 
-def _create(guests: GuestManager, image: str) -> None:
-    guests.create(VMID, {
-        "name": "counter", "memory": "96", "serial0": "socket", "virtio0": "local:0.0625,format=raw",
-        "args": f"-kernel {image}/vmlinuz -initrd {image}/initrd.img "
-                "-append 'console=ttyS0 quiet panic=-1 corral.dirty=8 corral.period=0.1'",
-    })
+def _args(image: str, acpi: bool) -> str:
+    cmdline = "console=ttyS0 quiet panic=-1 corral.dirty=8 corral.period=0.1"
+    return (f"-kernel {image}/vmlinuz -initrd {image}/initrd.img "
+            f"-append '{cmdline}{'' if acpi else ' corral.noacpi'}'")
+
+
+def _create(guests: GuestManager, image: str, acpi: bool = True) -> None:
+    guests.create(VMID, {"name": "counter", "memory": "96", "serial0": "socket",
+                         "virtio0": "local:0.0625,format=raw", "args": _args(image, acpi)})
 
 
 def test_guest_lifecycle(manager: GuestManager, guest_image: str) -> None:
     os.environ.pop("CORRAL_ACCEL", None)
-    _create(manager, guest_image)
+    _create(manager, guest_image, acpi=False)     # ignores the power button at first
     volume = manager.load_config(VMID).get("virtio0") or ""
     assert volume.startswith("local:100/vm-100-disk-0.raw")
     asyncio.run(manager.start(VMID))
@@ -123,13 +127,16 @@ def test_guest_lifecycle(manager: GuestManager, guest_image: str) -> None:
     assert failed["type"] == "qmshutdown" and str(failed["status"]).startswith("ERROR: VM quit")
     assert manager.pid(VMID) == pid
 
+    # the new QEMU started by reboot reads the changed config: power button handled
+    manager.set_options(VMID, {"args": _args(guest_image, acpi=True)}, [])
     upid = asyncio.run(manager.reboot(VMID, timeout_s=0.5, force=True))
     assert manager.tasks.read_log(upid)[-1] == "TASK WARNINGS: 1"
     new_pid = manager.pid(VMID)
     assert new_pid is not None and new_pid != pid
     assert min(_wait_counter(serial, 60.0)) < max(resumed)    # a fresh boot counts from 1
 
-    upid = asyncio.run(manager.shutdown(VMID, timeout_s=0.5, force=True))
+    upid = asyncio.run(manager.shutdown(VMID, timeout_s=30.0, force=False))   # graceful
+    assert manager.tasks.read_log(upid) == ["TASK OK"]
     assert manager.pid(VMID) is None
     assert asyncio.run(manager.status(VMID))["status"] == "stopped"
     assert parse_upid(str(upid)).task_type == "qmshutdown"
