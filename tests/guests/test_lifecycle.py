@@ -174,3 +174,26 @@ def test_qmp_client_commands_errors_events(manager: GuestManager, guest_image: s
     assert manager.pid(VMID) is None
     with pytest.raises(GuestError, match="not running"):
         asyncio.run(manager.suspend(VMID))
+
+
+def test_every_device_kind_is_accepted_by_qemu(manager: GuestManager, guest_image: str) -> None:
+    """No guest OS: QEMU only has to accept the command line built from the config."""
+    os.environ["CORRAL_ACCEL"] = "tcg"
+    try:
+        manager.create(VMID, {
+            "memory": "64", "cores": "1", "sockets": "2", "cpu": "qemu64,flags=+aes;-sse4a",
+            "scsi0": "local:0.01", "scsi1": "local:0.01,format=raw", "virtio1": "local:0.01",
+            "ide0": "local:0.01", "ide2": "none,media=cdrom", "sata0": "local:0.01",
+            "net0": "virtio=BC:24:11:00:00:01", "net1": "e1000=BC:24:11:00:00:02",
+            "boot": "order=scsi0;net0", "serial0": "socket",
+        })
+        asyncio.run(manager.start(VMID))
+    finally:
+        del os.environ["CORRAL_ACCEL"]
+    devices = {entry["device"] for entry in asyncio.run(manager.qmp(VMID, "query-block"))}
+    assert {"drive-scsi0", "drive-scsi1", "drive-virtio1", "drive-ide0", "drive-ide2",
+            "drive-sata0"} <= devices
+    status = asyncio.run(manager.status(VMID))
+    assert status["cpus"] == 2 and status["accel"] == "tcg"
+    asyncio.run(manager.destroy(VMID))
+    assert manager.pid(VMID) is None and manager.list_vmids() == []

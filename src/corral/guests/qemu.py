@@ -42,6 +42,7 @@ QEMU_START_TIMEOUT_S = 30.0
 QUIT_TIMEOUT_S = 10.0
 KVM_PROBE_TIMEOUT_S = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 60.0
+GUEST_LOCK_TIMEOUT_S = 10.0          # as the reference's per-guest config lock
 NET_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139",
                "vmxnet3": "vmxnet3"}
 
@@ -107,8 +108,17 @@ class GuestManager:
     @contextmanager
     def guest_lock(self, vmid: int) -> Iterator[None]:
         """Serialises operations on one guest on this node (a flock, released on exit)."""
-        with open(os.path.join(self.run_dir, f"lock-{vmid}"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        path = os.path.join(self.run_dir, f"lock-{vmid}")
+        with open(path, "a") as lock:
+            deadline = time.monotonic() + GUEST_LOCK_TIMEOUT_S
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise GuestError(f"can't lock file '{path}' - got timeout") from None
+                    time.sleep(0.05)
             yield
 
     def storages(self) -> storage_mod.StorageConfig:
@@ -210,7 +220,8 @@ class GuestManager:
                 path = storage_mod.volume_path(storages, props["file"])
                 fmt = props.get("format") or storage_mod.volume_format(props["file"])
                 drive.append(f"file={path},format={'raw' if cdrom else fmt}")
-            drive += [f"media={'cdrom' if cdrom else 'disk'}", f"cache={props.get('cache', 'writeback')}"]
+                drive.append(f"cache={props.get('cache', 'writeback')}")
+            drive.append(f"media={'cdrom' if cdrom else 'disk'}")   # an empty drive takes no cache=
             args += ["-drive", ",".join(drive)]
             device = self._disk_device(bus, int(index), key, cdrom, controllers, args)
             if key in boot_order:
