@@ -312,6 +312,15 @@ class TotemNode:
         deadline_ns = self.core.next_deadline_ns()
         if deadline_ns == self._timer_deadline_ns or not self.running:
             return
+        if deadline_ns < 0 and self._timer is not None:
+            # Nothing due: an armed timer may stay; firing early is harmless
+            # (the core ticks, finds nothing due, and the timer is re-armed).
+            return
+        if self._timer is not None and 0 <= self._timer_deadline_ns <= deadline_ns:
+            # The deadline moved later (every token visit pushes the token-loss
+            # timer forward): keep the earlier timer instead of a cancel and a
+            # new TimerHandle per packet; when it fires it re-arms.
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
