@@ -24,7 +24,8 @@ Status codes are `ErrorCode` (corosync's cs_error_t numbers). A request that
 does not parse, or that the core refuses, gets an error reply and changes
 nothing; a frame over the size bound is skipped and answered with TOO_BIG.
 The client's pid comes from SO_PEERCRED, not from the client. Each connection's
-outbound queue is bounded in bytes: the server writes with drain(), and a
+outbound queue is bounded in bytes (frames queued in one loop iteration go out
+in one write; a slow client's socket is drained by a writer task), and a
 client that lets the queue exceed its bound is disconnected (its groups see
 PROCDOWN) with a logged error.
 """
@@ -244,6 +245,8 @@ class _Connection:
         self.outbound: deque[bytes] = deque()
         self.outbound_bytes = 0
         self.closed = False
+        self._flush_scheduled = False
+        self._draining = False
         self._wake: asyncio.Future[None] | None = None
 
     async def serve(self) -> None:
@@ -281,16 +284,43 @@ class _Connection:
     def send(self, frame: bytes) -> None:
         if self.closed:
             return
-        if self.outbound_bytes + len(frame) > self.server.client_queue_bytes:
+        queued_bytes = self.outbound_bytes + self._buffered_bytes()
+        if queued_bytes + len(frame) > self.server.client_queue_bytes:
             log.error(
                 "CPG IPC: client pid %d did not read %d queued bytes; disconnecting it",
-                self.pid, self.outbound_bytes,
+                self.pid, queued_bytes,
             )
             self.abort()
             return
         self.outbound.append(frame)
         self.outbound_bytes += len(frame)
-        self._wake_writer()
+        if not self._flush_scheduled:
+            # One write (a writev in the transport) per loop iteration for every
+            # frame queued in it, without a task switch when the socket keeps up.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _buffered_bytes(self) -> int:
+        """Bytes written but still in the transport's buffer (the client is slow)."""
+        # asyncio and uvloop transports both have it; typeshed omits it on the base.
+        return int(self.writer.transport.get_write_buffer_size())
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._draining or not self.outbound or self.writer.transport.is_closing():
+            self._wake_writer()  # the write loop owns the socket while it drains
+            return
+        self._write_out()
+
+    def _write_out(self) -> None:
+        batch = list(self.outbound)
+        self.outbound.clear()
+        self.outbound_bytes = 0
+        self.writer.writelines(batch)
+        if self._buffered_bytes() > 0:
+            # The socket did not take everything: let the write loop wait for drain.
+            self._draining = True
+            self._wake_writer()
 
     def abort(self) -> None:
         self.closed = True
@@ -305,15 +335,18 @@ class _Connection:
             self._wake.set_result(None)
 
     async def _write_loop(self) -> None:
+        """Drains a backed-up socket, and flushes what is left when the connection ends."""
         try:
             while True:
-                while self.outbound:
-                    batch = list(self.outbound)
-                    self.outbound.clear()
-                    self.writer.writelines(batch)
+                if self._draining:
                     await self.writer.drain()
-                    self.outbound_bytes -= sum(map(len, batch))
+                    self._draining = False
+                if self.outbound and not self.writer.transport.is_closing():
+                    self._write_out()
+                    continue
                 if self.closed:
+                    if self._buffered_bytes() > 0:
+                        await self.writer.drain()
                     return
                 self._wake = asyncio.get_running_loop().create_future()
                 await self._wake
