@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -37,9 +38,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from corral.corosync_conf import ClusterConfig
+from corral.corosync_conf import ClusterConfig, parse
 from corral.errors import ConfigError, CorralError
 from corral.totem import auth
+from corral.totem.config import TotemTimers
 from corral.totem.node import TotemNode
 from corral.totem.transport import UdpTransport
 
@@ -126,6 +128,28 @@ def next_incarnation(state_dir: str, nodeid: int) -> int:
     return incarnation
 
 
+# corosync hands knet totem packets of up to 64 KiB (knet fragments them into
+# path-MTU datagrams); Corral's knet transport leaves fragmentation to the
+# kernel's IP layer. Largest value TotemConfig accepts; see docs/transport.md.
+KNET_DEFAULT_NETMTU = 65_000
+
+
+def totem_timers(config: ClusterConfig, config_path: str | None) -> TotemTimers:
+    """The core's timers; netmtu defaults to KNET_DEFAULT_NETMTU for transport knet.
+
+    An explicit `totem.netmtu` wins, and `transport: udpu` keeps the
+    1500-byte-MTU default (corosync does the same)."""
+    timers = config.totem.timers(len(config.nodes))
+    if config_path is None:
+        return timers
+    with open(config_path, encoding="utf-8") as handle:
+        totem = parse(handle.read(), config_path).section("totem")
+    options = totem.options if totem is not None else {}
+    if "netmtu" in options or options.get("transport", "knet") != "knet":
+        return timers
+    return dataclasses.replace(timers, netmtu=KNET_DEFAULT_NETMTU)
+
+
 class Engine:
     """One node process: wiring, logs, load generation and delivery records."""
 
@@ -141,7 +165,7 @@ class Engine:
                                              incarnation, nodeids, encrypt=config.encrypt)
         self.transport = UdpTransport(config, self.nodeid, self.auth)
         self.transport.on_link_change = self._on_link_change
-        timers = config.totem.timers(len(config.nodes))
+        timers = totem_timers(config, args.config)
         self.node = TotemNode(self.nodeid, timers, self.transport, args.state_dir)
         self.node.add_listener(self._on_event)
         self.members: tuple[int, ...] = ()

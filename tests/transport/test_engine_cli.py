@@ -1,7 +1,7 @@
 """`corral engine` argument handling without starting a node: --load parsing, key
 generation, a bad config exits 2 naming the line, a missing key exits 2, an unknown
-nodeid or an address that is not on this host exits 2, --print-status formats a status file like corosync-cfgtool -s, and
-ring ids print as corosync does."""
+nodeid or an address that is not on this host exits 2, --print-status formats a status file like corosync-cfgtool -s,
+ring ids print as corosync does, and netmtu defaults to 65000 for knet only when not set."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from corral import engine
-from corral.corosync_conf import render_cluster
+from corral.corosync_conf import ClusterConfig, render_cluster
 from corral.errors import ConfigError
 
 
@@ -21,6 +21,22 @@ def test_parse_load() -> None:
     for bad in ("100", "x:1", "100:1", "0:256", "5:99999999"):
         with pytest.raises(ConfigError, match="--load"):
             engine.parse_load(bad)
+
+
+@pytest.mark.parametrize(("extra", "netmtu"), [
+    ("", engine.KNET_DEFAULT_NETMTU),
+    ("  transport: knet\n", engine.KNET_DEFAULT_NETMTU),
+    ("  transport: udpu\n", 1400),
+    ("  netmtu: 1200\n", 1200),
+])
+def test_netmtu_default(tmp_path: Any, extra: str, netmtu: int) -> None:
+    text = render_cluster("c", [(1, "a", ["127.0.0.1"])]).replace("totem {\n", "totem {\n" + extra, 1)
+    assert extra in text
+    conf = tmp_path / "corosync.conf"
+    conf.write_text(text)
+    config = ClusterConfig.from_file(str(conf))
+    assert engine.totem_timers(config, str(conf)).netmtu == netmtu
+    assert engine.totem_timers(config, None).netmtu == config.totem.netmtu
 
 
 def test_ring_text() -> None:
