@@ -595,6 +595,7 @@ class CpgClient:
         self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self._handles: dict[bytes, CpgClientHandle] = {}
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
+        self._unsent: list[bytes] = []
         self.closed = False
 
     @classmethod
@@ -646,6 +647,7 @@ class CpgClient:
 
     async def close(self) -> None:
         self.closed = True
+        self._flush_requests()
         self._writer.close()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
@@ -659,9 +661,12 @@ class CpgClient:
         self._next_request = (self._next_request + 1) & 0xFFFF_FFFF or 1
         future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        # Written before the first await: concurrent callers' requests (mcasts
-        # pipelined by the benchmark client) reach the node in call order.
-        self._writer.write(encode_frame(msg_type, request_id, body))
+        # Queued before the first await: concurrent callers' requests (mcasts
+        # pipelined by the benchmark client) reach the node in call order, and
+        # all requests of one loop iteration leave in one write.
+        if not self._unsent:
+            asyncio.get_running_loop().call_soon(self._flush_requests)
+        self._unsent.append(encode_frame(msg_type, request_id, body))
         try:
             await self._writer.drain()
             status, reply = await future
@@ -671,6 +676,12 @@ class CpgClient:
             code = ErrorCode(status) if status in ErrorCode._value2member_map_ else ErrorCode.LIBRARY
             raise CpgError(code, f"{msg_type.name} refused by the node")
         return reply
+
+    def _flush_requests(self) -> None:
+        if self._unsent:
+            frames, self._unsent = self._unsent, []
+            if not self._writer.transport.is_closing():
+                self._writer.writelines(frames)
 
     async def _read_loop(self) -> None:
         decoder = FrameDecoder()
