@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,7 +179,8 @@ def test_qmp_client_commands_errors_events(manager: GuestManager, guest_image: s
 
 
 def test_every_device_kind_is_accepted_by_qemu(manager: GuestManager, guest_image: str) -> None:
-    """No guest OS: QEMU only has to accept the command line built from the config."""
+    """No guest OS: QEMU only has to accept the command line built from the config. The
+    guest is started by a CLI process that exits, and found again by a new manager."""
     os.environ["CORRAL_ACCEL"] = "tcg"
     try:
         manager.create(VMID, {
@@ -188,9 +190,16 @@ def test_every_device_kind_is_accepted_by_qemu(manager: GuestManager, guest_imag
             "net0": "virtio=BC:24:11:00:00:01", "net1": "e1000=BC:24:11:00:00:02",
             "boot": "order=scsi0;net0", "serial0": "socket",
         })
-        asyncio.run(manager.start(VMID))
+        # started by a separate `corral qm` process that exits: the guest must outlive it
+        # and a fresh manager must find it again through the pid file and QMP socket
+        subprocess.run([sys.executable, "-m", "corral.guests.cli", "--root", manager.root,
+                        "--node", "n1", "--run-dir", manager.run_dir, "--task-dir",
+                        manager.tasks.task_dir, "start", str(VMID)], check=True, timeout=60,
+                       capture_output=True)
     finally:
         del os.environ["CORRAL_ACCEL"]
+    manager = GuestManager(manager.root, "n1", manager.run_dir, manager.tasks.task_dir)
+    assert manager.tasks.list_tasks(1)[0]["status"] == "OK"
     devices = {entry["device"] for entry in asyncio.run(manager.qmp(VMID, "query-block"))}
     assert {"drive-scsi0", "drive-scsi1", "drive-virtio1", "drive-ide0", "drive-ide2",
             "drive-sata0"} <= devices
