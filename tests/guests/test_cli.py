@@ -97,3 +97,12 @@ def test_stop_of_stopped_guest_and_suspend_error(qm) -> None:  # type: ignore[no
     code, _, err = qm("suspend", "100")
     assert code == 1 and "VM 100 not running" in err
     assert qm("tasks", "--limit", "1")[1].split()[1] == "ERROR:"
+
+
+def test_list_survives_a_broken_config(qm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    qm("create", "100", "--name", "good")
+    (tmp_path / "tree/nodes/n1/qemu-server/101.conf").write_text("memory: lots\n")
+    code, out, _ = qm("list")
+    assert code == 0 and "good" in out and "unknown" in out
+    code, _, err = qm("config", "101")
+    assert code == 2 and "memory: expected an integer" in err

@@ -493,7 +493,15 @@ class GuestManager:
         return result
 
     async def list_guests(self) -> list[dict[str, Any]]:
-        return [await self.status(vmid) for vmid in self.list_vmids()]
+        """Status of every guest; a guest whose config cannot be read is listed as unknown."""
+        rows: list[dict[str, Any]] = []
+        for vmid in self.list_vmids():
+            try:
+                rows.append(await self.status(vmid))
+            except (ConfigError, GuestError, OSError) as exc:
+                rows.append({"vmid": vmid, "name": "", "status": "unknown", "maxmem": 0,
+                             "error": str(exc)})
+        return rows
 
 
 def _block_totals(stats: list[dict[str, Any]]) -> dict[str, int]:
