@@ -186,9 +186,14 @@ def _command_line(tree: Tree, args: argparse.Namespace) -> str:
 
 def _status(tree: Tree, verbose: bool) -> str:
     status = parse_manager_status(_read(tree, "ha/manager_status"))
+    # As the reference: one lrm line per node the master knows, plus nodes that have
+    # written an lrm_status (a fresh cluster before its first master round).
     lrm: dict[str, dict[str, Any] | None] = {}
+    known = set(status.get("node_status") or {})
     for node in tree.node_names():
         text = tree.read_text(f"nodes/{node}/lrm_status")
+        if node not in known and not text:
+            continue
         try:
             lrm[node] = parse_lrm_status(text, node) if text is not None else None
         except ConfigError:
