@@ -63,6 +63,11 @@ def test_kill_node_guest_recovers_on_real_cluster(corrald_cluster: object,
             node.start()
         wait_for(lambda: checker.running_on.get("100") == {names[2]}, 60,
                  "vm:100 on node2\n" + nodes[2].log_text()[-3000:])
+        wait_for(lambda: "service vm:100 (node2, started)" in ha_cli(mounts[3], "status").stdout,
+                 30, "status on node3 to show vm:100 started")
+        status = ha_cli(mounts[3], "status").stdout
+        assert status.startswith("quorum OK\nmaster node")
+        assert all(f"lrm {names[i]} (" in status for i in cluster.nodeids), status
         cluster.kill(2)
         nodes[2].kill()
         cut = time.monotonic()
