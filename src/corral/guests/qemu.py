@@ -356,12 +356,15 @@ class GuestManager:
         if pid is None:
             log.log(f"VM {vmid} is not running")
             return
+        quit_error: Exception | None = None
         try:
             await self.qmp(vmid, "quit", timeout_s=QUIT_TIMEOUT_S)
         except (QmpError, GuestError) as exc:
-            log.warn(f"quit over QMP failed: {exc}")
+            quit_error = exc      # QEMU may close the socket before answering quit
         if await self._wait_exit(vmid, pid, QUIT_TIMEOUT_S):
             return
+        if quit_error is not None:
+            log.warn(f"quit over QMP failed: {quit_error}")
         for sig in (signal.SIGTERM, signal.SIGKILL):
             log.log(f"VM {vmid} still running, sending {sig.name}")
             try:
