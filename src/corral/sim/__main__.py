@@ -28,6 +28,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration-ms", type=int, default=3000, help="simulated length of the safety phase (default 3000)")
     parser.add_argument("--faults", default="all", help=f"comma list of {','.join(FAULT_NAMES)}, or all / none (default all); each seed picks a subset")
     parser.add_argument("--token-ms", type=int, default=500, help="totem token timeout in ms (default 500)")
+    parser.add_argument("--cpg", action="store_true", help="run CPG on every node; the workload uses CPG clients")
 
 
 def _nodes(text: str, seed: int) -> int:
@@ -40,7 +41,7 @@ def _nodes(text: str, seed: int) -> int:
 def _options(args: argparse.Namespace, seed: int) -> SimOptions:
     return SimOptions(
         seed=seed, nodes=_nodes(args.nodes, seed), duration_ms=args.duration_ms,
-        faults=parse_faults(args.faults), token_ms=args.token_ms,
+        faults=parse_faults(args.faults), token_ms=args.token_ms, cpg=args.cpg,
         verbose=getattr(args, "verbose", 0),
     )
 

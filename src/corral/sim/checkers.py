@@ -115,7 +115,7 @@ class EvsChecker:
         if disk_lost:
             self.disk_epoch[proc[0]] = self.disk_epoch.get(proc[0], 0) + 1
 
-    def _ring_key(self, ring_id: tuple[int, int]) -> RingKey:
+    def ring_key(self, ring_id: tuple[int, int]) -> RingKey:
         """The ring id, plus the representative's disk-loss epoch once it lost its disk.
 
         A node that lost its persisted ring seq can legitimately form a ring id
@@ -159,7 +159,7 @@ class EvsChecker:
         left: tuple[int, ...],
     ) -> None:
         state = self.procs[proc]
-        ring = self._ring_key(ring_id)
+        ring = self.ring_key(ring_id)
         members = tuple(sorted(members))
         if proc[0] not in members:
             self._fail("config-consistency", [proc[0]], f"{proc_name(proc)} installs {kind=} ring {ring} {members} without itself")

@@ -34,6 +34,7 @@ from corral.sim.checkers import (
     parse_payload,
     proc_name,
 )
+from corral.sim.cpglayer import CpgLayer, config_stamp, wrap
 from corral.sim.faults import FAULT_NAMES, FaultPlan
 from corral.sim.network import SimNetwork
 from corral.sim.rng import derive_rng
@@ -66,6 +67,9 @@ def describe_packet(packet: bytes) -> str:
     return packet[:16].hex()
 MAX_EVENTS = 5_000_000
 PPM = 1_000_000
+# Rounds of (collect outputs, submit CPG's messages) per drain: each round only
+# repeats when Totem accepted something, and a singleton ring answers at once.
+DRAIN_ROUNDS_MAX = 64
 # Share of seeds whose workload also fills one node's send queue to the brim.
 BURST_PROBABILITY = 0.05
 BURST_MAX_MESSAGES = 20_000
@@ -99,6 +103,7 @@ class CoreApi:
     conf_regular: int
     state_operational: int
     loopback: bool = True
+    state_stopped: int = -1
 
 
 def real_core_api() -> CoreApi:
@@ -111,6 +116,7 @@ def real_core_api() -> CoreApi:
         conf_transitional=_core.CONF_TRANSITIONAL,
         conf_regular=_core.CONF_REGULAR,
         state_operational=_core.STATE_OPERATIONAL,
+        state_stopped=_core.STATE_STOPPED,
     )
 
 
@@ -121,6 +127,7 @@ class SimOptions:
     duration_ms: int = 3000
     faults: tuple[str, ...] = ()
     token_ms: int = 500
+    cpg: bool = False
     verbose: int = 0
 
     def replay_command(self) -> str:
@@ -128,6 +135,7 @@ class SimOptions:
         return (
             f"python -m corral.sim --seed {self.seed} --nodes {self.nodes} "
             f"--duration-ms {self.duration_ms} --faults {faults} --token-ms {self.token_ms}"
+            + (" --cpg" if self.cpg else "")
         )
 
     def totem_config(self) -> TotemConfig:
@@ -154,6 +162,7 @@ class RunResult:
     sim_ns: int = 0
     wall_s: float = 0.0
     stats: dict[str, int] = field(default_factory=dict)
+    cpg_stats: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         converge = f"{self.converge_ns / NS_PER_MS:.0f}ms" if self.converge_ns >= 0 else "never"
@@ -161,7 +170,10 @@ class RunResult:
             f"seed {self.options.seed}: {'OK' if self.ok else 'FAIL'}; faults: {self.plan.describe()}\n"
             f"  submitted {self.submitted} (refused {self.backpressure}), deliveries {self.delivered}, "
             f"config events {self.configs}, regular rings {self.rings}, crashes {self.crashes}\n"
-            f"  converged {converge} after heal; simulated {self.sim_ns / NS_PER_MS:.0f}ms in "
+            + (f"  cpg: {self.cpg_stats['cpg_operations']} client operations, {self.cpg_stats['cpg_mcasts']} mcasts, "
+               f"{self.cpg_stats['cpg_deliveries']} deliveries, {self.cpg_stats['cpg_refused']} refused, "
+               f"{self.cpg_stats['cpg_vs_pairs']} confchg segments compared\n" if self.cpg_stats else "")
+            + f"  converged {converge} after heal; simulated {self.sim_ns / NS_PER_MS:.0f}ms in "
             f"{self.wall_s:.2f}s wall, {self.events} events; trace digest {self.digest}"
         )
 
@@ -214,6 +226,7 @@ class Simulation:
         self.fault_rngs = {name: derive_rng(seed, f"faults/{name}") for name in ("start", "partition", "asym", "crash", "pause", "leave")}
         self.workload_rng = derive_rng(seed, "workload")
         self.checker = EvsChecker((self.api.conf_transitional, self.api.conf_regular))
+        self.cpg = CpgLayer(derive_rng(seed, "cpg")) if options.cpg else None
         self.slots = {nodeid: NodeSlot(nodeid) for nodeid in self.nodeids}
         if self.plan.clock_drift_ppm:
             clock_rng = derive_rng(seed, "clocks")
@@ -282,7 +295,7 @@ class Simulation:
             self.scheduler.at(self._jitter("leave", plan.leave_interval_ns), ("leave",))
         self.network.set_plan(plan)
         self.scheduler.at(self.timers.token_ns // 2, ("submit",))
-        if self.burst_at_ns >= 0:
+        if self.burst_at_ns >= 0 and self.cpg is None:
             self.scheduler.at(self.burst_at_ns, ("burst",))
         self.scheduler.at(self.safety_end_ns, ("heal",))
         self.scheduler.at(self.converge_deadline_ns, ("deadline",))
@@ -350,6 +363,10 @@ class Simulation:
             return
         slot = up[rng.randrange(len(up))]
         self.driving_node = slot.nodeid
+        if self.cpg is not None:
+            self.cpg.act(slot.nodeid)
+            self._drain(slot)
+            return
         size_draw = rng.random()
         if size_draw < 0.01:
             filler = rng.randrange(10_000, 70_000)
@@ -403,26 +420,51 @@ class Simulation:
         slot.timer_generation += 1
         self._note(f"n{nodeid} starts (incarnation {slot.incarnation}, ring seq {slot.persisted_ring_seq}{', disk lost' if disk_lost else ''})")
         self.checker.on_start(slot.proc, disk_lost=disk_lost)
+        if self.cpg is not None:
+            self.cpg.on_start(nodeid, slot.incarnation)
         slot.core = self.api.factory(nodeid, self.timers, slot.persisted_ring_seq)
         slot.core.start(slot.local_ns(self.scheduler.now_ns))
         self._drain(slot)
 
     def _drain(self, slot: NodeSlot) -> None:
-        """Collect a core's outputs: persist, then send, then deliver, then re-arm."""
+        """Collect a core's outputs: persist, then send, then deliver, then re-arm.
+
+        With CPG on, CPG's outgoing messages are then submitted to Totem (in
+        order, stopping at the first refusal), which can produce more outputs."""
         core = slot.core
-        seq = core.take_ring_seq_to_persist()
-        if seq is not None:
-            slot.persisted_ring_seq = seq
-        for destination, packet in core.pop_outbox():
-            self.network.send(slot.nodeid, destination, packet)
-        for event in core.pop_events():
-            self._on_core_event(slot, event)
+        for _ in range(DRAIN_ROUNDS_MAX):
+            seq = core.take_ring_seq_to_persist()
+            if seq is not None:
+                slot.persisted_ring_seq = seq
+            for destination, packet in core.pop_outbox():
+                self.network.send(slot.nodeid, destination, packet)
+            for event in core.pop_events():
+                self._on_core_event(slot, event)
+            if self.cpg is None or not self._submit_cpg(slot):
+                break
         deadline = core.next_deadline_ns()
         if deadline != slot.timer_at_ns:
             slot.timer_generation += 1
             slot.timer_at_ns = deadline
             if deadline >= 0:
                 self.scheduler.at(slot.global_ns(deadline), ("timer", slot.nodeid, slot.timer_generation))
+
+    def _submit_cpg(self, slot: NodeSlot) -> bool:
+        assert self.cpg is not None
+        if slot.core.state == self.api.state_stopped:
+            return False
+        accepted = 0
+        for inner in self.cpg.pending_payloads(slot.nodeid):
+            slot.counter += 1
+            payload = wrap(slot.nodeid, slot.counter, inner)
+            if not slot.core.submit(payload):
+                self.backpressure += 1
+                break
+            accepted += 1
+            self.submitted += 1
+            self.checker.on_submit(slot.proc, payload)
+        self.cpg.submitted(slot.nodeid, accepted)
+        return accepted > 0
 
     def _on_core_event(self, slot: NodeSlot, event: tuple[Any, ...]) -> None:
         if event[0] == self.api.ev_deliver:
@@ -433,13 +475,21 @@ class Simulation:
             if self.options.verbose >= 2:
                 print(f"{self.scheduler.now_ns / NS_PER_MS:12.3f}ms  {_format_entry(self.delivery_trace[-1][1])}")
             self.checker.on_deliver(slot.proc, sender, payload)
+            if self.cpg is not None:
+                self.cpg.on_totem_deliver(slot.nodeid, sender, payload, ("m", parse_payload(payload)))
         elif event[0] == self.api.ev_config:
             _, kind, ring_id, members, joined, left = event
             name = "regular" if kind == self.api.conf_regular else "transitional"
             text = f"n{slot.nodeid} {name} ring {tuple(ring_id)} members {tuple(members)} joined {tuple(joined)} left {tuple(left)}"
             self.digest.update(text.encode())
             self._note(text)
+            old_regular = self.checker.procs[slot.proc].regular
             self.checker.on_config(slot.proc, kind, tuple(ring_id), tuple(members), tuple(joined), tuple(left))
+            if self.cpg is not None:
+                transitional = kind == self.api.conf_transitional
+                ring = self.checker.ring_key(tuple(ring_id))
+                stamp = config_stamp(transitional, old_regular[0] if old_regular else None, ring, tuple(sorted(members)))
+                self.cpg.on_totem_config(slot.nodeid, transitional, tuple(ring_id), tuple(members), stamp)
         else:
             raise Violation("core-exception", [slot.nodeid], f"unknown event {event!r}")
 
@@ -473,6 +523,8 @@ class Simulation:
         if why == "crashes":
             self.crashes += 1
         self.checker.on_crash(slot.proc)
+        if self.cpg is not None:
+            self.cpg.on_crash(slot.nodeid)
         slot.core = None
         slot.paused_until_ns = -1
         slot.timer_generation += 1
@@ -514,6 +566,8 @@ class Simulation:
             return
         slot = up[rng.randrange(len(up))]
         self._note(f"n{slot.nodeid} leaves gracefully")
+        if self.cpg is not None:
+            self.cpg.on_crash(slot.nodeid)  # its CPG clients go with it
         slot.core.leave(slot.local_ns(now_ns))
         self._drain(slot)
         # The core is stopped: it keeps nothing worth driving; restart it later.
@@ -640,6 +694,8 @@ class Simulation:
         run then waits for the ring to settle again, up to another bound."""
         busy = [slot.nodeid for slot in self.slots.values() if slot.core.send_queue_len]
         ring = self._single_ring()
+        if self.cpg is not None and not self.cpg.settled():
+            busy = busy or list(self.nodeids)
         if busy or ring is None:
             if self.scheduler.now_ns < self.end_deadline_ns:
                 self.scheduler.after(self.timers.token_ns // 4, ("end",))
@@ -653,6 +709,8 @@ class Simulation:
         for slot in self.slots.values():
             self._check_wire(slot)
         self.checker.check_final([slot.proc for slot in self.slots.values()])
+        if self.cpg is not None:
+            self.cpg.check_final()
         self.finished = True
 
     # -- reporting ----------------------------------------------------------------------
@@ -676,6 +734,7 @@ class Simulation:
             events=self.events,
             converge_ns=self.converged_at_ns - self.safety_end_ns if self.converged_at_ns >= 0 else -1,
             sim_ns=self.scheduler.now_ns, wall_s=wall_s,
+            cpg_stats=self.cpg.summary() if self.cpg is not None else {},
             stats={"sent": self.network.stats.sent, "dropped_cut": self.network.stats.dropped_cut,
                    "dropped_loss": self.network.stats.dropped_loss, "duplicated": self.network.stats.duplicated},
         )
