@@ -16,6 +16,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "engine": ("corral.engine:main", "run one Totem/CPG engine node (used by the demo and tests)"),
     "sim": ("corral.sim.__main__:main", "run the deterministic Totem simulator"),
     "ha-sim": ("corral.ha.simcli:main", "run HA scenario directories"),
+    "ha": ("corral.ha.cli:main", "HA manager: status, add, set, remove, migrate, relocate, "
+           "node-maintenance, disarm, arm"),
     "create": ("corral.cluster.cli:create", "create a new cluster with this node"),
     "add": ("corral.cluster.cli:add", "join this node to an existing cluster"),
     "join-token": ("corral.cluster.cli:join_token", "print a one-time join token"),
