@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "status": ("corral.cluster.cli:status", "cluster, quorum and membership status"),
     "nodes": ("corral.cluster.cli:nodes", "list cluster nodes"),
     "updatecerts": ("corral.cluster.cli:updatecerts", "renew this node's certificate"),
+    "qm": ("corral.guests.cli:main", "manage QEMU guests on this node"),
     "version": ("corral.cli:version", "print the software version"),
 }
 
