@@ -13,7 +13,8 @@ seed prints its violation, a trace excerpt and the one replay command.
 - test_regression_seed: every line of regression_seeds.txt;
 - test_real_core_is_deterministic: two runs, and two processes with different
   PYTHONHASHSEED, give the same trace digest;
-- test_soak: many more, longer seeds, only with CORRAL_SOAK=1.
+- test_soak, test_soak_cpg: many more, longer seeds (the latter with CPG),
+  only with CORRAL_SOAK=1 (CORRAL_SOAK_SEEDS sets how many).
 
 Seeds that fail because of a known, unfixed core bug are listed in
 KNOWN_CORE_BUGS with the entry in .scratch/sim-failures.md and run as xfail.
@@ -135,6 +136,18 @@ def test_soak() -> None:
     command = [
         sys.executable, "-m", "corral.sim", "soak", "--seeds", f"100000:{100000 + SOAK_SEEDS}",
         "--jobs", str(jobs), "--nodes", "3:7", "--duration-ms", "8000", "--token-ms", "300",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CORRAL_SOAK") != "1", reason="soak: set CORRAL_SOAK=1")
+def test_soak_cpg() -> None:
+    command = [
+        sys.executable, "-m", "corral.sim", "soak", "--seeds", f"200000:{200000 + SOAK_SEEDS // 2}",
+        "--jobs", str(os.cpu_count() or 2), "--nodes", "3:7", "--duration-ms", "6000",
+        "--token-ms", "300", "--cpg",
     ]
     out = subprocess.run(command, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
