@@ -155,3 +155,10 @@ def test_cpg_swarm_seed(seed: int) -> None:
     result = run_seed(options)
     assert result.ok, f"{result.summary()}\n{result.report}"
     assert result.cpg_stats["cpg_mcasts"] > 0
+
+
+def test_cpg_runs_are_deterministic() -> None:
+    options = SimOptions(seed=9, nodes=4, duration_ms=2000, faults=FAULT_NAMES, token_ms=300, cpg=True)
+    first, second = run_seed(options), run_seed(options)
+    assert first.ok and second.ok
+    assert first.digest == second.digest and first.cpg_stats == second.cpg_stats
