@@ -81,7 +81,11 @@ class FakeCore:
             del self._heard[sender]
         self._update_members()
         self._outbox.append(self._packet(b"H"))
-        self._outbox += [self._packet(b"M", payload) for payload in self._queue]
+        for payload in self._queue:
+            # like TotemCore: own messages are handled in-process, the
+            # transport sends no copy of a broadcast back to its sender
+            self._outbox.append(self._packet(b"M", payload))
+            self._events.append((EV_DELIVER, self.nodeid, payload))
         self._queue.clear()
         self._deadline = now_ns + HEARTBEAT_NS
 

@@ -2,9 +2,11 @@
 
 - One UDP socket per configured link, bound only to this node's `ringX_addr`
   and the link's port. Every packet is sealed by `PacketAuthenticator`.
-- A Totem broadcast (dest `BROADCAST`) is one unicast copy per configured node
-  (udpu style) including this node, whose copy loops back without the network;
-  a packet to one node (the token) is one unicast.
+- A Totem broadcast (dest `BROADCAST`) is one unicast copy per other configured
+  node (udpu style). This node gets no copy: the core already handles its own
+  packets in-process when it sends them and would only drop the copy
+  (`dropped_own`). A packet to this node itself is handed over in-process; a
+  packet to one other node (the token) is one unicast.
 - Link health: every link pings every other node each `ping_interval`; a
   (node, link) pair goes UP after `pong_count` pongs in a row and DOWN when no
   pong came for `ping_timeout`. `LinkMonitor` holds that logic without I/O.
@@ -243,7 +245,6 @@ class UdpTransport:
         packet = self.auth.seal(KIND_TOTEM, payload)
         if dest == BROADCAST:
             self.counters["tx_broadcast"] += 1
-            self._enqueue_local(payload)
             for nodeid in self.other_nodeids:
                 self._send_to_node(nodeid, packet)
         elif dest == self.nodeid:
