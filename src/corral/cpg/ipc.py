@@ -259,7 +259,10 @@ class _Connection:
                 if not data:
                     break
                 for frame in decoder.feed(data):
-                    await self._handle(frame)
+                    # Every request but a MCAST that must wait for room is
+                    # answered synchronously, without a coroutine per request.
+                    if not self._handle_now(frame) and isinstance(frame, Frame):
+                        await self._handle_waiting(frame)
                     if self.closed:
                         break
         except (DecodeError, ConnectionError) as exc:
@@ -355,24 +358,41 @@ class _Connection:
 
     # ------------------------------------------------------------ requests
 
-    async def _handle(self, frame: Frame | OversizeFrame) -> None:
+    def _handle_now(self, frame: Frame | OversizeFrame) -> bool:
+        """Answer `frame` now; False (nothing done) for a MCAST that must wait for room."""
         if isinstance(frame, OversizeFrame):
             self._reply(frame.request_id, ErrorCode.TOO_BIG)
-            return
+            return True
         if frame.type not in REQUEST_TYPES:
             self._reply(frame.request_id, ErrorCode.MESSAGE_ERROR)
-            return
+            return True
         try:
-            status, body = await self._dispatch(frame)
+            result = self._dispatch(frame)
         except CpgError as exc:
-            status, body = exc.code, b""
+            result = exc.code, b""
         except DecodeError:
-            status, body = ErrorCode.INVALID_PARAM, b""
+            result = ErrorCode.INVALID_PARAM, b""
+        if result is None:
+            return False
+        status, body = result
         self._reply(frame.request_id, status, body)
         if frame.type == MsgType.FINALIZE and status == ErrorCode.OK:
             self.closed = True
+        return True
 
-    async def _dispatch(self, frame: Frame) -> tuple[ErrorCode, bytes]:
+    async def _handle_waiting(self, frame: Frame) -> None:
+        """A MCAST with the WAIT flag and no room now: wait for room, then answer."""
+        reader = wire.Reader(frame.body)
+        reader.unpack(_FLAGS)
+        group = reader.group()
+        try:
+            await self.service.client_mcast(self.client_id, group, reader.rest())
+            status = ErrorCode.OK
+        except CpgError as exc:
+            status = exc.code
+        self._reply(frame.request_id, status)
+
+    def _dispatch(self, frame: Frame) -> tuple[ErrorCode, bytes] | None:
         reader = wire.Reader(frame.body)
         if frame.type in (MsgType.LOCAL_GET, MsgType.FINALIZE):
             reader.finish()
@@ -382,10 +402,11 @@ class _Connection:
         if frame.type == MsgType.MCAST:
             (flags,) = reader.unpack(_FLAGS)
             group = reader.group()
-            payload = reader.rest()
-            wait = bool(flags & FLAG_WAIT)
-            accepted = await self.service.client_mcast(self.client_id, group, payload, wait=wait)
-            return (ErrorCode.OK if accepted else ErrorCode.TRY_AGAIN), b""
+            if self.service.client_try_mcast(self.client_id, group, reader.rest()):
+                return ErrorCode.OK, b""
+            if flags & FLAG_WAIT:
+                return None
+            return ErrorCode.TRY_AGAIN, b""
         group = reader.group()
         reader.finish()
         if frame.type == MsgType.JOIN:

@@ -146,18 +146,26 @@ class CpgService:
     ) -> bool:
         """Multicast; with wait=False return False instead of waiting for room."""
         while True:
-            if self._closed:
-                raise CpgError(ErrorCode.LIBRARY, "CPG service is closed")
-            if client_id not in self._sinks:
-                raise CpgError(ErrorCode.BAD_HANDLE, "client is disconnected")
-            if len(self._pending) < self._pending_limit and self.core.mcast(
-                client_id, group, payload
-            ):
-                self._pump()
+            if self.client_try_mcast(client_id, group, payload):
                 return True
             if not wait:
                 return False
             await self._wait_room()
+
+    def client_try_mcast(self, client_id: int, group: bytes, payload: bytes) -> bool:
+        """Multicast now if there is room (True), else False; never waits.
+
+        The IPC server's per-request fast path: no coroutine per message."""
+        if self._closed:
+            raise CpgError(ErrorCode.LIBRARY, "CPG service is closed")
+        if client_id not in self._sinks:
+            raise CpgError(ErrorCode.BAD_HANDLE, "client is disconnected")
+        if len(self._pending) < self._pending_limit and self.core.mcast(
+            client_id, group, payload
+        ):
+            self._pump()
+            return True
+        return False
 
     def close_client(self, client_id: int) -> None:
         """The client is gone: groups it did not leave see it as PROCDOWN. Idempotent."""
