@@ -72,6 +72,10 @@ _RING = struct.Struct(">IQH")
 _NODEID = struct.Struct(">I")
 _STATUS = struct.Struct(">B")
 _FLAGS = struct.Struct(">B")
+# length | version | type | request id | group length: a DELIVER frame's head.
+_DELIVER_HEAD = struct.Struct(">IBBIB")
+# DELIVER bytes besides group and payload, counted by the length field.
+_DELIVER_FIXED_BYTES = _HEADER.size + 1 + _NODE_PID.size
 
 
 class MsgType(enum.IntEnum):
@@ -124,12 +128,16 @@ def encode_members(members: tuple[Member, ...]) -> bytes:
     return _COUNT.pack(len(members)) + b"".join(_MEMBER.pack(*m) for m in members)
 
 
+def encode_deliver(event: Deliver) -> bytes:
+    group = event.group
+    head = _DELIVER_HEAD.pack(_DELIVER_FIXED_BYTES + len(group) + len(event.payload),
+                              IPC_VERSION, MsgType.DELIVER, 0, len(group))
+    return b"".join((head, group, _NODE_PID.pack(event.nodeid, event.pid), event.payload))
+
+
 def encode_event(event: CpgEvent) -> bytes:
     if isinstance(event, Deliver):
-        body = b"".join(
-            (_group(event.group), _NODE_PID.pack(event.nodeid, event.pid), event.payload)
-        )
-        return encode_frame(MsgType.DELIVER, 0, body)
+        return encode_deliver(event)
     if isinstance(event, ConfChg):
         body = b"".join(
             (_group(event.group), encode_members(event.members),
@@ -242,8 +250,9 @@ class _Connection:
         self.writer = writer
         self.pid = peer_pid(writer)
         self.client_id = 0
-        self.outbound: deque[bytes] = deque()
+        self.outbound: deque[bytes | Deliver] = deque()
         self.outbound_bytes = 0
+        self._buffered_at_write = 0
         self.closed = False
         self._flush_scheduled = False
         self._draining = False
@@ -282,21 +291,35 @@ class _Connection:
     # ------------------------------------------------------------ outbound
 
     def on_event(self, event: CpgEvent) -> None:
-        self.send(encode_event(event))
+        if isinstance(event, Deliver):
+            # Queued as is and encoded with the rest of this loop iteration's
+            # frames in one pass when they are written out.
+            size = _LENGTH.size + _DELIVER_FIXED_BYTES + len(event.group) + len(event.payload)
+            self._enqueue(event, size)
+        else:
+            self.send(encode_event(event))
 
     def send(self, frame: bytes) -> None:
+        self._enqueue(frame, len(frame))
+
+    def _enqueue(self, item: bytes | Deliver, size: int) -> None:
         if self.closed:
             return
-        queued_bytes = self.outbound_bytes + self._buffered_bytes()
-        if queued_bytes + len(frame) > self.server.client_queue_bytes:
-            log.error(
-                "CPG IPC: client pid %d did not read %d queued bytes; disconnecting it",
-                self.pid, queued_bytes,
-            )
-            self.abort()
-            return
-        self.outbound.append(frame)
-        self.outbound_bytes += len(frame)
+        limit = self.server.client_queue_bytes
+        # The transport's buffer size is read once per written batch; it only
+        # shrinks between batches, so a fresh look is needed only near the bound.
+        if self.outbound_bytes + self._buffered_at_write + size > limit:
+            self._buffered_at_write = self._buffered_bytes()
+            queued_bytes = self.outbound_bytes + self._buffered_at_write
+            if queued_bytes + size > limit:
+                log.error(
+                    "CPG IPC: client pid %d did not read %d queued bytes; disconnecting it",
+                    self.pid, queued_bytes,
+                )
+                self.abort()
+                return
+        self.outbound.append(item)
+        self.outbound_bytes += size
         if not self._flush_scheduled:
             # One write (a writev in the transport) per loop iteration for every
             # frame queued in it, without a task switch when the socket keeps up.
@@ -316,11 +339,13 @@ class _Connection:
         self._write_out()
 
     def _write_out(self) -> None:
-        batch = list(self.outbound)
+        batch = [item if isinstance(item, bytes) else encode_deliver(item)
+                 for item in self.outbound]
         self.outbound.clear()
         self.outbound_bytes = 0
         self.writer.writelines(batch)
-        if self._buffered_bytes() > 0:
+        self._buffered_at_write = self._buffered_bytes()
+        if self._buffered_at_write > 0:
             # The socket did not take everything: let the write loop wait for drain.
             self._draining = True
             self._wake_writer()
