@@ -206,12 +206,19 @@ def test_bad_requests_get_errors_and_change_nothing(run: Runner, sock_dir: str) 
             encode_frame(MsgType.LOCAL_GET, 7, b"junk"),  # trailing bytes
             encode_frame(MsgType.MCAST, 8, b"\x01\x03grp" + b"x" * MAX_FRAME_BYTES),
             encode_frame(MsgType.LOCAL_GET, 9),  # still served after all that
+            encode_frame(MsgType.MCAST, 10, b""),  # no flags
+            encode_frame(MsgType.MCAST, 11, b"\x01\x00data"),  # empty group name
+            encode_frame(MsgType.MCAST, 12, b"\x01\x05grp"),  # truncated group name
+            encode_frame(MsgType.MCAST, 13, b"\x01\x81" + b"g" * 129),  # group name too long
+            encode_frame(MsgType.MCAST, 14, b"\x01\x03grp"),  # well formed, empty payload
         ])
         statuses = {f.request_id: f.body[0] for f in replies}
         assert statuses == {
             1: ErrorCode.INVALID_PARAM, 2: ErrorCode.INVALID_PARAM, 3: ErrorCode.NOT_EXIST,
             4: ErrorCode.NOT_EXIST, 5: ErrorCode.MESSAGE_ERROR, 6: ErrorCode.MESSAGE_ERROR,
             7: ErrorCode.INVALID_PARAM, 8: ErrorCode.TOO_BIG, 9: ErrorCode.OK,
+            10: ErrorCode.INVALID_PARAM, 11: ErrorCode.INVALID_PARAM,
+            12: ErrorCode.INVALID_PARAM, 13: ErrorCode.INVALID_PARAM, 14: ErrorCode.NOT_EXIST,
         }
         await network.settle()
         assert services[0].core.groups() == []

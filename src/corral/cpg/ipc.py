@@ -124,6 +124,16 @@ def _group(group: bytes) -> bytes:
     return bytes((len(group),)) + group
 
 
+def split_mcast(body: bytes) -> tuple[int, bytes, bytes]:
+    """A MCAST request body as (flags, group, payload); DecodeError if malformed.
+
+    Sliced directly rather than through wire.Reader: this runs per message."""
+    length = body[1] if len(body) >= 2 else 0
+    if not 1 <= length <= wire.MAX_GROUP_NAME_BYTES or len(body) < 2 + length:
+        raise DecodeError(f"bad MCAST request: {len(body)} bytes, group length {length}")
+    return body[0], body[2:2 + length], body[2 + length:]
+
+
 def encode_members(members: tuple[Member, ...]) -> bytes:
     return _COUNT.pack(len(members)) + b"".join(_MEMBER.pack(*m) for m in members)
 
@@ -407,31 +417,28 @@ class _Connection:
 
     async def _handle_waiting(self, frame: Frame) -> None:
         """A MCAST with the WAIT flag and no room now: wait for room, then answer."""
-        reader = wire.Reader(frame.body)
-        reader.unpack(_FLAGS)
-        group = reader.group()
+        _flags, group, payload = split_mcast(frame.body)
         try:
-            await self.service.client_mcast(self.client_id, group, reader.rest())
+            await self.service.client_mcast(self.client_id, group, payload)
             status = ErrorCode.OK
         except CpgError as exc:
             status = exc.code
         self._reply(frame.request_id, status)
 
     def _dispatch(self, frame: Frame) -> tuple[ErrorCode, bytes] | None:
+        if frame.type == MsgType.MCAST:
+            flags, group, payload = split_mcast(frame.body)
+            if self.service.client_try_mcast(self.client_id, group, payload):
+                return ErrorCode.OK, b""
+            if flags & FLAG_WAIT:
+                return None
+            return ErrorCode.TRY_AGAIN, b""
         reader = wire.Reader(frame.body)
         if frame.type in (MsgType.LOCAL_GET, MsgType.FINALIZE):
             reader.finish()
             if frame.type == MsgType.FINALIZE:
                 return ErrorCode.OK, b""
             return ErrorCode.OK, _NODE_PID.pack(self.service.nodeid, self.pid)
-        if frame.type == MsgType.MCAST:
-            (flags,) = reader.unpack(_FLAGS)
-            group = reader.group()
-            if self.service.client_try_mcast(self.client_id, group, reader.rest()):
-                return ErrorCode.OK, b""
-            if flags & FLAG_WAIT:
-                return None
-            return ErrorCode.TRY_AGAIN, b""
         group = reader.group()
         reader.finish()
         if frame.type == MsgType.JOIN:
