@@ -17,7 +17,7 @@ import random
 import pytest
 
 from corral.cpg import wire
-from corral.cpg.events import ConfChg, Deliver, Member
+from corral.cpg.events import ConfChg, CpgEvent, Deliver, Member
 from corral.sim.checkers import Violation
 from corral.sim.cluster import SimOptions, Simulation, run_seed
 from corral.sim.cpglayer import CpgLayer, wrap
@@ -110,8 +110,8 @@ def _fabricated_logs(layer: CpgLayer, second_between: list[bytes]) -> None:
     first = ConfChg(group, (Member(1, 10), Member(2, 20)), (), (Member(2, 20),))
     second = ConfChg(group, (Member(1, 10),), (Member(2, 20, 3),), ())
     for key, between in (((1, 1, 1), [b"m1", b"m2"]), ((3, 1, 1), second_between)):
-        events = [first, *(Deliver(group, 1, 10, p) for p in between), second]
-        layer.logs[key] = list(events)
+        events: list[CpgEvent] = [first, *(Deliver(group, 1, 10, p) for p in between), second]
+        layer.logs[key] = events
         layer.stamps[key] = ["s1", *("m" for _ in between), "s2"]
 
 
