@@ -64,6 +64,10 @@ def test_formation_delivery_persist_and_leave(run: Callable[[Any], Any], tmp_pat
             assert nodes[0].submit(b"hello")
             await wait_for(lambda: all(
                 (EV_DELIVER, 1, b"hello") in events[n.nodeid] for n in nodes))
+            # FakeCore forms its membership from heartbeats, before the links have
+            # had their pongs: wait for those separately.
+            await wait_for(lambda: all(
+                row["state"] != "down" for n in nodes for row in n.transport.link_status()))
             for node in nodes:
                 configs = [e for e in events[node.nodeid] if e[0] == EV_CONFIG]
                 assert configs[-1][3] == (1, 2, 3)
