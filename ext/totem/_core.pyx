@@ -156,6 +156,25 @@ cdef inline int64_t _min64(int64_t a, int64_t b) noexcept:
     return a if a < b else b
 
 
+cdef bytes _plain_old_frame(bytes packet):
+    """An old-ring frame as it is re-sent (encapsulated) in recovery.
+
+    A frame that was itself recovery traffic of the old ring (encapsulated: it
+    carries a message of the ring before) has nothing of the old ring to
+    deliver, and encapsulation nests one level only; it goes out as an empty
+    plain frame with the same header (ring rep, seq, epoch, seq number, origin),
+    which fills its place in the old ring's sequence."""
+    cdef bytes out
+    cdef uchar* q
+    if not (<const uchar*>PyBytes_AS_STRING(packet))[HEADER_BYTES + 12] & MCAST_FLAG_ENCAPSULATED:
+        return packet
+    out = PyBytes_FromStringAndSize(PyBytes_AS_STRING(packet), MCAST_HEADER_BYTES)
+    q = <uchar*>PyBytes_AS_STRING(out)
+    q[HEADER_BYTES + 12] = 0
+    wr_u32(q + HEADER_BYTES + 13, 0)
+    return out
+
+
 cdef class TotemCore:
     """One node's Totem protocol state machine (see _core.pyi for the contract)."""
 
@@ -955,6 +974,9 @@ cdef class TotemCore:
         while buf.delivered < buf.aru:
             buf.delivered += 1
             idx = buf.delivered & RING_MASK
+            if buf.flags[idx] & MCAST_FLAG_ENCAPSULATED:
+                # The old ring's own recovery traffic: nothing of that ring to deliver.
+                continue
             self._deliver_frame(<bytes>buf.packets[idx], buf.origins[idx])
         return 0
 
@@ -968,7 +990,8 @@ cdef class TotemCore:
         while s < buf.high:
             s += 1
             idx = s & RING_MASK
-            if buf.seqs[idx] == s and buf.origins[idx] in trans:
+            if (buf.seqs[idx] == s and buf.origins[idx] in trans
+                    and not (buf.flags[idx] & MCAST_FLAG_ENCAPSULATED)):
                 self._deliver_frame(<bytes>buf.packets[idx], buf.origins[idx])
         buf.delivered = buf.aru
         return 0
@@ -1363,7 +1386,7 @@ cdef class TotemCore:
             while s < self._old_buf.high:
                 s += 1
                 if self._old_buf.has(s):
-                    self._recovery_queue.append(self._old_buf.packet(s))
+                    self._recovery_queue.append(_plain_old_frame(self._old_buf.packet(s)))
         self._state = S_RECOVERY
         return 0
 

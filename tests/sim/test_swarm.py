@@ -44,8 +44,8 @@ SOAK_SEEDS = int(os.environ.get("CORRAL_SOAK_SEEDS", "3000"))
 
 # seed: why it is expected to fail (a core bug reported in .scratch/sim-failures.md)
 # Seeds fixed by a core change stay in regression_seeds.txt with their finding.
-F4 = "F4 in .scratch/sim-failures.md: encapsulated recovery frames dropped as malformed"
-KNOWN_CORE_BUGS: dict[int, str] = {40367: F4}
+# (F4, seed 40367, fixed: nested encapsulation of the old ring's own recovery frames.)
+KNOWN_CORE_BUGS: dict[int, str] = {}
 
 
 def swarm_options(seed: int, *, duration_ms: int | None = None) -> SimOptions:
