@@ -17,7 +17,7 @@ seed prints its violation, a trace excerpt and the one replay command.
   only with CORRAL_SOAK=1 (CORRAL_SOAK_SEEDS sets how many).
 
 Seeds that fail because of a known, unfixed core bug are listed in
-KNOWN_CORE_BUGS with the entry in .scratch/sim-failures.md and run as xfail.
+KNOWN_CORE_BUGS with the entry in docs/sim-findings.md and run as xfail.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ SWARM_SEEDS = 400
 BIG_SWARM_SEEDS = 100
 SOAK_SEEDS = int(os.environ.get("CORRAL_SOAK_SEEDS", "3000"))
 
-# seed: why it is expected to fail (a core bug reported in .scratch/sim-failures.md)
+# seed: why it is expected to fail (a core bug reported in docs/sim-findings.md)
 # Seeds fixed by a core change stay in regression_seeds.txt with their finding.
 # (F4, seed 40367, fixed: nested encapsulation of the old ring's own recovery frames.)
 KNOWN_CORE_BUGS: dict[int, str] = {}

@@ -1,5 +1,5 @@
 """Recovery from an old ring whose buffer still holds that ring's own recovery
-traffic (F4 in .scratch/sim-failures.md).
+traffic (F4 in docs/sim-findings.md).
 
 A ring that was itself formed by a recovery has encapsulated frames in its
 sequence (old-ring messages of the ring before). When that ring fails before
