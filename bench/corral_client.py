@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import re
@@ -170,41 +171,27 @@ class Pipeline:
     """Keeps up to `window` mcasts in flight on one handle.
 
     cpg_mcast_joined hands a message to corosync's IPC ring and returns
-    without waiting for an answer (flow control aside); CpgClientHandle.mcast
-    waits for the node's reply. Keeping a bounded number of mcasts in flight
-    gives the Corral client the same freedom. Order is kept: each mcast
-    writes its request before its first await, and tasks start in creation
-    order.
+    without waiting for an answer (flow control aside). CpgClientHandle.
+    mcast_nowait is the same: it queues the request at once (order kept) and
+    returns a future of the node's answer; this keeps at most `window` of
+    those futures open, waiting for the oldest when the window is full.
     """
 
     def __init__(self, handle: CpgClientHandle, window: int) -> None:
         self.handle = handle
-        self.room = asyncio.Semaphore(window)
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.error: BaseException | None = None
+        self.window = window
+        self.in_flight: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def send(self, data: bytes) -> None:
-        if self.error is not None:
-            raise self.error
-        await self.room.acquire()
-        task = asyncio.create_task(self._one(data))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _one(self, data: bytes) -> None:
-        try:
-            await self.handle.mcast(data)
-        except (CpgError, ConnectionError, OSError) as error:
-            if self.error is None:
-                self.error = error
-        finally:
-            self.room.release()
+        while self.in_flight and self.in_flight[0].done():
+            self.in_flight.popleft().result()  # raises the first refusal
+        if len(self.in_flight) >= self.window:
+            await self.in_flight.popleft()
+        self.in_flight.append(self.handle.mcast_nowait(data))
 
     async def drain(self) -> None:
-        if self.tasks:
-            await asyncio.wait(set(self.tasks))
-        if self.error is not None:
-            raise self.error
+        while self.in_flight:
+            await self.in_flight.popleft()
 
 
 async def send_loop(handle: CpgClientHandle, args: argparse.Namespace,

@@ -264,6 +264,39 @@ def test_flow_control_try_again_or_wait(run: Runner, sock_dir: str) -> None:
     run(main)
 
 
+def test_mcast_nowait_keeps_order_waits_on_flow_control_and_reports_refusal(
+    run: Runner, sock_dir: str
+) -> None:
+    async def main() -> None:
+        network, _services, servers, paths = await make_node(sock_dir, 1)
+        client = await CpgClient.connect(paths[0])
+        handle = await client.join("grp")
+        await handle.wait_joined()
+        network.pause()
+        # Queued at once, in call order; none is answered while the node is paused.
+        futures = [handle.mcast_nowait(b"%04d" % i) for i in range(300)]
+        for _ in range(20):
+            await asyncio.sleep(0.001)
+        assert not futures[-1].done()
+        network.resume()
+        await asyncio.gather(*futures)
+        got = await until(handle, lambda e: getattr(e, "payload", None) == b"0299")
+        payloads = [e.payload for e in got if isinstance(e, Deliver)]
+        assert payloads == [b"%04d" % i for i in range(300)]
+        # A refusal arrives as the future's CpgError (not a member of this group).
+        other = await client.join("other")
+        await other.wait_joined()
+        await other.leave()
+        refused = other.client._request_nowait(
+            MsgType.MCAST, b"\x01\x05other" + b"late")
+        with pytest.raises(CpgError):
+            await refused
+        await client.finalize()
+        await shutdown(network, servers)
+
+    run(main)
+
+
 def test_finalize_and_abrupt_disconnect_are_procdown(run: Runner, sock_dir: str) -> None:
     async def main() -> None:
         network, services, servers, paths = await make_node(sock_dir)

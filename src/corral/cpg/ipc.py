@@ -548,6 +548,15 @@ class CpgClientHandle:
         body = _FLAGS.pack(FLAG_WAIT if wait else 0) + _group(self.group) + bytes(data)
         await self.client._request(MsgType.MCAST, body)
 
+    def mcast_nowait(self, data: bytes) -> asyncio.Future[None]:
+        """Send `data` without waiting, like cpg_mcast_joined: the request is queued at
+        once (order kept with other requests) and the returned future completes when
+        the node accepted it (the node waits on its flow control first) or fails with
+        CpgError. Callers bound how many they keep in flight."""
+        self._check_open()
+        body = _FLAGS.pack(FLAG_WAIT) + _group(self.group) + bytes(data)
+        return self.client._request_nowait(MsgType.MCAST, body)
+
     async def leave(self) -> None:
         """Leave; returns once the own confchg (reason LEAVE) arrived."""
         self._check_open()
@@ -707,28 +716,63 @@ class CpgClient:
             await self._task
         self._fail_all(CpgError(ErrorCode.BAD_HANDLE, "client closed"))
 
-    async def _request(self, msg_type: MsgType, body: bytes) -> bytes:
+    def _send_request(self, msg_type: MsgType,
+                      body: bytes) -> tuple[int, asyncio.Future[tuple[int, bytes]]]:
+        """Queue one request frame; return its id and the future of (status, reply)."""
         if self.closed:
             raise CpgError(ErrorCode.BAD_HANDLE, "client closed")
         request_id = self._next_request
         self._next_request = (self._next_request + 1) & 0xFFFF_FFFF or 1
         future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        # Queued before the first await: concurrent callers' requests (mcasts
+        # Queued before any await: concurrent callers' requests (mcasts
         # pipelined by the benchmark client) reach the node in call order, and
         # all requests of one loop iteration leave in one write.
         if not self._unsent:
             asyncio.get_running_loop().call_soon(self._flush_requests)
         self._unsent.append(encode_frame(msg_type, request_id, body))
+        return request_id, future
+
+    @staticmethod
+    def _reply_or_raise(msg_type: MsgType, status: int, reply: bytes) -> bytes:
+        if status != ErrorCode.OK:
+            code = ErrorCode(status) if status in ErrorCode._value2member_map_ else ErrorCode.LIBRARY
+            raise CpgError(code, f"{msg_type.name} refused by the node")
+        return reply
+
+    async def _request(self, msg_type: MsgType, body: bytes) -> bytes:
+        request_id, future = self._send_request(msg_type, body)
         try:
             await self._writer.drain()
             status, reply = await future
         finally:
             self._pending.pop(request_id, None)
-        if status != ErrorCode.OK:
-            code = ErrorCode(status) if status in ErrorCode._value2member_map_ else ErrorCode.LIBRARY
-            raise CpgError(code, f"{msg_type.name} refused by the node")
-        return reply
+        return self._reply_or_raise(msg_type, status, reply)
+
+    def _request_nowait(self, msg_type: MsgType, body: bytes) -> asyncio.Future[None]:
+        """Queue a request without waiting; the returned future completes with its
+        answer (or the CpgError of a refusal, or the connection's error)."""
+        request_id, future = self._send_request(msg_type, body)
+        result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def settle(done: asyncio.Future[tuple[int, bytes]]) -> None:
+            self._pending.pop(request_id, None)
+            if result.done():
+                return
+            if done.cancelled():
+                result.cancel()
+            elif (error := done.exception()) is not None:
+                result.set_exception(error)
+            else:
+                try:
+                    self._reply_or_raise(msg_type, *done.result())
+                except CpgError as refusal:
+                    result.set_exception(refusal)
+                else:
+                    result.set_result(None)
+
+        future.add_done_callback(settle)
+        return result
 
     def _flush_requests(self) -> None:
         if self._unsent:
