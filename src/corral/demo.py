@@ -48,6 +48,21 @@ def _run(argv: list[str], check: bool = True, stdin_text: str | None = None) -> 
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if check else subprocess.DEVNULL)
 
 
+def stop_process(process: subprocess.Popen[bytes] | None,
+                 timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+    """SIGTERM a node process (graceful leave), SIGKILL after timeout_s; its exit status."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def can_use_netns() -> bool:
     return os.geteuid() == 0 and shutil.which("ip") is not None
 
@@ -203,17 +218,7 @@ class LocalCluster:
 
     def stop(self, nodeid: int, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM (graceful leave), SIGKILL after timeout_s; returns the exit status."""
-        process = self.processes.pop(nodeid, None)
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return process.returncode
+        return stop_process(self.processes.pop(nodeid, None), timeout_s)
 
     def kill(self, nodeid: int) -> None:
         process = self.processes.pop(nodeid)

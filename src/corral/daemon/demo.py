@@ -27,7 +27,7 @@ from typing import Any
 from corral.cluster.layout import Layout
 from corral.cluster.pki import fingerprint_pem
 from corral.daemon.control import ControlError, request
-from corral.demo import LocalCluster, free_udp_port
+from corral.demo import LocalCluster, free_udp_port, stop_process
 
 STOP_TIMEOUT_S = 10.0
 QUORATE_TIMEOUT_S = 60.0
@@ -252,17 +252,7 @@ class DemoCluster:
     # ---- teardown ---------------------------------------------------------------------
 
     def stop(self, nodeid: int, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-        process = self.processes.pop(nodeid, None)
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return process.returncode
+        return stop_process(self.processes.pop(nodeid, None), timeout_s)
 
     def kill(self, nodeid: int) -> None:
         process = self.processes.pop(nodeid)
