@@ -296,18 +296,26 @@ def parse_engine_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _print_new_lines(cluster: LocalCluster, offsets: dict[int, int]) -> None:
-    for nodeid in cluster.nodeids:
-        with contextlib.suppress(FileNotFoundError), open(cluster.log_path(nodeid), "rb") as log:
+def print_new_log_lines(logs: Sequence[tuple[int, str, str | os.PathLike[str]]],
+                        offsets: dict[int, int]) -> None:
+    """Print the complete lines each node's log gained since the last call, prefixed
+    with the node's label; `logs` holds (nodeid, label, log path), `offsets` the
+    position read so far per node."""
+    for nodeid, label, path in logs:
+        with contextlib.suppress(FileNotFoundError), open(path, "rb") as log:
             log.seek(offsets.get(nodeid, 0))
             data = log.read()
             complete = data.rfind(b"\n") + 1
             offsets[nodeid] = offsets.get(nodeid, 0) + complete
             for line in data[:complete].decode(errors="replace").splitlines():
-                print(f"node{nodeid}: {line}", flush=True)
+                print(f"{label}: {line}", flush=True)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
+def _print_new_lines(cluster: LocalCluster, offsets: dict[int, int]) -> None:
+    print_new_log_lines([(n, f"node{n}", cluster.log_path(n)) for n in cluster.nodeids], offsets)
+
+
+def raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
@@ -337,7 +345,7 @@ def engine_main(argv: Sequence[str]) -> int:
     interrupted = False
     offsets: dict[int, int] = {}
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_interrupt)  # clean up on these too, not only Ctrl-C
+        signal.signal(signum, raise_interrupt)  # clean up on these too, not only Ctrl-C
     try:
         cluster.setup()
         cluster.start_all()

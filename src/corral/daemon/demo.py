@@ -27,7 +27,13 @@ from typing import Any
 from corral.cluster.layout import Layout
 from corral.cluster.pki import fingerprint_pem
 from corral.daemon.control import ControlError, request
-from corral.demo import LocalCluster, free_udp_port, stop_process
+from corral.demo import (
+    LocalCluster,
+    free_udp_port,
+    print_new_log_lines,
+    raise_interrupt,
+    stop_process,
+)
 
 STOP_TIMEOUT_S = 10.0
 QUORATE_TIMEOUT_S = 60.0
@@ -322,19 +328,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def _print_new_lines(cluster: DemoCluster, offsets: dict[int, int]) -> None:
-    for nodeid in cluster.nodeids:
-        with contextlib.suppress(FileNotFoundError), open(cluster.log_path(nodeid), "rb") as log:
-            log.seek(offsets.get(nodeid, 0))
-            data = log.read()
-            complete = data.rfind(b"\n") + 1
-            offsets[nodeid] = offsets.get(nodeid, 0) + complete
-            for line in data[:complete].decode(errors="replace").splitlines():
-                print(f"{cluster.name(nodeid)}: {line}", flush=True)
+    print_new_log_lines([(n, cluster.name(n), cluster.log_path(n)) for n in cluster.nodeids],
+                        offsets)
 
 
 def _print_where(cluster: DemoCluster) -> None:
@@ -360,7 +356,7 @@ def main(argv: Sequence[str]) -> int:
     print(f"corral demo: {args.nodes} corrald nodes in {workdir} ({mode}); Ctrl-C to stop",
           flush=True)
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_interrupt)
+        signal.signal(signum, raise_interrupt)
     offsets: dict[int, int] = {}
     interrupted = failed = False
     statuses: dict[int, int | None] = {}
