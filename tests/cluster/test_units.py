@@ -4,6 +4,9 @@ certificates (CA signing, fingerprints) and the status table's flags."""
 
 from __future__ import annotations
 
+import stat
+from pathlib import Path
+
 import pytest
 
 from corral.cluster import confedit, pki
@@ -102,6 +105,30 @@ def test_join_tokens_expire_and_are_used_once() -> None:
     tokens.consume(digest, 1033.0)
     with pytest.raises(TokenError, match="bad join token"):
         tokens.check("cjt_forged", 1032.0)
+
+
+def test_join_tokens_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "priv" / "join-tokens.json"
+    path.parent.mkdir()
+    first = JoinTokens.load(path)
+    valid = first.issue(now_s=1000.0, lifetime_s=600)
+    spent = first.issue(now_s=1000.0, lifetime_s=600)
+    first.consume(first.check(spent, 1001.0), 1001.0)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert valid not in path.read_text()  # only digests are kept
+    second = JoinTokens.load(path)  # the daemon restarted
+    assert second.check(valid, 1002.0)
+    with pytest.raises(TokenError, match="already used"):
+        second.check(spent, 1002.0)
+
+
+def test_damaged_join_token_file_starts_empty(tmp_path: Path) -> None:
+    path = tmp_path / "join-tokens.json"
+    path.write_text('{"valid": {"short": 1}, "used": {}}')
+    tokens = JoinTokens.load(path)
+    assert tokens.expiry_s == {} and tokens.used == {}
+    token = tokens.issue(now_s=1.0, lifetime_s=60)  # and the file is rewritten whole
+    assert JoinTokens.load(path).check(token, 2.0)
 
 
 def test_tickets() -> None:

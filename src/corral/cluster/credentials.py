@@ -2,7 +2,9 @@
 
 - The admin password (root@pam) is stored as `scrypt$<n>$<salt hex>$<hash hex>`.
 - A join token is 32 random bytes (URL-safe base64); the issuing node keeps only
-  its SHA-256 with an expiry, and forgets it when it is used.
+  its SHA-256 with an expiry, and marks it used when a join consumes it. With a
+  `path` the table is kept on disk (written atomically, mode 0600, under priv/),
+  so a token stays valid, and a used token stays used, across daemon restarts.
 - A ticket (after `POST /access/ticket`) is `PVE:root@pam:<hex epoch>::<b64 HMAC>`
   with a per-process secret: it is only used during a join, on the node that
   issued it, within TICKET_LIFETIME_S.
@@ -13,8 +15,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
+import logging
+import os
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("corral.cluster")
 
 ADMIN_USER = "root@pam"
 SCRYPT_N = 1 << 14
@@ -57,6 +65,35 @@ class JoinTokens:
 
     expiry_s: dict[str, float] = field(default_factory=dict)
     used: dict[str, float] = field(default_factory=dict)
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> JoinTokens:
+        """The table saved at `path`; an empty one if there is none. A damaged
+        file is logged and replaced (tokens in it must be issued again)."""
+        tokens = cls(path=path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            tokens.expiry_s = _digest_table(data["valid"])
+            tokens.used = _digest_table(data["used"])
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.warning("join tokens in %s unreadable (%s): starting with none", path, error)
+        return tokens
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        data = json.dumps({"valid": self.expiry_s, "used": self.used}, sort_keys=True)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, self.path)
 
     def issue(self, now_s: float, lifetime_s: float) -> str:
         self._forget_old(now_s)
@@ -65,6 +102,7 @@ class JoinTokens:
             del self.expiry_s[oldest]
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)  # never starts with "-"
         self.expiry_s[_digest(token)] = now_s + lifetime_s
+        self.save()
         return token
 
     def check(self, token: str, now_s: float) -> str:
@@ -82,12 +120,14 @@ class JoinTokens:
     def consume(self, digest: str, now_s: float) -> None:
         expiry = self.expiry_s.pop(digest, now_s)
         self.used[digest] = expiry
+        self.save()
 
     def restore(self, digest: str) -> None:
         """Give a consumed token back (the join it was used for failed)."""
         expiry = self.used.pop(digest, None)
         if expiry is not None:
             self.expiry_s[digest] = expiry
+            self.save()
 
     def _forget_old(self, now_s: float) -> None:
         # Expired tokens are kept a while so that their use says "expired", not "bad".
@@ -96,6 +136,18 @@ class JoinTokens:
         self.used = {d: e for d, e in self.used.items() if e > horizon}
         while len(self.used) > MAX_TOKENS:
             self.used.pop(next(iter(self.used)))
+
+
+def _digest_table(raw: object) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise ValueError("not a table")
+    table = {}
+    for digest, expiry in list(raw.items())[:MAX_TOKENS * 2]:
+        if not isinstance(digest, str) or len(digest) != 64 or \
+                not isinstance(expiry, (int, float)):
+            raise ValueError(f"bad entry {digest!r}")
+        table[digest] = float(expiry)
+    return table
 
 
 def _digest(token: str) -> str:

@@ -12,6 +12,7 @@ $CORRAL_STATE_DIR, or --state-dir):
       ca.key             the cluster CA's private key (0600)
       node.key           this node's private key (0600)
       admin.pw           scrypt hash of the administrator (root@pam) password (0600)
+      join-tokens.json   digests and expiry of the join tokens this node issued (0600)
     corrald.sock         control socket of the daemon (0600)
     cpg.sock             CPG IPC socket of the daemon (0600)
     corrald.pid, corrald.log
@@ -89,6 +90,10 @@ class Layout:
     @property
     def admin_password(self) -> Path:
         return self.priv / "admin.pw"
+
+    @property
+    def join_tokens(self) -> Path:
+        return self.priv / "join-tokens.json"
 
     @property
     def control_socket(self) -> Path:

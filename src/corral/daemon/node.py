@@ -80,7 +80,7 @@ class Daemon:
         self.config = ClusterConfig.from_text(self.conf_text, str(self.layout.conf))
         self.config.node(self.nodeid)
         self.key = auth.read_key_file(str(self.layout.authkey))
-        self.tokens = JoinTokens()
+        self.tokens = JoinTokens.load(self.layout.join_tokens)
         self.notifier = Notifier()
         self.stop_requested = asyncio.Event()
         self.members: tuple[int, ...] = ()
