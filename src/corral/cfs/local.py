@@ -14,8 +14,9 @@ mutation fails with EACCES and nothing changes (tests and inspection).
 
 Lock expiry works as on a cluster, judged by this node's monotonic clock:
 `utime(lock, 0)` fails with EACCES and, if the lock incarnation was first
-seen more than 120 s ago, removes it (the reference does this inline in
-local mode too).
+seen longer ago than the expiry (120 s unless datacenter.cfg's `ha-timing`
+says otherwise, see locks.py), removes it (the reference does this inline
+in local mode too).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from collections import deque
 from collections.abc import Callable
 
 from corral.cfs import virtual
-from corral.cfs.locks import LockTracker
+from corral.cfs.locks import ExpirySetting, LockTracker
 from corral.cfs.ops import Op
+from corral.cfs.rules import LOCK_EXPIRY_CONFIG
 from corral.cfs.state import Outcome, UnlockRequested
 from corral.cfs.store import Store
 
@@ -50,6 +52,7 @@ class LocalBackend:
         self._monotonic_ns = monotonic_ns
         self.starttime = int(wall_clock_s())
         self.locks = LockTracker()
+        self.lock_expiry = ExpirySetting()
         self.locks.rebuild(store.state.locks(), monotonic_ns())
         # Local mode keeps its own cluster log (recovery notes); bounded.
         self.clusterlog: deque[virtual.LogEntry] = deque(maxlen=CLUSTERLOG_KEPT)
@@ -94,7 +97,8 @@ class LocalBackend:
             self._judge_unlock(request, now_ns)
 
     def _judge_unlock(self, request: UnlockRequested, now_ns: int) -> None:
-        if not self.locks.is_expired(request.path, request.checksum, now_ns):
+        if not self.locks.is_expired(request.path, request.checksum, now_ns,
+                                     self._lock_expiry_ns()):
             return
         unlock = Op.unlock(request.path, request.checksum)
         unlocked = self._store.apply(unlock, writer=LOCAL_WRITER, quorate=True)
@@ -103,6 +107,15 @@ class LocalBackend:
             for listener in self._listeners:
                 listener(unlock)
         self.locks.follow(unlocked.effects, now_ns)
+
+    def _lock_expiry_ns(self) -> int:
+        entry = self._store.state.tree.lookup(LOCK_EXPIRY_CONFIG)
+        version = None if entry is None or entry.is_dir else entry.version
+        problem = self.lock_expiry.refresh(
+            version, lambda: self._store.read_file(LOCK_EXPIRY_CONFIG))
+        if problem is not None:
+            log.warning("cfs: %s", problem)
+        return self.lock_expiry.expiry_ns
 
     def virtual_file(self, name: str) -> bytes | None:
         state = self._store.state

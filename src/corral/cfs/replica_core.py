@@ -30,7 +30,8 @@ Protocol (docs/cfs-replication.md has the full description):
   each member reports (version, digest) as of the request's delivery; any
   difference starts a repair (a resync) and is logged.
 - The lowest member judges lock expiry with its LockTracker and multicasts
-  UNLOCK ops for expired locks.
+  UNLOCK ops for expired locks; the expiry is read from the tree's
+  datacenter.cfg when it judges (locks.ExpirySetting).
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ from typing import Protocol
 
 from corral.cfs import ops as ops_mod
 from corral.cfs import resync
-from corral.cfs.locks import LockTracker
+from corral.cfs.locks import ExpirySetting, LockTracker
 from corral.cfs.ops import Op
 from corral.cfs.resync import PatchItem
+from corral.cfs.rules import LOCK_EXPIRY_CONFIG
 from corral.cfs.state import CfsState, Outcome
 from corral.cfs.virtual import CLUSTERLOG_SHOWN
 from corral.errors import DecodeError, InvariantError, UsageError
@@ -603,6 +605,7 @@ class ReplicaCore:
         self.sync: _Sync | None = None
         self.last_sync: SyncReport | None = None
         self.tracker = LockTracker()
+        self.lock_expiry = ExpirySetting()
         self.clusterlog: dict[tuple[str, int, int], LogRecord] = {}
         self.counters: dict[str, int] = dict.fromkeys(
             ("malformed", "newer_version", "not_member", "stale", "spoofed", "frag_dropped",
@@ -775,6 +778,16 @@ class ReplicaCore:
             self.counters["eacces"] += 1
         self._out.append(Complete(request_id, code))
 
+    def _lock_expiry_ns(self) -> int:
+        """The cluster-wide expiry as the tree says now (re-read on change)."""
+        entry = self.store.state.tree.lookup(LOCK_EXPIRY_CONFIG)
+        version = None if entry is None or entry.is_dir else entry.version
+        problem = self.lock_expiry.refresh(
+            version, lambda: self.store.read_file(LOCK_EXPIRY_CONFIG))
+        if problem is not None:
+            self._log("warning", problem)
+        return self.lock_expiry.expiry_ns
+
     def _is_lowest(self) -> bool:
         return bool(self.members) and self.members[0] == self.nodeid
 
@@ -911,8 +924,9 @@ class ReplicaCore:
             self._complete(message.request_id, outcome.errno)
         requests = self.tracker.follow(outcome.effects, now_ns)
         if requests and self._is_lowest() and self.quorate and self.phase is Phase.SYNCED:
+            expiry_ns = self._lock_expiry_ns()
             for request in requests:
-                if self.tracker.is_expired(request.path, request.checksum, now_ns):
+                if self.tracker.is_expired(request.path, request.checksum, now_ns, expiry_ns):
                     self.counters["unlocks_sent"] += 1
                     self._log("info", f"lock {request.path} expired: sending UNLOCK")
                     unlock = ops_mod.encode(Op.unlock(request.path, request.checksum))

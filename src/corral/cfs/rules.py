@@ -24,7 +24,12 @@ ROOT_SYMLINKS = frozenset({"local", "qemu-server", "lxc", "openvz"})
 ROOT_VIRTUAL = GENERATED_FILES | ROOT_SYMLINKS
 
 LOCK_DIR = "priv/lock"
+# Lock expiry: the default (the reference's fixed 120 s) and the bounds of the
+# cluster-wide setting read from LOCK_EXPIRY_CONFIG (see locks.py).
 LOCK_EXPIRY_NS = 120 * 1_000_000_000
+LOCK_EXPIRY_MIN_NS = 10 * 1_000_000_000
+LOCK_EXPIRY_MAX_NS = 600 * 1_000_000_000
+LOCK_EXPIRY_CONFIG = "datacenter.cfg"
 
 # A guest config: nodes/<host name>/<kind>/<id>.conf, the id without leading
 # zeros. The 32-bit bound is checked separately (a regex cannot say it).
