@@ -1,0 +1,649 @@
+"""Live migration of the test guest: plain QEMU against Corral, same guest, same run.
+
+Run:  .venv/bin/python -m bench.bench_migrate [--quick] [--repeats N] [--json FILE]
+      [--sizes 256,1024] [--no-corral]   (or `python -m bench migrate ...`)
+
+Baseline ("plain"): two QEMU processes on this machine, started from the command
+line Corral builds for the guest (GuestManager.build_command), the target with
+`-incoming defer -S`, driven over QMP with the reference's settings (capabilities
+xbzrle + auto-converge, max-bandwidth 16 GiB/s, downtime-limit 100 ms doubled when
+RAM does not converge, xbzrle cache 10 % of RAM rounded to a power of two). TLS
+cases use QEMU's tls-creds-x509 with certificates from a cluster CA minted by
+corral.cluster.pki (verify-peer on, mutual); insecure cases use plain TCP. Local
+disk cases export an empty target volume over NBD, mirror the source disk to it
+(blockdev-mirror, sync=full), wait for `ready`, migrate RAM, then cancel the job
+(complete without pivot), as the reference does.
+
+Corral ("corral"): the same guest config on a 2-node demo cluster (real corrald
+processes), migrated with `corral qm migrate` through the node's API; figures are
+read back from the task log (QEMU's total/downtime/bytes and the orchestration
+timings the migration logs). Without a usable migration the column says so: it is
+never filled with baseline numbers.
+
+Matrix: guest sizes (256 MiB and 1 GiB) x idle / dirtying x shared storage / local
+disk x TLS / insecure. A dirtying guest rewrites a working set of 3/8 of its RAM
+(kernel knobs corral.dirty=MIB corral.period=0.01); an idle guest uses corral.dirty=0.
+Each (size, workload, storage) boots one guest and migrates it back and forth
+between the two sides, `--repeats` times per transport. The box is shared: the
+report prints the load average with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from corral.cluster import pki
+from corral.guests import storage as storage_mod
+from corral.guests.config import parse_config
+from corral.guests.qemu import DEFAULT_TEST_GUEST_DIR, GuestManager
+from corral.guests.qmp import QmpClient, QmpError
+
+# The reference's migration settings (qemu-migration.md, section 1.5).
+MAX_BANDWIDTH_BYTES_PER_S = 16 << 30
+DOWNTIME_LIMIT_MS = 100
+DOWNTIME_LIMIT_MAX_MS = 2_000_000
+GROWING_POLLS_BEFORE_DOUBLING = 5
+POLL_INTERVAL_S = 0.02
+MIGRATION_TIMEOUT_S = 300.0
+MIRROR_READY_TIMEOUT_S = 300.0
+BOOT_TIMEOUT_S = 120.0
+COUNTER_TIMEOUT_S = 30.0
+VMID = 900
+DIRTY_FRACTION = 3 / 8          # 96 MiB of 256, 384 MiB of 1 GiB, as the anchor's runs
+DIRTY_PERIOD_S = "0.01"
+DISK_DATA_FRACTION = 0.5        # half of the local disk is random data, half sparse
+
+
+class BenchError(RuntimeError):
+    """A benchmark step failed (the case is recorded as failed, with this message)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    memory_mib: int
+    dirty_mib: int
+    storage: str                 # "shared" or "local"
+    transport: str               # "tls" or "insecure"
+
+    @property
+    def label(self) -> str:
+        size = f"{self.memory_mib // 1024} GiB" if self.memory_mib >= 1024 else f"{self.memory_mib} MiB"
+        work = f"dirty {self.dirty_mib} MiB" if self.dirty_mib else "idle"
+        return f"{size}, {work}, {self.storage}, {self.transport}"
+
+
+@dataclass
+class Run:
+    """One migration: QEMU's figures plus our wall-clock ones (ms, bytes)."""
+    ok: bool
+    error: str = ""
+    total_ms: float = 0.0
+    downtime_ms: float = 0.0
+    setup_ms: float = 0.0
+    ram_bytes: int = 0
+    disk_bytes: int = 0
+    mirror_ms: float = 0.0
+    syncs: int = 0
+    downtime_raised_ms: int = 0
+    wall_ms: float = 0.0          # command (or first QMP step) to the guest running on the target
+    start_overhead_ms: float | None = None    # Corral: command -> QEMU migration start
+    finish_overhead_ms: float | None = None   # Corral: QEMU completed -> TASK OK, config moved
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    system: str
+    runs: list[Run] = field(default_factory=list)
+
+    def ok_runs(self) -> list[Run]:
+        return [run for run in self.runs if run.ok]
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+# --- files: tree, storages, certificates ---------------------------------------------
+
+
+def xbzrle_cache_bytes(memory_mib: int) -> int:
+    """10 % of guest RAM rounded up to a power of two (the reference's choice)."""
+    wanted = max(1, memory_mib * (1 << 20) // 10)
+    return 1 << (wanted - 1).bit_length()
+
+
+def write_tls_dirs(workdir: Path, sides: tuple[str, str]) -> dict[str, Path]:
+    """A cluster CA and one cert per side, laid out as QEMU's tls-creds-x509 `dir` wants."""
+    ca_cert, ca_key = pki.new_ca("bench-migrate")
+    dirs: dict[str, Path] = {}
+    for side in sides:
+        cert, key = pki.issue_node_cert(side, ["127.0.0.1"], ca_cert, ca_key)
+        directory = workdir / f"tls-{side}"
+        directory.mkdir(parents=True)
+        (directory / "ca-cert.pem").write_bytes(ca_cert)
+        for role in ("server", "client"):
+            (directory / f"{role}-cert.pem").write_bytes(cert)
+            (directory / f"{role}-key.pem").write_bytes(key)
+            os.chmod(directory / f"{role}-key.pem", 0o600)
+        dirs[side] = directory
+    return dirs
+
+
+def guest_append(memory_mib: int, dirty: bool) -> str:
+    if not dirty:
+        return "console=ttyS0 quiet panic=-1 corral.dirty=0"
+    return (f"console=ttyS0 quiet panic=-1 corral.dirty={dirty_mib(memory_mib)} "
+            f"corral.period={DIRTY_PERIOD_S}")
+
+
+def dirty_mib(memory_mib: int) -> int:
+    return int(memory_mib * DIRTY_FRACTION)
+
+
+def guest_args(guest_dir: str, memory_mib: int, dirty: bool) -> str:
+    return (f"-kernel {guest_dir}/vmlinuz -initrd {guest_dir}/initrd.img "
+            f"-append '{guest_append(memory_mib, dirty)}'")
+
+
+def disk_mib(quick: bool) -> int:
+    return 256 if quick else 1024
+
+
+def fill_disk(path: str, size_mib: int) -> None:
+    """Random data in the first half, sparse second half (as the anchor's disk)."""
+    data_mib = int(size_mib * DISK_DATA_FRACTION)
+    with open(path, "r+b") as handle:
+        for _ in range(data_mib):
+            handle.write(os.urandom(1 << 20))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+# --- serial counter ------------------------------------------------------------------
+
+
+async def read_counter(path: str, timeout_s: float = COUNTER_TIMEOUT_S) -> int:
+    """The next `corral-counter N` line printed on a guest's serial socket."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError(f"serial socket {path} did not appear") from None
+            await asyncio.sleep(0.1)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                line = await asyncio.wait_for(reader.readline(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+            if not line:
+                break
+            words = line.decode(errors="replace").split()
+            if len(words) == 2 and words[0] == "corral-counter" and words[1].isdigit():
+                return int(words[1])
+    finally:
+        writer.close()
+    raise BenchError(f"no counter line on {path} within {timeout_s} s")
+
+
+async def wait_counter(path: str, at_least: int, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await read_counter(path, max(1.0, deadline - time.monotonic()))
+        if value >= at_least:
+            return value
+        if time.monotonic() > deadline:
+            raise BenchError(f"guest counter stuck at {value} (wanted {at_least})")
+
+
+# --- plain QEMU side ------------------------------------------------------------------
+
+
+class Side:
+    """One QEMU 'host' of the baseline: a run dir and a storage of its own."""
+
+    def __init__(self, name: str, root: Path, tls_dir: Path) -> None:
+        self.name = name
+        self.manager = GuestManager(str(root), name, str(root / f"run-{name}"),
+                                    str(root / f"tasks-{name}"))
+        self.tls_dir = tls_dir
+        self.qmp: QmpClient | None = None
+
+    def command(self, config_text: str, incoming: bool) -> list[str]:
+        command = self.manager.build_command(VMID, parse_config(config_text), "tcg")
+        return [*command, "-incoming", "defer", "-S"] if incoming else command
+
+    async def spawn(self, config_text: str, incoming: bool) -> None:
+        for suffix in ("qmp", "pid", "serial0"):
+            path = os.path.join(self.manager.run_dir, f"{VMID}.{suffix}")
+            if os.path.exists(path):
+                os.unlink(path)
+        log_path = os.path.join(self.manager.run_dir, f"{VMID}.log")
+        with open(log_path, "w", encoding="utf-8") as log_file:
+            result = await asyncio.to_thread(
+                subprocess.run, self.command(config_text, incoming), stdin=subprocess.DEVNULL,
+                stdout=log_file, stderr=log_file, start_new_session=True, timeout=60, check=False)
+        if result.returncode != 0:
+            raise BenchError(f"QEMU on {self.name} failed: {Path(log_path).read_text()[-400:]}")
+        self.qmp = QmpClient(self.manager.qmp_path(VMID))
+        await self.qmp.connect()
+
+    async def cmd(self, command: str, /, **arguments: Any) -> Any:
+        if self.qmp is None:
+            raise BenchError(f"no QEMU on {self.name}")
+        return await self.qmp.command(command, **arguments)
+
+    async def kill(self) -> None:
+        if self.qmp is not None:
+            try:
+                await self.qmp.command("quit", timeout_s=5)
+            except QmpError:
+                pass
+            await self.qmp.close()
+            self.qmp = None
+        pid = self.manager.pid(VMID)
+        if pid is not None:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        for _ in range(100):
+            if self.manager.pid(VMID) is None:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def set_migration_settings(source: Side, target: Side, memory_mib: int,
+                                 tls_id: str | None) -> None:
+    """Caps and params as the reference; the source may be a former target, so every
+    parameter is set explicitly (TLS off again for an insecure run)."""
+    caps = [{"capability": "xbzrle", "state": True},
+            {"capability": "auto-converge", "state": True}]
+    for side in (source, target):
+        await side.cmd("migrate-set-capabilities", capabilities=caps)
+    await source.cmd("migrate-set-parameters", **{
+        "max-bandwidth": MAX_BANDWIDTH_BYTES_PER_S, "downtime-limit": DOWNTIME_LIMIT_MS,
+        "xbzrle-cache-size": xbzrle_cache_bytes(memory_mib)})
+    if tls_id is None:
+        for side in (source, target):
+            await side.cmd("migrate-set-parameters", **{"tls-creds": "", "tls-hostname": ""})
+        return
+    for side, endpoint in ((target, "server"), (source, "client")):
+        await side.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": tls_id,
+                                        "dir": str(side.tls_dir), "endpoint": endpoint,
+                                        "verify-peer": True})
+    await target.cmd("migrate-set-parameters", **{"tls-creds": tls_id})
+    await source.cmd("migrate-set-parameters", **{"tls-creds": tls_id,
+                                                  "tls-hostname": target.name})
+
+
+async def mirror_disk(source: Side, target: Side, tls_id: str | None) -> tuple[float, int]:
+    """NBD export on the target, blockdev-mirror from the source, until `ready`."""
+    port = free_port()
+    address = {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}
+    server: dict[str, Any] = {"addr": address}
+    if tls_id:
+        server["tls-creds"] = tls_id
+    await target.cmd("nbd-server-start", **server)
+    # -drive names the BlockBackend, not the node: export the node it holds. The
+    # export is named like the drive via nbd-server-add's default (QmpClient.command
+    # has its own `name` parameter, so block-export-add's cannot be passed).
+    blocks = {block["device"]: block for block in await target.cmd("query-block")}
+    node = blocks["drive-virtio0"]["inserted"]["node-name"]
+    await target.cmd("block-export-add", type="nbd", id="drive-virtio0",
+                     **{"node-name": node}, writable=True)
+    nbd: dict[str, Any] = {"driver": "nbd", "node-name": "mirror-virtio0",
+                           "server": {"type": "inet", "host": "127.0.0.1", "port": str(port)},
+                           "export": node}
+    if tls_id:
+        nbd["tls-creds"] = tls_id
+        nbd["tls-hostname"] = target.name
+    await source.cmd("blockdev-add", **nbd)
+    started = time.monotonic()
+    await source.cmd("blockdev-mirror", **{"job-id": "mirror-virtio0", "device": "drive-virtio0",
+                                           "target": "mirror-virtio0", "sync": "full",
+                                           "auto-dismiss": False})
+    while True:
+        jobs = {job["device"]: job for job in await source.cmd("query-block-jobs")}
+        job = jobs.get("mirror-virtio0")
+        if job is None:
+            raise BenchError("mirror job vanished before ready")
+        if job.get("ready"):
+            return (time.monotonic() - started) * 1000, int(job.get("offset", 0))
+        if time.monotonic() - started > MIRROR_READY_TIMEOUT_S:
+            raise BenchError("mirror did not become ready")
+        await asyncio.sleep(POLL_INTERVAL_S)
+
+
+async def finish_mirror(source: Side, target: Side) -> int:
+    """block-job-cancel on a ready mirror = complete without pivot; then stop NBD."""
+    jobs = {job["device"]: job for job in await source.cmd("query-block-jobs")}
+    written = int(jobs.get("mirror-virtio0", {}).get("offset", 0))
+    await source.cmd("block-job-cancel", device="mirror-virtio0")
+    for _ in range(500):
+        jobs = {job["device"]: job for job in await source.cmd("query-block-jobs")}
+        job = jobs.get("mirror-virtio0")
+        if job is None or job.get("status") == "concluded":
+            break
+        await asyncio.sleep(POLL_INTERVAL_S)
+    await source.cmd("job-dismiss", id="mirror-virtio0")
+    await target.cmd("nbd-server-stop")
+    return written
+
+
+async def poll_migration(source: Side) -> tuple[dict[str, Any], int]:
+    """query-migrate until completed, with the reference's downtime doubling."""
+    downtime_ms, growing, last_remaining = DOWNTIME_LIMIT_MS, 0, -1
+    deadline = time.monotonic() + MIGRATION_TIMEOUT_S
+    while time.monotonic() < deadline:
+        info = await source.cmd("query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return info, (downtime_ms if downtime_ms != DOWNTIME_LIMIT_MS else 0)
+        if status in ("failed", "cancelled"):
+            raise BenchError(f"migration {status}: {info.get('error-desc', '')}")
+        remaining = int(info.get("ram", {}).get("remaining", -1))
+        if status == "active" and last_remaining >= 0 and (remaining >= last_remaining or remaining == 0):
+            growing += 1
+            if growing > GROWING_POLLS_BEFORE_DOUBLING and downtime_ms < DOWNTIME_LIMIT_MAX_MS:
+                downtime_ms = min(downtime_ms * 2, DOWNTIME_LIMIT_MAX_MS)
+                growing = 0
+                await source.cmd("migrate-set-parameters", **{"downtime-limit": downtime_ms})
+        last_remaining = remaining
+        await asyncio.sleep(POLL_INTERVAL_S)
+    await source.cmd("migrate_cancel")
+    raise BenchError(f"migration did not complete within {MIGRATION_TIMEOUT_S} s")
+
+
+async def plain_migrate(source: Side, target: Side, target_config: str, case: Case) -> Run:
+    """One plain-QEMU migration source -> target; the guest then runs on the target."""
+    # A fresh object id per migration: the source may hold the previous one as a server.
+    tls_id = f"tls-{time.monotonic_ns()}" if case.transport == "tls" else None
+    started = time.monotonic()
+    await target.spawn(target_config, incoming=True)
+    await set_migration_settings(source, target, case.memory_mib, tls_id)
+    mirror_ms, disk_bytes = 0.0, 0
+    if case.storage == "local":
+        mirror_ms, disk_bytes = await mirror_disk(source, target, tls_id)
+    port = free_port()
+    await target.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+    await source.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info, raised_ms = await poll_migration(source)
+    if case.storage == "local":
+        disk_bytes = max(disk_bytes, await finish_mirror(source, target))
+    await target.cmd("cont")
+    wall_ms = (time.monotonic() - started) * 1000
+    status = (await target.cmd("query-status")).get("status")
+    if status != "running":
+        raise BenchError(f"target is {status} after cont")
+    ram = info.get("ram", {})
+    return Run(ok=True, total_ms=float(info.get("total-time", 0)),
+               downtime_ms=float(info.get("downtime", 0)),
+               setup_ms=float(info.get("setup-time", 0)), ram_bytes=int(ram.get("transferred", 0)),
+               disk_bytes=disk_bytes, mirror_ms=mirror_ms,
+               syncs=int(ram.get("dirty-sync-count", 0)), downtime_raised_ms=raised_ms,
+               wall_ms=wall_ms)
+
+
+# --- plain QEMU: one guest, migrated back and forth ------------------------------------
+
+
+class PlainBench:
+    def __init__(self, workdir: Path, guest_dir: str, quick: bool) -> None:
+        self.workdir = workdir
+        self.guest_dir = guest_dir
+        self.quick = quick
+        root = workdir / "tree"
+        (root / "nodes").mkdir(parents=True)
+        for name in ("shared", "a", "b"):
+            (workdir / f"images-{name}").mkdir()
+        (root / "storage.cfg").write_text("".join(
+            f"dir: {name}\n\tpath {workdir / f'images-{name}'}\n\tcontent images\n"
+            f"{chr(9) + 'shared 1' + chr(10) if name == 'shared' else ''}\n"
+            for name in ("shared", "a", "b")))
+        tls = write_tls_dirs(workdir, ("a", "b"))
+        self.sides = {name: Side(name, root, tls[name]) for name in ("a", "b")}
+        self.storages = storage_mod.load_storage_cfg(str(root))
+
+    def volume(self, storage: str, name: str, size_mib: int, fill: bool) -> str:
+        volid = f"{storage}:{VMID}/vm-{VMID}-disk-{name}.raw"
+        path = storage_mod.volume_path(self.storages, volid)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", path, f"{size_mib}M"], check=True)
+        if fill:
+            fill_disk(path, size_mib)
+        return volid
+
+    def configs(self, memory_mib: int, dirty: bool, storage: str) -> dict[str, str]:
+        size = disk_mib(self.quick)
+        base = (f"memory: {memory_mib}\nserial0: socket\n"
+                f"args: {guest_args(self.guest_dir, memory_mib, dirty)}\n")
+        if storage == "shared":
+            volid = self.volume("shared", "0", size, fill=True)
+            return {name: base + f"virtio0: {volid},size={size}M\n" for name in self.sides}
+        return {"a": base + f"virtio0: {self.volume('a', '0', size, True)},size={size}M\n",
+                "b": base + f"virtio0: {self.volume('b', '0', size, False)},size={size}M\n"}
+
+    async def boot(self, side: Side, config: str, memory_mib: int, dirty: bool) -> int:
+        await side.spawn(config, incoming=False)
+        serial = side.manager.serial_path(VMID)
+        # A dirtying guest has rewritten its whole working set after dirty_mib steps.
+        wanted = dirty_mib(memory_mib) + 2 if dirty else 1
+        return await wait_counter(serial, wanted, BOOT_TIMEOUT_S)
+
+    async def run_group(self, memory_mib: int, dirty: bool, storage: str,
+                        transports: list[str], repeats: int) -> list[CaseResult]:
+        configs = self.configs(memory_mib, dirty, storage)
+        results = {t: CaseResult(Case(memory_mib, dirty_mib(memory_mib) if dirty else 0,
+                                      storage, t), "plain") for t in transports}
+        source, target = self.sides["a"], self.sides["b"]
+        try:
+            counter = await self.boot(source, configs["a"], memory_mib, dirty)
+            for _ in range(repeats):
+                for transport in transports:
+                    run, counter = await self._one(source, target, configs[target.name],
+                                                   results[transport].case, counter)
+                    results[transport].runs.append(run)
+                    if not run.ok:
+                        return list(results.values())
+                    source, target = target, source
+        finally:
+            for side in self.sides.values():
+                await side.kill()
+        return list(results.values())
+
+    async def _one(self, source: Side, target: Side, target_config: str, case: Case,
+                   counter: int) -> tuple[Run, int]:
+        try:
+            run = await plain_migrate(source, target, target_config, case)
+        except (BenchError, QmpError, OSError) as exc:
+            await target.kill()
+            print(f"  plain  {case.label:<36} FAILED: {exc}", flush=True)
+            return Run(ok=False, error=str(exc)), counter
+        await source.kill()
+        after = await wait_counter(target.manager.serial_path(VMID), counter + 1, COUNTER_TIMEOUT_S)
+        print(f"  plain  {case.label:<36} total {run.total_ms:6.0f} ms  downtime "
+              f"{run.downtime_ms:4.0f} ms  RAM {run.ram_bytes / 2**20:6.1f} MiB  disk "
+              f"{run.disk_bytes / 2**20:6.1f} MiB  counter {counter}->{after}", flush=True)
+        return run, after
+
+
+# --- Corral: the same guest on a 2-node demo cluster -------------------------------------
+
+
+def run_corral(args: argparse.Namespace, workdir: Path) -> list[CaseResult]:
+    print("corral: migration through Corral not wired yet (no column)", flush=True)
+    return []
+
+
+# --- report -----------------------------------------------------------------------------
+
+
+def summarize(result: CaseResult) -> dict[str, Any]:
+    runs = result.ok_runs()
+
+    def med(name: str) -> float | None:
+        values = [float(getattr(run, name)) for run in runs if getattr(run, name) is not None]
+        return median(values)
+
+    return {"system": result.system, "case": asdict(result.case), "label": result.case.label,
+            "runs": len(result.runs), "failed": len(result.runs) - len(runs),
+            "errors": sorted({run.error for run in result.runs if not run.ok}),
+            "total_ms": med("total_ms"), "downtime_ms": med("downtime_ms"),
+            "downtime_ms_max": max((run.downtime_ms for run in runs), default=None),
+            "ram_mib": (med("ram_bytes") or 0) / 2**20, "disk_mib": (med("disk_bytes") or 0) / 2**20,
+            "mirror_ms": med("mirror_ms"), "wall_ms": med("wall_ms"),
+            "start_overhead_ms": med("start_overhead_ms"),
+            "finish_overhead_ms": med("finish_overhead_ms")}
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(ours: float | None, theirs: float | None) -> str:
+    if ours is None or not theirs:
+        return "n/a"
+    return f"{ours / theirs:.2f}"
+
+
+def table(summaries: list[dict[str, Any]]) -> str:
+    """Markdown: one row per case, plain and Corral side by side."""
+    by_label: dict[str, dict[str, dict[str, Any]]] = {}
+    for summary in summaries:
+        by_label.setdefault(summary["label"], {})[summary["system"]] = summary
+    lines = ["| Case | plain total ms | Corral total ms | ratio | plain downtime ms | "
+             "Corral downtime ms | ratio | RAM MiB plain / Corral | disk MiB | Corral overhead "
+             "start / finish ms | runs (failed) plain / Corral |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, systems in by_label.items():
+        plain, corral = systems.get("plain", {}), systems.get("corral", {})
+        lines.append(
+            f"| {label} | {_fmt(plain.get('total_ms'))} | {_fmt(corral.get('total_ms'))} | "
+            f"{_ratio(corral.get('total_ms'), plain.get('total_ms'))} | "
+            f"{_fmt(plain.get('downtime_ms'))} | {_fmt(corral.get('downtime_ms'))} | "
+            f"{_ratio(corral.get('downtime_ms'), plain.get('downtime_ms'))} | "
+            f"{_fmt(plain.get('ram_mib'), 1)} / {_fmt(corral.get('ram_mib'), 1)} | "
+            f"{_fmt(plain.get('disk_mib'), 0)} | "
+            f"{_fmt(corral.get('start_overhead_ms'))} / {_fmt(corral.get('finish_overhead_ms'))} | "
+            f"{plain.get('runs', 0)} ({plain.get('failed', 0)}) / "
+            f"{corral.get('runs', 0)} ({corral.get('failed', 0)}) |")
+    return "\n".join(lines)
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench_migrate", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="256 MiB guests only, 256 MiB disk, 1 repeat unless --repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="migrations per case (default 3, quick 1)")
+    parser.add_argument("--sizes", default=None, help="guest sizes in MiB, e.g. 256,1024")
+    parser.add_argument("--workloads", default="idle,dirty")
+    parser.add_argument("--storages", default="shared,local")
+    parser.add_argument("--transports", default="tls,insecure")
+    parser.add_argument("--no-corral", action="store_true", help="plain QEMU baseline only")
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--guest-dir", default=os.environ.get("CORRAL_TEST_GUEST_DIR",
+                                                              DEFAULT_TEST_GUEST_DIR))
+    parser.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.sizes = [int(s) for s in (args.sizes or ("256" if args.quick else "256,1024")).split(",")]
+    for name, allowed in (("workloads", {"idle", "dirty"}), ("storages", {"shared", "local"}),
+                          ("transports", {"tls", "insecure"})):
+        values = [v for v in getattr(args, name).split(",") if v]
+        if not values or set(values) - allowed:
+            parser.error(f"--{name}: choose from {','.join(sorted(allowed))}")
+        setattr(args, name, values)
+    if args.repeats < 1 or any(size < 64 for size in args.sizes):
+        parser.error("--repeats must be >= 1 and sizes >= 64 MiB")
+    return args
+
+
+@contextmanager
+def workdir_for(args: argparse.Namespace) -> Iterator[Path]:
+    if args.workdir:
+        path = Path(args.workdir)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix="crl-mig-bench-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+async def run_plain(args: argparse.Namespace, workdir: Path) -> list[CaseResult]:
+    results: list[CaseResult] = []
+    for size in args.sizes:
+        for workload in args.workloads:
+            for storage in args.storages:
+                group_dir = workdir / f"plain-{size}-{workload}-{storage}"
+                group_dir.mkdir()
+                bench = PlainBench(group_dir, args.guest_dir, args.quick)
+                results += await bench.run_group(size, workload == "dirty", storage,
+                                                 args.transports, args.repeats)
+                shutil.rmtree(group_dir, ignore_errors=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not os.path.exists(os.path.join(args.guest_dir, "vmlinuz")):
+        print(f"no test guest in {args.guest_dir} (run scripts/build-test-guest.sh)", file=sys.stderr)
+        return 2
+    load_before = load_average()
+    started = time.monotonic()
+    with workdir_for(args) as workdir:
+        results = asyncio.run(run_plain(args, workdir))
+        if not args.no_corral:
+            results += run_corral(args, workdir)
+    summaries = [summarize(result) for result in results]
+    print()
+    print(table(summaries))
+    print(f"\nload average before {load_before}, after {load_average()}; "
+          f"{time.monotonic() - started:.0f} s")
+    if args.json:
+        report = {"argv": sys.argv[1:] if argv is None else argv, "load_before": load_before,
+                  "load_after": load_average(), "summaries": summaries,
+                  "runs": [{"system": r.system, "label": r.case.label,
+                            "runs": [asdict(run) for run in r.runs]} for r in results]}
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    failed = sum(len(result.runs) - len(result.ok_runs()) for result in results)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
