@@ -6,6 +6,11 @@ colon included. The log lives at `<task_dir>/<last hex digit of starttime>/<UPID
 ends with `TASK OK` or `TASK ERROR: <message>`. `<task_dir>/active` lists running tasks,
 `<task_dir>/index` finished ones as `UPID endtime-hex status` lines (newest last,
 bounded by INDEX_MAX_ENTRIES).
+
+`publish_to(root)` makes the store also publish the node's recent tasks to
+`<root>/nodes/<node>/tasks.json` in the replicated tree whenever a task begins or ends
+(see clustertasks.py, the cluster-wide list); a failed publish (a read-only tree without
+quorum, say) never fails the task: it is counted in `publish_failures`.
 """
 
 from __future__ import annotations
@@ -93,7 +98,14 @@ class TaskStore:
     def __init__(self, task_dir: str, node: str) -> None:
         self.task_dir = task_dir
         self.node = node
+        self.publish_root: str | None = None
+        self.publish_failures = 0
+        self.last_publish_error = ""
         os.makedirs(task_dir, exist_ok=True)
+
+    def publish_to(self, root: str | None) -> None:
+        """Publish the recent task list into the tree at `root` on every begin/end."""
+        self.publish_root = root
 
     def log_path(self, upid: Upid) -> str:
         return os.path.join(self.task_dir, f"{upid.starttime & 0xF:X}", str(upid))
@@ -123,6 +135,7 @@ class TaskStore:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with self._locked():
             self._rewrite("active", [*self._read("active"), str(upid)])
+            self._publish()
         return upid, TaskLog(path)
 
     def end(self, upid: Upid, log: TaskLog, error: str | None) -> str:
@@ -137,7 +150,19 @@ class TaskStore:
             self._rewrite("active", [line for line in self._read("active") if line != str(upid)])
             index = [*self._read("index"), f"{upid} {int(time.time()):08X} {status}"]
             self._rewrite("index", index[-INDEX_MAX_ENTRIES:])
+            self._publish()
         return status
+
+    def _publish(self) -> None:
+        """Called with the store lock held, so two writers cannot publish out of order."""
+        if self.publish_root is None:
+            return
+        from corral.guests.clustertasks import publish  # clustertasks imports this module
+        try:
+            publish(self, self.publish_root)
+        except (OSError, ValueError) as exc:
+            self.publish_failures += 1
+            self.last_publish_error = str(exc)
 
     def run(self, task_type: str, task_id: str, work: Callable[[TaskLog], T],
             user: str = "root@pam") -> tuple[Upid, T]:
@@ -183,6 +208,22 @@ class TaskStore:
                 return [line.rstrip("\n") for line in handle]
         except FileNotFoundError:
             raise TaskError(f"no such task '{upid}'") from None
+
+    def list_active(self) -> list[tuple[str, bool]]:
+        """Active UPIDs, newest first, each with whether its process still runs."""
+        result = []
+        for line in reversed(self._read("active")):
+            upid = parse_upid(line)
+            result.append((line, _alive(upid.pid, upid.pstart)))
+        return result
+
+    def list_finished(self, limit: int) -> list[tuple[str, int, str]]:
+        """The newest `limit` finished tasks as (UPID, endtime, status), newest first."""
+        result = []
+        for line in reversed(self._read("index")[-limit:] if limit > 0 else []):
+            upid_text, end_hex, status = line.split(" ", 2)
+            result.append((upid_text, int(end_hex, 16), status))
+        return result
 
     def list_tasks(self, limit: int = 50) -> list[dict[str, object]]:
         """Newest first: active tasks, then finished ones from the index."""
