@@ -28,6 +28,7 @@ from corral.guests.clustertasks import (
 )
 from corral.guests.tasks import (
     TaskError,
+    TaskLog,
     TaskStore,
     Upid,
     new_upid,
@@ -64,7 +65,12 @@ def test_bad_upids(text: str) -> None:
 
 def test_task_ok_error_warnings_and_index(tmp_path: Path) -> None:
     store = TaskStore(str(tmp_path), "n1")
-    upid, value = store.run("qmstart", "100", lambda log: (log.log("starting"), 7)[1])
+
+    def work(log: TaskLog) -> int:
+        log.log("starting")
+        return 7
+
+    upid, value = store.run("qmstart", "100", work)
     assert value == 7
     assert store.read_log(upid) == ["starting", "TASK OK"]
     assert store.log_path(upid).startswith(str(tmp_path / f"{upid.starttime & 0xF:X}"))
