@@ -12,6 +12,7 @@ bounded header and body sizes and a read timeout.
                                                       see catchup.py)
     POST   /api2/json/cluster/config/nodes/{node}    add a node (see Daemon.add_node)
     DELETE /api2/json/cluster/config/nodes/{node}    remove an offline node
+    POST   /api2/json/nodes/{node}/qemu/{vmid}/mtunnel  migration target (see guestapi.py)
 
 Authentication: a ticket (cookie or `Authorization: PVEAuthCookie=<ticket>`,
 plus the `CSRFPreventionToken` header on non-GET), or, for adding a node
@@ -178,6 +179,9 @@ class ApiServer:
             return self._corosync, "node", ""
         if path == "/cluster/config/nodes" and method == "GET":
             return self._nodes, "admin", ""
+        if path.startswith("/nodes/") and method == "POST" and \
+                getattr(self.backend, "guest_api", None) is not None:
+            return self._mtunnel, "node-or-admin", path
         if path.startswith("/cluster/config/nodes/"):
             node = urllib.parse.unquote(path.removeprefix("/cluster/config/nodes/"))
             if "/" in node or not node:
@@ -193,7 +197,8 @@ class ApiServer:
             return
         authorization = request.headers.get("authorization", "")
         now_s = time.time()
-        if needs == "node":
+        if needs == "node" or (needs == "node-or-admin" and
+                                authorization.startswith("CorralNode=")):
             if self.backend.node_auth(authorization) is None:
                 await asyncio.sleep(AUTH_FAIL_DELAY_S)
                 raise ApiError(401, "authentication failure")
@@ -263,6 +268,15 @@ class ApiServer:
 
     async def _delete_node(self, request: Request, node: str) -> None:
         await self.backend.delete_node(node)
+
+    async def _mtunnel(self, request: Request, path: str) -> Any:
+        from corral.daemon.guestapi import RequestError
+
+        guest_api: Any = getattr(self.backend, "guest_api", None)
+        try:
+            return await guest_api.mtunnel(path, request.params)
+        except RequestError as error:
+            raise ApiError(error.status, str(error)) from None
 
 
 def _ticket_from(headers: dict[str, str]) -> str | None:

@@ -1,5 +1,6 @@
 """`corrald [--state-dir D] [--log-level L] [--no-api] [--no-fs] [--no-mount]
-[--wait-for-cluster] [--stats-interval S]`: the node daemon.
+[--wait-for-cluster] [--stats-interval S] [--guest-run-dir D] [--guest-task-dir D]`:
+the node daemon.
 
 Exit status: 0 after a clean stop, 1 when the Totem node failed, 2 for a
 configuration error (not in a cluster, unreadable key, an address that cannot
@@ -36,6 +37,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         "`corral create` or `corral add` writes the cluster config")
     parser.add_argument("--stats-interval", type=float, default=30.0, metavar="S",
                         help="seconds between rate/membership log lines")
+    parser.add_argument("--guest-run-dir", default="/run/corral/qemu-server", metavar="DIR",
+                        help="QEMU pid/QMP/serial sockets of guests started here (as corral qm)")
+    parser.add_argument("--guest-task-dir", default="/var/log/corral/tasks", metavar="DIR",
+                        help="task logs of guest operations (as corral qm)")
     return parser.parse_args(argv)
 
 
@@ -88,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         daemon = Daemon(DaemonOptions(state_dir, api=not args.no_api,
                                       stats_interval_s=max(0.5, args.stats_interval),
-                                      fs=not args.no_fs, mount=not args.no_mount))
+                                      fs=not args.no_fs, mount=not args.no_mount,
+                                      guest_run_dir=args.guest_run_dir,
+                                      guest_task_dir=args.guest_task_dir))
     except (CorralError, OSError, ValueError, KeyError) as error:
         print(f"corrald: {error}", file=sys.stderr)
         return 2

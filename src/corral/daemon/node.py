@@ -40,6 +40,7 @@ from corral.daemon import catchup, nodelist
 from corral.daemon.api import ApiServer
 from corral.daemon.configsync import ConfigSync
 from corral.daemon.control import ControlServer
+from corral.daemon.guestapi import GuestApi
 from corral.daemon.notify import Notifier
 from corral.daemon.tree import Tree, TreeUnavailable
 from corral.engine import next_incarnation, ring_text
@@ -65,6 +66,8 @@ class DaemonOptions:
     stats_interval_s: float = 30.0
     fs: bool = True      # run the replicated configuration filesystem
     mount: bool = True   # and mount it (identity.mount, default /etc/corral)
+    guest_run_dir: str = "/run/corral/qemu-server"    # as `corral qm --run-dir`
+    guest_task_dir: str = "/var/log/corral/tasks"     # as `corral qm --task-dir`
 
 
 class Daemon:
@@ -107,6 +110,10 @@ class Daemon:
         self.control = ControlServer(str(self.layout.control_socket))
         self._register_control()
         self.api: ApiServer | None = None
+        self.guest_api = GuestApi(options.state_dir, self.identity.mount, self.identity.name,
+                                  lambda: list(self.config.node(self.nodeid).addrs.values()),
+                                  lambda: bool(self.quorum.quorate), options.guest_run_dir,
+                                  options.guest_task_dir)
         self.ipc: Any = None
         self.tree: Tree | None = None
         self.fs_note: str | None = "the configuration filesystem is not started yet"

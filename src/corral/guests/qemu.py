@@ -147,6 +147,23 @@ class GuestManager:
     def qmp_path(self, vmid: int) -> str:
         return self._path(vmid, "qmp")
 
+    def run_path(self, vmid: int, suffix: str) -> str:
+        """`<run dir>/<vmid>.<suffix>` (pid, qmp, log, serialN, ...)."""
+        return self._path(vmid, suffix)
+
+    async def spawn(self, vmid: int, command: list[str]) -> None:
+        """Start a daemonizing QEMU command line (removes a stale pid/qmp first)."""
+        for stale in ("qmp", "pid"):
+            if os.path.exists(self._path(vmid, stale)):
+                os.unlink(self._path(vmid, stale))
+        await asyncio.to_thread(self._spawn, vmid, command)
+        if self.pid(vmid) is None:
+            raise GuestError(f"VM {vmid} did not stay running (see {self._path(vmid, 'log')})")
+
+    async def hard_stop(self, vmid: int, log: TaskLog) -> None:
+        """Stop QEMU without the guest lock or config checks (migration cleanup)."""
+        await self._stop(vmid, log)
+
     def serial_path(self, vmid: int, index: int = 0) -> str:
         return self._path(vmid, f"serial{index}")
 

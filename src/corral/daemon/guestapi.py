@@ -1,0 +1,80 @@
+"""The guest endpoints of corrald's HTTPS API: the migration tunnel's target side.
+
+    POST /api2/json/nodes/{node}/qemu/{vmid}/mtunnel     body: {"cmd": ..., ...}
+
+`{node}` must be this node. Authentication: the node-to-node HMAC header of
+corral.daemon.catchup (`Authorization: CorralNode=...`, what a source node sends) or an
+administrator ticket. The commands and their fields are in corral.guests.mtunnel, which
+validates every field; this module only maps paths and errors (a refused or malformed
+command is 400 with the reason, as the reference's parameter errors).
+
+The target QEMU therefore runs under this node's daemon: in its network namespace,
+with its guest run dir and task dir (`corrald --guest-run-dir/--guest-task-dir`, the
+defaults of `corral qm`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from typing import Any
+
+from corral.guests.mtunnel import IncomingMigrations, MtunnelError
+from corral.guests.qemu import DEFAULT_RUN_DIR, DEFAULT_TASK_DIR, GuestManager
+
+_MTUNNEL_RE = re.compile(r"^/nodes/([A-Za-z0-9][A-Za-z0-9.-]{0,62})/qemu/(\d{3,9})/mtunnel$")
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def match_mtunnel(path: str) -> tuple[str, int] | None:
+    """(node, vmid) of an mtunnel path (without /api2/json), else None."""
+    match = _MTUNNEL_RE.match(path)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+class GuestApi:
+    """Created by the daemon; the guest manager is made on first use (it creates dirs)."""
+
+    def __init__(self, state_dir: str, tree_root: str, node: str,
+                 link_addresses: Callable[[], list[str]], quorate: Callable[[], bool],
+                 run_dir: str = DEFAULT_RUN_DIR, task_dir: str = DEFAULT_TASK_DIR) -> None:
+        self.state_dir = state_dir
+        self.tree_root = tree_root
+        self.node = node
+        self.link_addresses = link_addresses
+        self.quorate = quorate
+        self.run_dir = run_dir
+        self.task_dir = task_dir
+        self._incoming: IncomingMigrations | None = None
+
+    def incoming(self) -> IncomingMigrations:
+        """The records of incoming migrations (created on first use: it makes the run
+        and task dirs)."""
+        if self._incoming is None:
+            manager = GuestManager(self.tree_root, self.node, self.run_dir, self.task_dir)
+            self._incoming = IncomingMigrations(manager, self.state_dir, self.link_addresses(),
+                                                self.quorate)
+        self._incoming.link_addresses = self.link_addresses()
+        return self._incoming
+
+    async def mtunnel(self, path: str, params: dict[str, Any]) -> Any:
+        target = match_mtunnel(path)
+        if target is None:
+            raise RequestError(404, "no such path")
+        node, vmid = target
+        if node != self.node:
+            raise RequestError(400, f"this is node '{self.node}', not '{node}'")
+        incoming = self.incoming()
+        try:
+            # In a worker thread with its own loop: the handlers read the tree, which is
+            # this daemon's own FUSE mount, served by this loop (reading it from the loop
+            # would deadlock), and they wait for QEMU and qemu-img.
+            return await asyncio.to_thread(asyncio.run, incoming.handle(vmid, params))
+        except MtunnelError as error:
+            raise RequestError(400, str(error)) from None

@@ -1,0 +1,878 @@
+"""Migration of a QEMU guest to another node: the source side, in the reference's phases.
+
+Public API (stable; the HA resource agent and the benchmark call it):
+
+    upid = await migrate(manager, vmid, target, MigrateOptions(online=True, ...),
+                         state_dir=None, cancel=None, on_upid=None)
+
+- `manager`: the source node's GuestManager (tree root, node name, run dir, task dir).
+- `state_dir`: that node's corrald state dir (cluster key, CA, node certificate, control
+  socket); default $CORRAL_STATE_DIR or /var/lib/corral.
+- `cancel`: an asyncio.Event; setting it aborts the migration (so does
+  `request_cancel(manager, vmid)` from another process, i.e. `corral qm migrate-cancel`).
+- `on_upid(upid)` is called as soon as the task exists (the CLI prints it and follows
+  the log).
+- Returns the task's UPID once the guest runs on the target with its config there
+  (`TASK OK`), or raises MigrationError (its `upid` names the failed task; the guest
+  then still runs on the source, config unchanged and unlocked, nothing left on the
+  target). An HA-managed guest is not moved: `migrate vm:ID TARGET` is queued for the
+  HA manager (task type `hamigrate`) unless `MigrateOptions(from_ha=True)`, which the
+  HA resource agent itself passes.
+
+The task log carries the reference's lines (timestamped), progress, and two timing lines
+for the benchmark: `timing: command to QEMU migration start N ms` and `timing: QEMU
+completion to hand-over done N ms` (config moved, target resumed, source stopped),
+written right before `migration finished successfully` and `TASK OK`.
+
+Phases: prepare (checks, no side effects: lock, HA, quorum, target online, storages,
+running needs --online, CPU model; target `precheck`) -> phase1 (`lock: migrate`; offline
+copy of local volumes through qemu-nbd on the target) -> phase2 (target QEMU with
+`-incoming defer -S` started by the target's corrald; local disks mirrored to its NBD
+exports until ready; RAM migration with xbzrle + auto-converge, downtime limit doubled
+when it does not converge) -> phase3 (config rewritten and renamed into the target's
+directory only after QEMU reports `completed`, target resumed, source stopped, source
+volumes freed, lock cleared). A failure before the rename cancels the migration,
+continues the source, stops the target's QEMU and removes its new volumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.guests import storage as storage_mod
+from corral.guests.config import VmConfig, parse_config, write_config
+from corral.guests.mtunnel import TLS_OBJECT_ID, config_digest, prepare_tls_dir, qmp_call
+from corral.guests.qemu import GuestError, GuestManager
+from corral.guests.qmp import QmpError
+from corral.guests.tasks import TaskLog, Upid
+
+MIGRATION_TYPES = ("secure", "insecure")
+DEFAULT_DOWNTIME_MS = 100
+MAX_DOWNTIME_MS = 2_000_000
+UNLIMITED_BANDWIDTH_BYTES = 16 << 30      # QEMU's own default is only 128 MiB/s
+NON_CONVERGING_POLLS = 5
+POLL_S = 0.1
+FAST_POLL_S = 0.01
+PROGRESS_EVERY_S = 1.0
+API_TIMEOUT_S = 60.0
+MAX_REPLY_BYTES = 1 << 20
+MIRROR_READY_TIMEOUT_S = 24 * 3600.0
+QUERY_FAILURES_TOLERATED = 5
+_STORAGE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+
+class MigrationError(RuntimeError):
+    """The migration was refused or failed; `upid` names its task (None: no task)."""
+
+    def __init__(self, message: str, upid: Upid | None = None) -> None:
+        super().__init__(message)
+        self.upid = upid
+
+
+class MigrationCancelled(MigrationError):
+    pass
+
+
+@dataclass(frozen=True)
+class MigrateOptions:
+    online: bool = False
+    with_local_disks: bool = False
+    targetstorage: str | None = None       # "DST", "1" (same ids) or "SRC:DST,SRC2:DST2"
+    bwlimit_kib: int | None = None         # KiB/s, overrides migrate_speed
+    migration_type: str = "secure"
+    migration_network: str | None = None   # CIDR
+    from_ha: bool = False                  # the HA manager itself: never redirect to it
+
+
+def parse_storage_map(text: str | None) -> dict[str, str]:
+    """`--targetstorage`: a map src->dst; key "" is the default for unmapped storages."""
+    if text is None or text in ("", "1"):
+        return {}
+    mapping: dict[str, str] = {}
+    for item in text.split(","):
+        source, sep, target = item.partition(":")
+        if not sep:
+            source, target = "", item
+        if (source and not _STORAGE_RE.match(source)) or not _STORAGE_RE.match(target):
+            raise ValueError(f"invalid storage map entry '{item}' (STORAGE or SRC:DST)")
+        if source in mapping:
+            raise ValueError(f"storage '{source or '(default)'}' mapped twice")
+        mapping[source] = target
+    return mapping
+
+
+def validate_options(options: MigrateOptions) -> None:
+    """Raise ValueError for an option that can never work (the CLI's exit status 2)."""
+    if options.migration_type not in MIGRATION_TYPES:
+        raise ValueError(f"--migration-type must be secure or insecure, "
+                         f"got '{options.migration_type}'")
+    if options.bwlimit_kib is not None and not 0 <= options.bwlimit_kib <= 1 << 40:
+        raise ValueError("--bwlimit must be 0..2^40 KiB/s")
+    if options.migration_network is not None:
+        try:
+            ipaddress.ip_network(options.migration_network, strict=False)
+        except ValueError:
+            raise ValueError(f"--migration-network '{options.migration_network}' is not a "
+                             "CIDR (e.g. 10.1.2.0/24)") from None
+    parse_storage_map(options.targetstorage)
+
+
+def cancel_path(manager: GuestManager, vmid: int) -> str:
+    return manager.run_path(vmid, "migrate-cancel")
+
+
+async def request_cancel(manager: GuestManager, vmid: int) -> bool:
+    """Ask a running migration of `vmid` on this node to abort (from any process):
+    a flag file the migration polls, plus QMP `migrate_cancel` for a RAM phase."""
+    active = [t for t in manager.tasks.list_tasks(50) if t.get("type") == "qmigrate"
+              and t.get("id") == str(vmid) and t.get("status") == "running"]
+    if not active:
+        return False
+    with open(cancel_path(manager, vmid), "w", encoding="ascii") as handle:
+        handle.write(f"{time.time()}\n")
+    with contextlib.suppress(QmpError, GuestError, OSError):
+        await qmp_call(manager.qmp_path(vmid), "migrate_cancel")
+    return True
+
+
+# --- talking to the target's corrald --------------------------------------------------
+
+
+class Peer:
+    """The target node's API, authenticated with the node-to-node HMAC header."""
+
+    def __init__(self, state_dir: str, target: str, address: str) -> None:
+        from corral.cluster.layout import Layout
+        from corral.totem import auth
+
+        layout = Layout(state_dir)
+        identity = layout.read_identity()
+        self.state_dir = state_dir
+        self.nodeid = identity.nodeid
+        self.port = identity.api_port
+        self.key = auth.read_key_file(str(layout.authkey))
+        self.target = target
+        self.address = address
+        self.context = ssl.create_default_context(cafile=str(layout.ca_cert))
+        self.context.check_hostname = False      # verified against the cluster CA instead
+
+    async def call(self, vmid: int, cmd: str, timeout_s: float = API_TIMEOUT_S,
+                   **fields: Any) -> Any:
+        from corral.daemon.catchup import node_auth_header
+
+        body = json.dumps({"cmd": cmd, **{k: v if isinstance(v, str) else json.dumps(v)
+                                          for k, v in fields.items()}}).encode()
+        header = node_auth_header(self.key, self.nodeid, time.time())
+        path = f"/api2/json/nodes/{self.target}/qemu/{vmid}/mtunnel"
+        request = (f"POST {path} HTTP/1.1\r\nHost: {self.address}\r\nAuthorization: {header}"
+                   f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                   "Connection: close\r\n\r\n").encode() + body
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.address, self.port, ssl=self.context), timeout_s)
+            writer.write(request)
+            raw = await asyncio.wait_for(reader.read(MAX_REPLY_BYTES), timeout_s)
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            raise MigrationError(f"cannot reach node '{self.target}' at {self.address}:"
+                                 f"{self.port}: {exc or type(exc).__name__}") from None
+        finally:
+            if writer is not None:
+                writer.close()
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        try:
+            reply = json.loads(payload)
+        except ValueError:
+            raise MigrationError(f"node '{self.target}' sent a malformed reply: "
+                                 f"{head[:80]!r}") from None
+        if not head.startswith(b"HTTP/1.1 200"):
+            message = str(reply.get("message") or head.decode("latin-1")).strip()
+            raise MigrationError(f"node '{self.target}': {cmd}: {message}")
+        return reply.get("data")
+
+
+def cluster_status(state_dir: str) -> dict[str, Any]:
+    from corral.daemon.control import ControlError, request
+
+    socket_path = os.path.join(state_dir, "corrald.sock")
+    try:
+        return dict(request(socket_path, "status", timeout_s=5.0))
+    except (ControlError, OSError) as exc:
+        raise MigrationError(f"corrald is not reachable ({socket_path}): {exc}") from None
+
+
+# --- the migration ---------------------------------------------------------------------
+
+
+@dataclass
+class LocalDisk:
+    key: str
+    volid: str
+    path: str
+    fmt: str
+    size_bytes: int
+    target_storage: str
+    new_volid: str | None = None
+
+
+@dataclass
+class Run:
+    """Everything one migration has done so far (what the cleanup must undo)."""
+
+    manager: GuestManager
+    vmid: int
+    target: str
+    options: MigrateOptions
+    state_dir: str
+    log: TaskLog
+    cancel: asyncio.Event | None
+    started_ns: int = field(default_factory=time.monotonic_ns)
+    peer: Peer | None = None
+    running: bool = False
+    locked: bool = False
+    target_started: bool = False
+    migration_started: bool = False
+    handed_over: bool = False
+    mirrors: list[str] = field(default_factory=list)
+    nbd_nodes: list[str] = field(default_factory=list)
+    disks: list[LocalDisk] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def say(self, line: str) -> None:
+        self.log.log(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
+
+    def check_cancel(self) -> None:
+        if (self.cancel is not None and self.cancel.is_set()) or \
+                os.path.exists(cancel_path(self.manager, self.vmid)):
+            raise MigrationCancelled("migration cancelled by request")
+
+    def elapsed_ms(self) -> float:
+        return (time.monotonic_ns() - self.started_ns) / 1e6
+
+    @property
+    def qmp(self) -> str:
+        return self.manager.qmp_path(self.vmid)
+
+
+async def migrate(manager: GuestManager, vmid: int, target: str,
+                  options: MigrateOptions | None = None, state_dir: str | None = None,
+                  cancel: asyncio.Event | None = None,
+                  on_upid: Callable[[Upid], None] | None = None) -> Upid:
+    options = options or MigrateOptions()
+    try:
+        validate_options(options)
+    except ValueError as exc:
+        raise MigrationError(str(exc)) from None
+    if state_dir is None:
+        from corral.cluster.layout import default_state_dir
+        state_dir = default_state_dir()
+    if not options.from_ha and _ha_managed(manager.root, vmid):
+        return _queue_ha(manager, vmid, target, on_upid)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(cancel_path(manager, vmid))
+    upid, log = manager.tasks.begin("qmigrate", str(vmid))
+    if on_upid is not None:
+        on_upid(upid)
+    run = Run(manager, vmid, target, options, state_dir, log, cancel)
+    try:
+        await _migrate(run)
+    except BaseException as exc:
+        message = str(exc) or type(exc).__name__
+        run.say(f"ERROR: migration aborted (duration {_duration(run)}): {message}")
+        manager.tasks.end(upid, log, f"migration aborted: {message}")
+        if isinstance(exc, MigrationError):
+            exc.upid = upid
+            raise
+        if isinstance(exc, (GuestError, QmpError, OSError, ValueError)):
+            raise MigrationError(message, upid) from exc
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(cancel_path(manager, vmid))
+    manager.tasks.end(upid, log, None)
+    return upid
+
+
+def _duration(run: Run) -> str:
+    seconds = int(run.elapsed_ms() / 1000)
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _ha_managed(root: str, vmid: int) -> bool:
+    try:
+        with open(os.path.join(root, "ha", "resources.cfg"), encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return False
+    return any(re.match(rf"^(vm|ct)?:\s*(vm:)?{vmid}\s*$", line.strip()) or
+               line.strip() == f"vm: {vmid}" for line in text.splitlines())
+
+
+def _queue_ha(manager: GuestManager, vmid: int, target: str,
+              on_upid: Callable[[Upid], None] | None) -> Upid:
+    from pathlib import Path
+
+    from corral.ha.daemon.fsenv import append_crm_command
+
+    upid, log = manager.tasks.begin("hamigrate", str(vmid))
+    if on_upid is not None:
+        on_upid(upid)
+    try:
+        append_crm_command(Path(manager.root), f"migrate vm:{vmid} {target}")
+        log.log(f"Requesting HA migration for VM {vmid} to node {target}")
+    except OSError as exc:
+        manager.tasks.end(upid, log, str(exc))
+        raise MigrationError(f"cannot queue the HA migration: {exc}", upid) from None
+    manager.tasks.end(upid, log, None)
+    return upid
+
+
+async def _migrate(run: Run) -> None:
+    config = await _prepare(run)
+    try:
+        await _phase1(run, config)
+        if run.running:
+            await _phase2(run, config)
+        await _phase3(run, config)
+    except BaseException as exc:
+        if not run.handed_over:
+            await _cleanup(run, exc)
+        raise
+
+
+# --- prepare: checks only ------------------------------------------------------------------
+
+
+async def _prepare(run: Run) -> VmConfig:
+    manager, vmid, target, options = run.manager, run.vmid, run.target, run.options
+    config = manager.load_config(vmid)
+    if config.get("lock"):
+        raise MigrationError(f"VM is locked ({config.get('lock')})")
+    if target == manager.node:
+        raise MigrationError(f"target is local node '{target}'")
+    status = await asyncio.to_thread(cluster_status, run.state_dir)
+    if not status.get("quorum", {}).get("quorate"):
+        raise MigrationError(f"node '{manager.node}' is not quorate")
+    rows = {row["name"]: row for row in status.get("nodes", [])}
+    if target not in rows:
+        raise MigrationError(f"no such cluster node '{target}'")
+    if not rows[target].get("online"):
+        raise MigrationError(f"target node '{target}' is not online")
+    addresses = rows[target].get("addresses") or {}
+    address = addresses.get("0") or next(iter(addresses.values()), None)
+    if not address:
+        raise MigrationError(f"node '{target}' has no address")
+    run.peer = Peer(run.state_dir, target, address)
+    run.running = manager.pid(vmid) is not None
+    run.say(f"starting migration of VM {vmid} to node '{target}' ({address})")
+    if run.running and not options.online:
+        raise MigrationError("can't migrate running VM without --online")
+    if not run.running and options.online:
+        run.say("VM isn't running. Doing offline migration instead.")
+    cpu = (config.get("cpu") or "qemu64").split(",")[0]
+    if run.running and cpu.removeprefix("cputype=") == "host":
+        raise MigrationError("can't live migrate a VM with CPU model 'host' (tied to this "
+                             "host's CPU); use a named model such as x86-64-v2-AES")
+    run.disks = await asyncio.to_thread(_local_disks, run, config)
+    text = write_config(config)
+    await run.peer.call(vmid, "precheck", source=manager.node, digest=config_digest(text),
+                        migration_type=options.migration_type,
+                        migration_network=options.migration_network or "",
+                        accel=manager.accelerator(), disks=_disk_requests(run.disks))
+    return config
+
+
+def _local_disks(run: Run, config: VmConfig) -> list[LocalDisk]:
+    storages = run.manager.storages()
+    mapping = parse_storage_map(run.options.targetstorage)
+    disks: list[LocalDisk] = []
+    for key, props in config.disks():
+        volid = props["file"]
+        if volid == "none":
+            continue
+        storage_id, _ = storage_mod.split_volume_id(volid)
+        storage = storages.get(storage_id)
+        if storage.shared:
+            continue
+        if props.get("media") == "cdrom":
+            raise MigrationError(f"{key}: can't migrate local cdrom '{volid}'")
+        if run.running and not run.options.with_local_disks:
+            raise MigrationError(f"can't live migrate attached local disks without "
+                                 f"--with-local-disks ({key}: {volid})")
+        path = storage_mod.volume_path(storages, volid)
+        target_storage = mapping.get(storage_id, mapping.get("", storage_id))
+        fmt = props.get("format") or storage_mod.volume_format(volid)
+        disks.append(LocalDisk(key, volid, path, fmt, storage_mod.volume_size(path),
+                               target_storage))
+        run.say(f"found local disk '{volid}' ({'attached' if run.running else 'offline'}); "
+                f"target storage '{target_storage}'")
+    return disks
+
+
+def _disk_requests(disks: list[LocalDisk]) -> list[dict[str, Any]]:
+    return [{"key": d.key, "storage": d.target_storage, "size": d.size_bytes, "format": d.fmt}
+            for d in disks]
+
+
+# --- phase 1: lock, offline copies ------------------------------------------------------
+
+
+def _save_lock(run: Run, config: VmConfig, lock: str | None) -> None:
+    with run.manager.guest_lock(run.vmid):
+        current = run.manager.load_config(run.vmid)
+        if lock is None:
+            if current.get("lock") == "migrate":
+                current.delete("lock")
+        else:
+            if current.get("lock"):
+                raise MigrationError(f"VM is locked ({current.get('lock')})")
+            current.set("lock", lock)
+        run.manager.save_config(run.vmid, current)
+    config.entries = current.entries
+    config.description = current.description
+
+
+async def _phase1(run: Run, config: VmConfig) -> None:
+    _save_lock(run, config, "migrate")
+    run.locked = True
+    if run.running:
+        return
+    assert run.peer is not None
+    for disk in run.disks:
+        run.check_cancel()
+        export = await run.peer.call(
+            run.vmid, "disk-import", source=run.manager.node,
+            migration_type=run.options.migration_type,
+            migration_network=run.options.migration_network or "",
+            disks=_disk_requests([disk]))
+        disk.new_volid = str(export["volid"])
+        run.say(f"copying local disk '{disk.volid}' to '{disk.new_volid}' on node "
+                f"'{run.target}'")
+        await asyncio.to_thread(_copy_volume, run, disk, export)
+        run.say(f"{disk.key}: copied {_human(disk.size_bytes)}")
+
+
+def _copy_volume(run: Run, disk: LocalDisk, export: dict[str, Any]) -> None:
+    target = (f"driver=nbd,server.type=inet,server.host={export['host']},"
+              f"server.port={export['port']},export={export['export']}")
+    command = ["qemu-img", "convert", "-n", "-f", disk.fmt]
+    if run.options.migration_type == "secure":
+        tls_dir = prepare_tls_dir(run.state_dir, run.manager.run_dir)
+        command += ["--object", f"tls-creds-x509,id={TLS_OBJECT_ID},endpoint=client,"
+                    f"dir={tls_dir},verify-peer=on"]
+        target += f",tls-creds={TLS_OBJECT_ID},tls-hostname={export['tls_hostname']}"
+    if run.options.bwlimit_kib:
+        command += ["-r", f"{run.options.bwlimit_kib}K"]
+    command += [disk.path, "--target-image-opts", target]
+    result = subprocess.run(command, capture_output=True, text=True, check=False,
+                            stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise MigrationError(f"copying {disk.volid} failed: {result.stderr.strip()}")
+
+
+# --- phase 2: target QEMU, disk mirrors, RAM ------------------------------------------------
+
+
+async def _phase2(run: Run, config: VmConfig) -> None:
+    assert run.peer is not None
+    run.check_cancel()
+    run.say(f"starting VM {run.vmid} on remote node '{run.target}'")
+    run.target_started = True
+    answer = await run.peer.call(
+        run.vmid, "start-incoming", source=run.manager.node,
+        digest=config_digest(write_config(config)), migration_type=run.options.migration_type,
+        migration_network=run.options.migration_network or "",
+        accel=run.manager.accelerator(), disks=_disk_requests(run.disks))
+    uri, hostname = str(answer["uri"]), str(answer["tls_hostname"])
+    run.say(f"migration listens on {uri}")
+    secure = run.options.migration_type == "secure"
+    if secure:
+        await _source_tls(run)
+    if run.disks:
+        await _mirror_disks(run, answer.get("nbd") or {}, hostname, secure)
+    run.check_cancel()
+    await _set_migration_parameters(run, config, hostname, secure)
+    run.timings_ms["command_to_migration_start"] = run.elapsed_ms()
+    run.say(f"start migrate command to {uri}")
+    run.migration_started = True
+    await qmp_call(run.qmp, "migrate", uri=uri)
+    await _watch_migration(run)
+    if run.mirrors:
+        await _finish_mirrors(run)
+
+
+async def _source_tls(run: Run) -> None:
+    tls_dir = prepare_tls_dir(run.state_dir, run.manager.run_dir)
+    with contextlib.suppress(QmpError):
+        await qmp_call(run.qmp, "object-del", id=TLS_OBJECT_ID)   # left by an earlier try
+    await qmp_call(run.qmp, "object-add", **{"qom-type": "tls-creds-x509", "id": TLS_OBJECT_ID,
+                                             "dir": tls_dir, "endpoint": "client",
+                                             "verify-peer": True})
+
+
+async def _mirror_disks(run: Run, exports: dict[str, Any], hostname: str, secure: bool) -> None:
+    speed = (run.options.bwlimit_kib or 0) * 1024
+    for disk in run.disks:
+        export = exports.get(disk.key)
+        if not isinstance(export, dict):
+            raise MigrationError(f"node '{run.target}' did not export {disk.key}")
+        disk.new_volid = str(export["volid"])
+        run.say(f"storage migration listens on nbd:{export['host']}:{export['port']}:"
+                f"exportname={export['export']} volume:{disk.new_volid}")
+        node = f"mig-drive-{disk.key}"
+        server = {"type": "inet", "host": str(export["host"]), "port": str(export["port"])}
+        extra: dict[str, Any] = {"tls-creds": TLS_OBJECT_ID, "tls-hostname": hostname} \
+            if secure else {}
+        await qmp_call(run.qmp, "blockdev-add", driver="nbd", **{"node-name": node},
+                       server=server, export=str(export["export"]), **extra)
+        run.nbd_nodes.append(node)
+        job = f"mirror-drive-{disk.key}"
+        arguments: dict[str, Any] = {"job-id": job, "device": f"drive-{disk.key}",
+                                     "target": node, "sync": "full", "auto-dismiss": False}
+        if speed:
+            arguments["speed"] = speed
+        await qmp_call(run.qmp, "blockdev-mirror", **arguments)
+        run.mirrors.append(job)
+    await _wait_mirrors_ready(run)
+
+
+async def _wait_mirrors_ready(run: Run) -> None:
+    started = time.monotonic()
+    last_log = 0.0
+    while True:
+        run.check_cancel()
+        jobs = {job["device"]: job for job in await qmp_call(run.qmp, "query-block-jobs")}
+        missing = [j for j in run.mirrors if j not in jobs]
+        if missing:
+            raise MigrationError(f"mirror job {missing[0]} disappeared (target gone?)")
+        now = time.monotonic()
+        if now - last_log >= PROGRESS_EVERY_S:
+            last_log = now
+            for name in run.mirrors:
+                job = jobs[name]
+                total, done = int(job.get("len", 0)), int(job.get("offset", 0))
+                state = "ready" if job.get("ready") else \
+                    f"transferred {_human(done)} of {_human(total)} " \
+                    f"({100.0 * done / max(total, 1):.2f}%) in {int(now - started)}s"
+                run.say(f"{name.removeprefix('mirror-')}: {state}")
+        if all(jobs[name].get("ready") for name in run.mirrors):
+            run.say("all 'mirror' jobs are ready")
+            return
+        if now - started > MIRROR_READY_TIMEOUT_S:
+            raise MigrationError("mirror jobs did not become ready")
+        await asyncio.sleep(POLL_S)
+
+
+async def _set_migration_parameters(run: Run, config: VmConfig, hostname: str,
+                                    secure: bool) -> None:
+    await qmp_call(run.qmp, "migrate-set-capabilities", capabilities=[
+        {"capability": "xbzrle", "state": True}, {"capability": "auto-converge", "state": True},
+        {"capability": "postcopy-ram", "state": False}, {"capability": "multifd", "state": False}])
+    run.say("set migration capabilities")
+    downtime_ms = _downtime_ms(config)
+    bandwidth = _bandwidth_bytes(run.options, config)
+    memory_bytes = config.int_value("memory", 512) << 20
+    cache = 1 << max(0, (memory_bytes // 10 - 1).bit_length())
+    run.say(f"migration downtime limit: {downtime_ms} ms")
+    run.say(f"migration cachesize: {_human(cache)}")
+    if bandwidth != UNLIMITED_BANDWIDTH_BYTES:
+        run.say(f"migration speed limit: {_human(bandwidth)}/s")
+    parameters: dict[str, Any] = {"downtime-limit": downtime_ms, "max-bandwidth": bandwidth,
+                                  "xbzrle-cache-size": cache,
+                                  "tls-creds": TLS_OBJECT_ID if secure else "",
+                                  "tls-hostname": hostname if secure else ""}
+    await qmp_call(run.qmp, "migrate-set-parameters", **parameters)
+    run.say(f"set migration parameters ({'TLS, verify-peer' if secure else 'insecure, plain TCP'})")
+
+
+def _downtime_ms(config: VmConfig) -> int:
+    raw = config.get("migrate_downtime")
+    if raw is None:
+        return DEFAULT_DOWNTIME_MS
+    return max(1, min(MAX_DOWNTIME_MS, int(float(raw) * 1000)))
+
+
+def _bandwidth_bytes(options: MigrateOptions, config: VmConfig) -> int:
+    limits = []
+    if options.bwlimit_kib:
+        limits.append(options.bwlimit_kib * 1024)
+    speed = config.get("migrate_speed")
+    if speed and float(speed) > 0:
+        limits.append(int(float(speed) * (1 << 20)))
+    return min(limits) if limits else UNLIMITED_BANDWIDTH_BYTES
+
+
+async def _watch_migration(run: Run) -> None:
+    """Poll query-migrate to the end, log progress, double the downtime limit when the
+    remaining RAM keeps growing (as the reference)."""
+    last_log = 0.0
+    last_remaining: int | None = None
+    growing = failures = 0
+    downtime_ms: int | None = None
+    interval = POLL_S
+    while True:
+        run.check_cancel()
+        try:
+            info = await qmp_call(run.qmp, "query-migrate")
+            failures = 0
+        except (QmpError, OSError) as exc:
+            failures += 1
+            if failures > QUERY_FAILURES_TOLERATED:
+                raise MigrationError(f"query-migrate failed: {exc}") from None
+            await asyncio.sleep(interval)
+            continue
+        state = info.get("status", "")
+        ram = info.get("ram", {})
+        if state == "completed":
+            run.timings_ms["completed_at"] = run.elapsed_ms()
+            _log_completed(run, info)
+            return
+        if state in ("failed", "cancelled"):
+            raise MigrationError(f"migration status: {state}"
+                                 f"{': ' + info['error-desc'] if info.get('error-desc') else ''}")
+        if state in ("active", "device", "pre-switchover"):
+            remaining = int(ram.get("remaining", 0))
+            now = time.monotonic()
+            if now - last_log >= PROGRESS_EVERY_S:
+                last_log = now
+                _log_progress(run, info)
+            if last_remaining is not None and (remaining > last_remaining or remaining == 0):
+                growing += 1
+            last_remaining = remaining
+            if growing > NON_CONVERGING_POLLS and state == "active":
+                growing = 0
+                downtime_ms = min(MAX_DOWNTIME_MS, (downtime_ms or _downtime_ms_now(info)) * 2)
+                await qmp_call(run.qmp, "migrate-set-parameters", **{"downtime-limit": downtime_ms})
+                run.say(f"auto-increased downtime to continue migration: {downtime_ms} ms")
+            per_poll = int(ram.get("mbps", 0) * 1e6 / 8 * POLL_S)
+            interval = FAST_POLL_S if remaining <= per_poll or state != "active" else POLL_S
+        await asyncio.sleep(interval)
+
+
+def _downtime_ms_now(info: dict[str, Any]) -> int:
+    return int(info.get("expected-downtime") or DEFAULT_DOWNTIME_MS) or DEFAULT_DOWNTIME_MS
+
+
+def _log_progress(run: Run, info: dict[str, Any]) -> None:
+    ram = info.get("ram", {})
+    total = int(ram.get("total", 0))
+    transferred = int(ram.get("transferred", 0))
+    rate = float(ram.get("mbps", 0)) * 1e6 / 8
+    line = (f"migration active, transferred {_human(transferred)} of {_human(total)} "
+            f"VM-state, {_human(int(rate))}/s")
+    dirty_rate = int(ram.get("dirty-pages-rate", 0)) * int(ram.get("page-size", 4096))
+    if dirty_rate > rate > 0:
+        line += f", VM dirties lots of memory: {_human(dirty_rate)}/s"
+    run.say(line)
+    xbzrle = info.get("xbzrle-cache")
+    if xbzrle and xbzrle.get("pages"):
+        run.say(f"xbzrle: send updates to {xbzrle.get('pages')} pages in "
+                f"{_human(int(xbzrle.get('bytes', 0)))} encoded memory, cache-miss "
+                f"{100 * float(xbzrle.get('cache-miss-rate', 0)):.2f}%, overflow "
+                f"{xbzrle.get('overflow', 0)}")
+
+
+def _log_completed(run: Run, info: dict[str, Any]) -> None:
+    ram = info.get("ram", {})
+    total_ms = max(int(info.get("total-time", 0)), 1)
+    transferred = int(ram.get("transferred", 0))
+    run.say(f"average migration speed: {_human(int(transferred * 1000 / total_ms))}/s - "
+            f"downtime {info.get('downtime', '?')} ms")
+    run.say(f"migration completed, transferred {_human(transferred)} VM-state")
+    run.say("migration status: completed")
+
+
+async def _finish_mirrors(run: Run) -> None:
+    """block-job-cancel on a ready mirror completes it without pivoting: the source keeps
+    its disk, the target's volume holds the same data."""
+    for job in run.mirrors:
+        await qmp_call(run.qmp, "block-job-cancel", device=job)
+    await _dismiss_jobs(run, run.mirrors)
+    run.mirrors.clear()
+    for node in run.nbd_nodes:
+        with contextlib.suppress(QmpError):
+            await qmp_call(run.qmp, "blockdev-del", **{"node-name": node})
+    run.nbd_nodes.clear()
+    run.say("mirror jobs completed")
+
+
+async def _dismiss_jobs(run: Run, names: list[str], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = set(names)
+    while pending and time.monotonic() < deadline:
+        jobs = {job["id"]: job for job in await qmp_call(run.qmp, "query-jobs")}
+        for name in list(pending):
+            job = jobs.get(name)
+            if job is None:
+                pending.discard(name)
+            elif job.get("status") == "concluded":
+                if job.get("error"):
+                    run.say(f"{name}: {job['error']}")
+                await qmp_call(run.qmp, "job-dismiss", id=name)
+                pending.discard(name)
+        if pending:
+            await asyncio.sleep(FAST_POLL_S)
+    if pending:
+        raise MigrationError(f"mirror jobs did not finish: {', '.join(sorted(pending))}")
+
+
+# --- phase 3: the hand-over ------------------------------------------------------------------
+
+
+async def _phase3(run: Run, config: VmConfig) -> None:
+    manager, vmid = run.manager, run.vmid
+    assert run.peer is not None
+    if run.running:
+        status = (await qmp_call(run.qmp, "query-status")).get("status")
+        if status != "postmigrate":
+            raise MigrationError(f"source VM is '{status}' after the migration, "
+                                 "expected 'postmigrate'")
+    new_config = manager.load_config(vmid)
+    for disk in run.disks:
+        if disk.new_volid is None:
+            raise MigrationError(f"{disk.key} was not copied")
+        value = new_config.entries[disk.key]
+        new_config.entries[disk.key] = value.replace(disk.volid, disk.new_volid, 1)
+    source_path = manager.config_path(vmid)
+    target_path = os.path.join(manager.root, "nodes", run.target, "qemu-server", f"{vmid}.conf")
+    if run.disks:
+        manager.save_config(vmid, new_config)
+    if os.path.exists(target_path):
+        raise MigrationError(f"node '{run.target}' already has a config for VM {vmid}")
+    os.makedirs(os.path.dirname(target_path), exist_ok=True)
+    os.rename(source_path, target_path)          # the hand-over: the guest is the target's now
+    run.handed_over = True
+    run.say(f"config moved to node '{run.target}'")
+    await _finish_on_target(run, new_config, target_path)
+
+
+async def _finish_on_target(run: Run, config: VmConfig, target_path: str) -> None:
+    """After the rename nothing is rolled back: every step logs and goes on."""
+    assert run.peer is not None
+    errors = []
+    try:
+        if run.running or run.disks:
+            answer = await run.peer.call(run.vmid, "resume")
+            if run.running:
+                run.say(f"VM {run.vmid} resumed on node '{run.target}' "
+                        f"({answer.get('status')})")
+    except MigrationError as exc:
+        errors.append(f"resume on target failed: {exc}")
+    if run.running:
+        await run.manager.hard_stop(run.vmid, run.log)
+    storages = run.manager.storages() if run.disks else None
+    for disk in run.disks:
+        assert storages is not None
+        try:
+            storage_mod.remove_volume(storages, disk.volid)
+            run.say(f"removed source volume '{disk.volid}'")
+        except storage_mod.StorageError as exc:
+            errors.append(str(exc))
+    try:
+        _unlock_at(target_path)
+    except (OSError, ValueError) as exc:
+        errors.append(f"clearing the lock failed: {exc}")
+    if errors:
+        raise MigrationError("migration finished with problems: " + "; ".join(errors))
+    if "completed_at" in run.timings_ms:
+        run.say(f"timing: command to QEMU migration start "
+                f"{run.timings_ms['command_to_migration_start']:.0f} ms")
+        run.say(f"timing: QEMU completion to hand-over done "
+                f"{run.elapsed_ms() - run.timings_ms['completed_at']:.0f} ms")
+    run.say(f"migration finished successfully (duration {_duration(run)})")
+
+
+def _unlock_at(path: str) -> None:
+    with open(path, encoding="utf-8") as handle:
+        config = parse_config(handle.read())
+    if config.get("lock") == "migrate":
+        config.delete("lock")
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(write_config(config))
+    os.replace(path + ".tmp", path)
+
+
+# --- cleanup after a failure before the hand-over ----------------------------------------
+
+
+async def _cleanup(run: Run, error: BaseException) -> None:
+    run.say(f"ERROR: {error or type(error).__name__}")
+    run.say("aborting phase 2 - cleanup resources" if run.running else
+            "aborting phase 1 - cleanup resources")
+    if run.migration_started:
+        await _try(run, "migrate_cancel", qmp_call(run.qmp, "migrate_cancel"))
+        await _wait_not_active(run)
+    for job in run.mirrors:
+        await _try(run, f"cancel {job}", qmp_call(run.qmp, "block-job-cancel", device=job,
+                                                    force=True))
+    if run.mirrors:
+        with contextlib.suppress(MigrationError, QmpError, OSError):
+            await _dismiss_jobs(run, run.mirrors, 10.0)
+    for node in run.nbd_nodes:
+        await _try(run, f"remove {node}", qmp_call(run.qmp, "blockdev-del",
+                                                   **{"node-name": node}))
+    if run.running and run.manager.pid(run.vmid) is not None:
+        with contextlib.suppress(QmpError, OSError):
+            status = (await qmp_call(run.qmp, "query-status")).get("status")
+            if status in ("postmigrate", "paused", "finish-migrate"):
+                await _try(run, "cont on source", qmp_call(run.qmp, "cont"))
+    if run.peer is not None and (run.target_started or run.disks):
+        try:
+            answer = await run.peer.call(run.vmid, "stop")
+            for volid in answer.get("removed", []):
+                run.say(f"removed volume '{volid}' on node '{run.target}'")
+        except MigrationError as exc:
+            run.say(f"ERROR: stopping the target failed: {exc}")
+    if run.locked:
+        try:
+            with run.manager.guest_lock(run.vmid):
+                config = run.manager.load_config(run.vmid)
+                if config.get("lock") == "migrate":
+                    config.delete("lock")
+                    run.manager.save_config(run.vmid, config)
+        except (GuestError, OSError) as exc:
+            run.say(f"ERROR: clearing the lock failed: {exc}")
+
+
+async def _try(run: Run, what: str, action: Any) -> None:
+    try:
+        await action
+    except (QmpError, GuestError, OSError) as exc:
+        run.say(f"{what}: {exc}")
+
+
+async def _wait_not_active(run: Run, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            info = await qmp_call(run.qmp, "query-migrate")
+        except (QmpError, OSError):
+            return
+        if info.get("status") not in ("active", "setup", "cancelling", "device",
+                                      "pre-switchover"):
+            return
+        await asyncio.sleep(FAST_POLL_S)
+
+
+def _human(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+__all__ = ["MigrateOptions", "MigrationCancelled", "MigrationError", "migrate",
+           "parse_storage_map", "request_cancel", "validate_options"]

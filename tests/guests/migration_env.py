@@ -1,0 +1,184 @@
+"""Helpers of the migration tests: a real corrald cluster on 127.0.0.x whose daemons have
+their own guest run/task dirs, storages (one shared, one local per node), test guests,
+and the checkers every migration test runs (never running on two nodes at once, config
+on exactly one node, disk content unchanged)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from corral.daemon.demo import DemoCluster
+from corral.guests.qemu import GuestManager
+
+MEMORY_MIB = 128
+
+
+class GuestCluster(DemoCluster):
+    """DemoCluster whose corrald processes get per-node guest dirs (two nodes share one
+    host here, so the default /run/corral/qemu-server would collide)."""
+
+    def run_dir(self, nodeid: int) -> str:
+        return str(self.workdir / self.name(nodeid) / "run")
+
+    def task_dir(self, nodeid: int) -> str:
+        return str(self.workdir / self.name(nodeid) / "tasks")
+
+    def start(self, nodeid: int, wait_for_cluster: bool = False) -> None:
+        self.state_dir(nodeid).mkdir(parents=True, exist_ok=True)
+        argv = self._in_node(nodeid, [
+            sys.executable, "-m", "corral.daemon.main", "--state-dir", str(self.state_dir(nodeid)),
+            "--stats-interval", str(self.stats_interval_s),
+            "--guest-run-dir", self.run_dir(nodeid), "--guest-task-dir", self.task_dir(nodeid)])
+        if wait_for_cluster:
+            argv.append("--wait-for-cluster")
+        with open(self.log_path(nodeid), "ab") as log:
+            self.processes[nodeid] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                                      stderr=log, start_new_session=True)
+
+    def manager(self, nodeid: int, guest_dir: str) -> GuestManager:
+        return GuestManager(str(self.mount(nodeid)), self.name(nodeid), self.run_dir(nodeid),
+                            self.task_dir(nodeid), test_guest_dir=guest_dir)
+
+    def write_storage_cfg(self) -> None:
+        lines = [f"dir: shared\n\tpath {self.workdir}/shared\n\tcontent images\n\tshared 1\n"]
+        for nodeid in self.nodeids:
+            lines.append(f"dir: local{nodeid}\n\tpath {self.workdir}/{self.name(nodeid)}/local\n"
+                         f"\tcontent images\n\tnodes {self.name(nodeid)}\n")
+        (self.mount(1) / "storage.cfg").write_text("\n".join(lines))
+
+    def config_path(self, nodeid: int, vmid: int, via: int = 1) -> Path:
+        return self.mount(via) / "nodes" / self.name(nodeid) / "qemu-server" / f"{vmid}.conf"
+
+    def config_nodes(self, vmid: int, via: int = 1) -> list[int]:
+        return [n for n in self.nodeids if self.config_path(n, vmid, via).exists()]
+
+
+def guest_settings(guest_dir: str, dirty_mib: int = 16) -> dict[str, str]:
+    return {"memory": str(MEMORY_MIB), "serial0": "socket",
+            "args": f"-kernel {guest_dir}/vmlinuz -initrd {guest_dir}/initrd.img -append "
+                    f"'console=ttyS0 quiet panic=-1 corral.dirty={dirty_mib} corral.period=0.1'"}
+
+
+def fill_volume(path: str, mib: int = 4) -> None:
+    """Random data in the first MiBs of a raw volume, so a copy is checked on real bytes."""
+    with open(path, "r+b") as handle:
+        handle.write(os.urandom(mib << 20))
+
+
+def checksum(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class SerialWatch:
+    """Reads the counter lines of the guest's serial socket on every node (connecting
+    whenever a socket appears) and records (monotonic s, node, value)."""
+
+    def __init__(self, cluster: GuestCluster, vmid: int) -> None:
+        self.cluster = cluster
+        self.vmid = vmid
+        self.samples: list[tuple[float, int, int]] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._watch, args=(n,), daemon=True)
+                        for n in cluster.nodeids]
+        for thread in self.threads:
+            thread.start()
+
+    def _watch(self, nodeid: int) -> None:
+        path = os.path.join(self.cluster.run_dir(nodeid), f"{self.vmid}.serial0")
+        while not self.stop.is_set():
+            try:
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.connect(path)
+                    sock.settimeout(0.1)
+                    self._read(sock, nodeid)
+            except OSError:
+                time.sleep(0.05)
+
+    def _read(self, sock: socket.socket, nodeid: int) -> None:
+        buffer = b""
+        while not self.stop.is_set():
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                continue
+            if not data:
+                return
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            now = time.monotonic()
+            for line in lines:
+                text = line.decode(errors="replace").strip()
+                if text.startswith("corral-counter "):
+                    with self.lock:
+                        self.samples.append((now, nodeid, int(text.split()[1])))
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(2)
+
+    def values(self, nodeid: int) -> list[int]:
+        with self.lock:
+            return [v for _, n, v in self.samples if n == nodeid]
+
+    def wait_value(self, nodeid: int, above: int, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            values = self.values(nodeid)
+            if values and max(values) > above:
+                return max(values)
+            time.sleep(0.1)
+        raise AssertionError(f"no counter above {above} from node {nodeid} within {timeout_s} s")
+
+    def check_single_runner(self) -> None:
+        """The guest never ran on two nodes at once: the counter lines of different nodes
+        never interleave (every line of one node's stretch comes before the next's)."""
+        with self.lock:
+            samples = sorted(self.samples)
+        switches = [i for i in range(1, len(samples)) if samples[i][1] != samples[i - 1][1]]
+        stretches = [samples[i][1] for i in [0, *switches]] if samples else []
+        assert len(stretches) == len(set(stretches)), \
+            f"counter lines of two nodes interleave: {stretches}"
+        values = [v for _, _, v in samples]
+        assert values == sorted(values), "the counter went backwards across nodes"
+
+
+class ConfigWatch:
+    """Polls that the config exists on exactly one node (through every node's mount)."""
+
+    def __init__(self, cluster: GuestCluster, vmid: int) -> None:
+        self.cluster = cluster
+        self.vmid = vmid
+        self.violations: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stop.is_set():
+            for via in self.cluster.nodeids:
+                nodes = self.cluster.config_nodes(self.vmid, via)
+                if len(nodes) != 1:
+                    # A rename is one operation; a reader between two stats can see the
+                    # old name gone and the new one there, never both: check both again.
+                    time.sleep(0.02)
+                    again = self.cluster.config_nodes(self.vmid, via)
+                    if len(again) != 1:
+                        self.violations.append(f"via node {via}: config on {again}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
