@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -66,6 +67,7 @@ COUNTER_TIMEOUT_S = 30.0
 VMID = 900
 DIRTY_FRACTION = 3 / 8          # 96 MiB of 256, 384 MiB of 1 GiB, as the anchor's runs
 DIRTY_PERIOD_S = "0.01"
+IDLE_PERIOD_S = "0.02"
 DISK_DATA_FRACTION = 0.5        # half of the local disk is random data, half sparse
 
 
@@ -100,6 +102,7 @@ class Run:
     mirror_ms: float = 0.0
     syncs: int = 0
     downtime_raised_ms: int = 0
+    pause_ms: float | None = None   # guest-visible pause: serial counter silence around the move
     wall_ms: float = 0.0          # command (or first QMP step) to the guest running on the target
     start_overhead_ms: float | None = None    # Corral: command -> QEMU migration start
     finish_overhead_ms: float | None = None   # Corral: QEMU completed -> TASK OK, config moved
@@ -146,8 +149,8 @@ def write_tls_dirs(workdir: Path, sides: tuple[str, str]) -> dict[str, Path]:
 
 
 def guest_append(memory_mib: int, dirty: bool) -> str:
-    if not dirty:
-        return "console=ttyS0 quiet panic=-1 corral.dirty=0"
+    if not dirty:   # still prints its counter often, so the pause is measured finely
+        return f"console=ttyS0 quiet panic=-1 corral.dirty=0 corral.period={IDLE_PERIOD_S}"
     return (f"console=ttyS0 quiet panic=-1 corral.dirty={dirty_mib(memory_mib)} "
             f"corral.period={DIRTY_PERIOD_S}")
 
@@ -186,41 +189,72 @@ def load_average() -> str:
 # --- serial counter ------------------------------------------------------------------
 
 
-async def read_counter(path: str, timeout_s: float = COUNTER_TIMEOUT_S) -> int:
-    """The next `corral-counter N` line printed on a guest's serial socket."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            reader, writer = await asyncio.open_unix_connection(path)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise BenchError(f"serial socket {path} did not appear") from None
-            await asyncio.sleep(0.1)
-    try:
-        while time.monotonic() < deadline:
+class CounterWatch:
+    """Reads `corral-counter N` lines from the guest's serial socket on every side
+    (reconnecting whenever a QEMU appears there) and records (monotonic s, side, N).
+
+    The guest prints a line every period; the longest silence between the last line
+    from the source and the first from the target is the pause the guest saw
+    (QEMU's downtime plus the hand-over until the target runs), to within one period.
+    It is the only reader: a QEMU serial socket serves one client at a time.
+    """
+
+    def __init__(self, paths: dict[str, str]) -> None:
+        self.paths = paths
+        self.samples: list[tuple[float, str, int]] = []
+        self._tasks = [asyncio.create_task(self._watch(side, path)) for side, path in paths.items()]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _watch(self, side: str, path: str) -> None:
+        while True:
             try:
-                line = await asyncio.wait_for(reader.readline(), deadline - time.monotonic())
-            except TimeoutError:
-                break
-            if not line:
-                break
-            words = line.decode(errors="replace").split()
-            if len(words) == 2 and words[0] == "corral-counter" and words[1].isdigit():
-                return int(words[1])
-    finally:
-        writer.close()
-    raise BenchError(f"no counter line on {path} within {timeout_s} s")
+                reader, writer = await asyncio.open_unix_connection(path)
+            except OSError:
+                await asyncio.sleep(0.02)
+                continue
+            try:
+                while line := await reader.readline():
+                    if not line.endswith(b"\n"):
+                        break              # cut off by a QEMU exiting: not a whole value
+                    words = line.decode(errors="replace").split()
+                    if len(words) == 2 and words[0] == "corral-counter" and words[1].isdigit():
+                        self.samples.append((time.monotonic(), side, int(words[1])))
+            except OSError:
+                pass
+            finally:
+                writer.close()
 
+    def latest(self, side: str, since_s: float = 0.0) -> int | None:
+        values = [v for t, s, v in self.samples if s == side and t >= since_s]
+        return max(values) if values else None
 
-async def wait_counter(path: str, at_least: int, timeout_s: float) -> int:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await read_counter(path, max(1.0, deadline - time.monotonic()))
-        if value >= at_least:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"guest counter stuck at {value} (wanted {at_least})")
+    async def wait(self, side: str, above: int, timeout_s: float, since_s: float = 0.0) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = self.latest(side, since_s)
+            if value is not None and value > above:
+                return value
+            await asyncio.sleep(0.02)
+        raise BenchError(f"guest counter on {side} not above {above} within {timeout_s} s")
+
+    def pause_ms(self, source: str, target: str, since_s: float) -> float | None:
+        """Silence between the source's last line and the target's first one after since_s."""
+        firsts = [t for t, s, _ in self.samples if s == target and t >= since_s]
+        if not firsts:
+            return None
+        lasts = [t for t, s, _ in self.samples if s == source and since_s <= t <= min(firsts)]
+        return (min(firsts) - max(lasts)) * 1000 if lasts else None
+
+    def check_single_runner(self) -> None:
+        """Each value is printed once, so in time order the values strictly increase;
+        a guest running on both sides at once would print some twice or go backwards."""
+        values = [v for _, _, v in sorted(self.samples)]
+        if any(b <= a for a, b in itertools.pairwise(values)):
+            raise BenchError("guest counter repeated or went backwards: the guest ran twice")
 
 
 # --- plain QEMU side ------------------------------------------------------------------
@@ -453,12 +487,12 @@ class PlainBench:
         return {"a": base + f"virtio0: {self.volume('a', '0', size, True)},size={size}M\n",
                 "b": base + f"virtio0: {self.volume('b', '0', size, False)},size={size}M\n"}
 
-    async def boot(self, side: Side, config: str, memory_mib: int, dirty: bool) -> int:
+    async def boot(self, side: Side, config: str, memory_mib: int, dirty: bool,
+                   watch: CounterWatch) -> int:
         await side.spawn(config, incoming=False)
-        serial = side.manager.serial_path(VMID)
         # A dirtying guest has rewritten its whole working set after dirty_mib steps.
         wanted = dirty_mib(memory_mib) + 2 if dirty else 1
-        return await wait_counter(serial, wanted, BOOT_TIMEOUT_S)
+        return await watch.wait(side.name, wanted, BOOT_TIMEOUT_S)
 
     async def run_group(self, memory_mib: int, dirty: bool, storage: str,
                         transports: list[str], repeats: int) -> list[CaseResult]:
@@ -466,35 +500,47 @@ class PlainBench:
         results = {t: CaseResult(Case(memory_mib, dirty_mib(memory_mib) if dirty else 0,
                                       storage, t), "plain") for t in transports}
         source, target = self.sides["a"], self.sides["b"]
+        watch = CounterWatch({name: side.manager.serial_path(VMID)
+                              for name, side in self.sides.items()})
         try:
-            counter = await self.boot(source, configs["a"], memory_mib, dirty)
+            await self.boot(source, configs["a"], memory_mib, dirty, watch)
             for _ in range(repeats):
                 for transport in transports:
-                    run, counter = await self._one(source, target, configs[target.name],
-                                                   results[transport].case, counter)
+                    run = await self._one(source, target, configs[target.name],
+                                          results[transport].case, watch)
                     results[transport].runs.append(run)
                     if not run.ok:
                         return list(results.values())
                     source, target = target, source
+            watch.check_single_runner()
         finally:
+            await watch.close()
             for side in self.sides.values():
                 await side.kill()
         return list(results.values())
 
     async def _one(self, source: Side, target: Side, target_config: str, case: Case,
-                   counter: int) -> tuple[Run, int]:
+                   watch: CounterWatch) -> Run:
+        before = watch.latest(source.name) or 0
+        since_s = time.monotonic()
         try:
             run = await plain_migrate(source, target, target_config, case)
         except (BenchError, QmpError, OSError) as exc:
             await target.kill()
             print(f"  plain  {case.label:<36} FAILED: {exc}", flush=True)
-            return Run(ok=False, error=str(exc)), counter
+            return Run(ok=False, error=str(exc))
         await source.kill()
-        after = await wait_counter(target.manager.serial_path(VMID), counter + 1, COUNTER_TIMEOUT_S)
-        print(f"  plain  {case.label:<36} total {run.total_ms:6.0f} ms  downtime "
-              f"{run.downtime_ms:4.0f} ms  RAM {run.ram_bytes / 2**20:6.1f} MiB  disk "
-              f"{run.disk_bytes / 2**20:6.1f} MiB  counter {counter}->{after}", flush=True)
-        return run, after
+        after = await watch.wait(target.name, before, COUNTER_TIMEOUT_S, since_s)
+        run.pause_ms = watch.pause_ms(source.name, target.name, since_s)
+        print_run("plain", case, run, f"counter {before}->{after}")
+        return run
+
+
+def print_run(system: str, case: Case, run: Run, extra: str = "") -> None:
+    print(f"  {system:<6} {case.label:<40} total {run.total_ms:6.0f} ms  downtime "
+          f"{run.downtime_ms:4.0f} ms  pause {_fmt(run.pause_ms)} ms  RAM "
+          f"{run.ram_bytes / 2**20:6.1f} MiB  disk {run.disk_bytes / 2**20:5.0f} MiB  "
+          f"wall {run.wall_ms:6.0f} ms  {extra}", flush=True)
 
 
 # --- Corral: the same guest on a 2-node demo cluster -------------------------------------
@@ -519,6 +565,7 @@ def summarize(result: CaseResult) -> dict[str, Any]:
             "runs": len(result.runs), "failed": len(result.runs) - len(runs),
             "errors": sorted({run.error for run in result.runs if not run.ok}),
             "total_ms": med("total_ms"), "downtime_ms": med("downtime_ms"),
+            "pause_ms": med("pause_ms"),
             "downtime_ms_max": max((run.downtime_ms for run in runs), default=None),
             "ram_mib": (med("ram_bytes") or 0) / 2**20, "disk_mib": (med("disk_bytes") or 0) / 2**20,
             "mirror_ms": med("mirror_ms"), "wall_ms": med("wall_ms"),
@@ -536,24 +583,27 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
     return f"{ours / theirs:.2f}"
 
 
+def _pair(plain: dict[str, Any], corral: dict[str, Any], name: str, digits: int = 0,
+          ratio: bool = True) -> str:
+    text = f"{_fmt(plain.get(name), digits)} / {_fmt(corral.get(name), digits)}"
+    return f"{text} ({_ratio(corral.get(name), plain.get(name))})" if ratio else text
+
+
 def table(summaries: list[dict[str, Any]]) -> str:
-    """Markdown: one row per case, plain and Corral side by side."""
+    """Markdown: one row per case, plain / Corral (ratio Corral/plain) in each cell."""
     by_label: dict[str, dict[str, dict[str, Any]]] = {}
     for summary in summaries:
         by_label.setdefault(summary["label"], {})[summary["system"]] = summary
-    lines = ["| Case | plain total ms | Corral total ms | ratio | plain downtime ms | "
-             "Corral downtime ms | ratio | RAM MiB plain / Corral | disk MiB | Corral overhead "
-             "start / finish ms | runs (failed) plain / Corral |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| Case | total ms | QEMU downtime ms | guest pause ms | RAM sent MiB | "
+             "disk mirrored MiB | wall ms | Corral overhead start / finish ms | runs (failed) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, systems in by_label.items():
         plain, corral = systems.get("plain", {}), systems.get("corral", {})
         lines.append(
-            f"| {label} | {_fmt(plain.get('total_ms'))} | {_fmt(corral.get('total_ms'))} | "
-            f"{_ratio(corral.get('total_ms'), plain.get('total_ms'))} | "
-            f"{_fmt(plain.get('downtime_ms'))} | {_fmt(corral.get('downtime_ms'))} | "
-            f"{_ratio(corral.get('downtime_ms'), plain.get('downtime_ms'))} | "
-            f"{_fmt(plain.get('ram_mib'), 1)} / {_fmt(corral.get('ram_mib'), 1)} | "
-            f"{_fmt(plain.get('disk_mib'), 0)} | "
+            f"| {label} | {_pair(plain, corral, 'total_ms')} | "
+            f"{_pair(plain, corral, 'downtime_ms')} | {_pair(plain, corral, 'pause_ms')} | "
+            f"{_pair(plain, corral, 'ram_mib', 1, ratio=False)} | "
+            f"{_pair(plain, corral, 'disk_mib', 0, ratio=False)} | {_pair(plain, corral, 'wall_ms')} | "
             f"{_fmt(corral.get('start_overhead_ms'))} / {_fmt(corral.get('finish_overhead_ms'))} | "
             f"{plain.get('runs', 0)} ({plain.get('failed', 0)}) / "
             f"{corral.get('runs', 0)} ({corral.get('failed', 0)}) |")
