@@ -141,7 +141,7 @@ def cpu_models() -> set[str]:
     return _CPU_MODELS
 
 
-async def qmp_call(path: str, command: str, **arguments: Any) -> Any:
+async def qmp_call(path: str, command: str, /, **arguments: Any) -> Any:
     """One QMP command on a short connection (the monitor takes one client at a time,
     so nothing may hold it for the whole migration: `qm status` must keep working)."""
     async with QmpClient(path) as client:
@@ -324,6 +324,7 @@ class IncomingMigrations:
                                f"'{self.manager.node}'")
         if "images" not in storage.content:
             raise MtunnelError(f"storage '{storage_id}' does not allow content type 'images'")
+        os.makedirs(storage.path, exist_ok=True)     # as a dir storage's default `mkdir 1`
         return storage
 
     def _check_cpu(self, config: VmConfig) -> None:

@@ -82,7 +82,7 @@ class QmpClient:
             self.events.get_nowait()
         self.events.put_nowait(message)
 
-    async def command(self, name: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+    async def command(self, name: str, /, timeout_s: float = DEFAULT_TIMEOUT_S,
                       **arguments: Any) -> Any:
         """Run one QMP command and return its `return` value (QmpError on `error`)."""
         if self._writer is None:
