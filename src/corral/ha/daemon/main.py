@@ -37,7 +37,6 @@ from corral.ha.logic.settings import PROFILES, HaTimings, timings_from_mapping
 
 log = logging.getLogger("corral.ha")
 NS_PER_S = 1_000_000_000
-FS_LOCK_EXPIRY_S = 120
 DEFAULT_RUN_DIR = "/run/corral-ha"
 STOP_DEADLINE_S = 60
 TICK_S = 0.2
@@ -51,15 +50,31 @@ def load_timings(root: Path, profile: str | None) -> HaTimings:
     return timings_from_mapping(values)
 
 
-def effective_timings(timings: HaTimings, cluster_fs: bool) -> HaTimings:
-    """On the Corral filesystem a lock expires after 120 s whatever lock_timeout_s says; the
-    daemon must not believe an earlier expiry, so the longer value is used (still safe)."""
-    if cluster_fs and timings.lock_timeout_s < FS_LOCK_EXPIRY_S:
-        log.warning("the filesystem expires locks after %d s: using lock_timeout_s=%d instead "
-                    "of %d (recovery is slower than the profile promises)", FS_LOCK_EXPIRY_S,
-                    FS_LOCK_EXPIRY_S, timings.lock_timeout_s)
-        return replace(timings, lock_timeout_s=FS_LOCK_EXPIRY_S)
-    return timings
+def fence_time_s(timings: HaTimings) -> int:
+    """Seconds after its last lock renewal by which this node is certainly fenced."""
+    return (timings.watchdog_timeout_s + timings.watchdog_device_timeout_s
+            + timings.safety_margin_s)
+
+
+def effective_timings(timings: HaTimings, tree: Tree) -> HaTimings:
+    """On the Corral filesystem the lock timeout is the filesystem's expiry (derived from the
+    same datacenter.cfg `ha-timing`, so normally equal). If they differ (a `--profile` that is
+    not in datacenter.cfg, a value out of the filesystem's 10..600 s) the filesystem's value
+    is used, and it must still satisfy the safety rule with this daemon's watchdog."""
+    if not tree.cluster_fs:
+        return timings
+    fs_expiry_s = tree.fs_lock_expiry_s()
+    if fs_expiry_s == timings.lock_timeout_s:
+        return timings
+    log.warning("the filesystem expires locks after %d s (datacenter.cfg ha-timing): using "
+                "lock_timeout_s=%d instead of %d", fs_expiry_s, fs_expiry_s,
+                timings.lock_timeout_s)
+    try:
+        return replace(timings, lock_timeout_s=fs_expiry_s).validate()
+    except ConfigError as error:
+        raise ConfigError("lock_timeout_s", f"the filesystem's lock expiry ({fs_expiry_s} s, "
+                          f"from datacenter.cfg ha-timing) is unsafe with this daemon's "
+                          f"settings: {error}") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,6 +105,10 @@ class Daemon:
                  members_file: Path | None, event_log: Path | None) -> None:
         self.timings = timings
         tree = Tree(root, members_file, timings.lock_timeout_s)
+        self.tree = tree
+        self.node = node
+        self.fence_published = False
+        self.expiry_seen_s = timings.lock_timeout_s
         agent = ProcessGuestAgent(root, node, run_dir / "guests")
         socket_path = str(run_dir / "watchdog-mux.sock")
         self.lrm = Lrm(FsEnv(tree, node, "lrm", agent, WatchdogClient(socket_path), event_log),
@@ -124,6 +143,7 @@ class Daemon:
                     return False
             now = time.monotonic_ns()
             if lrm_alive and now >= next_lrm:
+                self._check_lock_settings()
                 lrm_alive = self._step(self.lrm.iterate, "lrm")
                 next_lrm = now + self.timings.lrm_round_s * NS_PER_S
             if crm_alive and now >= next_crm:
@@ -131,6 +151,21 @@ class Daemon:
                 next_crm = now + self.timings.crm_round_s * NS_PER_S
             time.sleep(TICK_S)
         return True
+
+    def _check_lock_settings(self) -> None:
+        """Publish this node's fence time (until it is written) and notice a runtime change
+        of the filesystem's expiry (the takeover guard in fsenv keeps it safe meanwhile)."""
+        if not self.fence_published:
+            self.fence_published = self.tree.publish_fence_time(self.node,
+                                                                fence_time_s(self.timings))
+        if not self.tree.cluster_fs:
+            return
+        expiry_s = self.tree.fs_lock_expiry_s()
+        if expiry_s != self.expiry_seen_s:
+            self.expiry_seen_s = expiry_s
+            log.warning("the filesystem's lock expiry is now %d s (this daemon runs with %d s "
+                        "until restarted; takeovers are held back while unsafe)", expiry_s,
+                        self.timings.lock_timeout_s)
 
     def _step(self, iterate: Callable[[], bool], name: str) -> bool:
         try:
@@ -147,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         node, root = resolve_identity(args)
         tree_probe = Tree(root, args.members_file)
-        timings = effective_timings(load_timings(root, args.profile), tree_probe.cluster_fs)
+        timings = effective_timings(load_timings(root, args.profile), tree_probe)
     except (ConfigError, OSError, ValueError, KeyError) as error:
         print(f"corral-ha: {error}", file=sys.stderr)
         return 2
