@@ -140,7 +140,8 @@ def percentile_us(sorted_ns: list[int], fraction: float) -> float:
 
 
 def result_record(args: argparse.Namespace, stats: Stats, sending: SendResult,
-                  members_ok: bool, client_start_ns: int) -> dict[str, Any]:
+                  members_ok: bool, client_start_ns: int,
+                  cpu_start_s: float = 0.0) -> dict[str, Any]:
     span_s = (stats.last_ns - stats.first_ns) / 1e9 if stats.msgs > 1 else 0.0
     latencies = sorted(stats.latencies_ns)
     blocked = args.send and not sending.finished
@@ -164,6 +165,8 @@ def result_record(args: argparse.Namespace, stats: Stats, sending: SendResult,
         "send_error": sending.error, "sender_blocked": blocked,
         "client_start_ns": client_start_ns, "send_start_ns": sending.start_ns,
         "first_ns": stats.first_ns, "last_ns": stats.last_ns,
+        # CPU (user + system) of this client from its connection to now.
+        "cpu_s": time.process_time() - cpu_start_s if cpu_start_s else 0.0,
     }
 
 
@@ -236,6 +239,7 @@ class BenchRun:
         self.sending = SendResult()
         self.members_reached = asyncio.Event()
         self.all_ended = asyncio.Event()
+        self.cpu_start_s = 0.0
 
     def on_event(self, event: CpgEvent) -> None:
         """Called by the client library for every event, in delivery order."""
@@ -285,6 +289,7 @@ class BenchRun:
                                           min(args.timeout_ms / 1000, CONNECT_TIMEOUT_S),
                                           self.on_event)
         self.stats.my_nodeid = client.nodeid
+        self.cpu_start_s = time.process_time()
         members_ok = await self.wait(self.members_reached, client, deadline_s)
         sender: asyncio.Task[None] | None = None
         if members_ok and args.send:
@@ -293,7 +298,8 @@ class BenchRun:
         await self.wait(self.all_ended, client, deadline_s)
         if sender is not None and not sender.done():
             await asyncio.wait([sender], timeout=SENDER_GRACE_S)
-        record = result_record(args, self.stats, self.sending, members_ok, client_start_ns)
+        record = result_record(args, self.stats, self.sending, members_ok, client_start_ns,
+                               self.cpu_start_s)
         if sender is not None:
             sender.cancel()
         with contextlib.suppress(TimeoutError):

@@ -167,7 +167,7 @@ class Engine:
         self.transport.on_link_change = self._on_link_change
         timers = totem_timers(config, args.config)
         self.node = TotemNode(self.nodeid, timers, self.transport, args.state_dir)
-        self.node.add_listener(self._on_event)
+        self.node.add_batch_listener(self._on_events)
         self.members: tuple[int, ...] = ()
         self.deliveries: TextIO | None = None
         self.delivered = 0
@@ -183,16 +183,17 @@ class Engine:
     def _on_link_change(self, peer: Any) -> None:
         log.info("link %d to node %d is %s", peer.linknumber, peer.nodeid, peer.state.value)
 
-    def _on_event(self, event: tuple[Any, ...]) -> None:
-        if event[0] == EV_DELIVER:
-            self._on_deliver(event[1], event[2])
-        elif event[0] == EV_CONFIG:
-            self._on_config(event)
+    def _on_events(self, events: list[tuple[Any, ...]]) -> None:
+        for event in events:
+            if event[0] == EV_DELIVER:
+                self.delivered += 1
+                payload = event[2]
+                if len(payload) >= LOAD_HEADER.size and payload[0] == LOAD_MAGIC:
+                    self._on_load(payload)
+            elif event[0] == EV_CONFIG:
+                self._on_config(event)
 
-    def _on_deliver(self, sender: int, payload: bytes) -> None:
-        self.delivered += 1
-        if not _is_load(payload):
-            return
+    def _on_load(self, payload: bytes) -> None:
         _magic, origin, life, counter, sent_ns = LOAD_HEADER.unpack_from(payload)
         if self.deliveries is not None:
             self.deliveries.write(f"D {origin} {life} {counter}\n")
@@ -353,6 +354,15 @@ class _CpgView:
             callback(event)
 
         self.node.add_listener(filtered)
+
+    def add_batch_listener(self, callback: Callable[[list[tuple[object, ...]]], None]) -> None:
+        def filtered(events: list[tuple[object, ...]]) -> None:
+            kept = [event for event in events
+                    if event[0] != EV_DELIVER or not _is_load(event[2])]
+            if kept:
+                callback(kept)
+
+        self.node.add_batch_listener(filtered)
 
 
 def _is_load(payload: object) -> bool:

@@ -312,6 +312,17 @@ class CpgCore:
         else:
             raise UsageError(f"unknown totem event kind {kind!r}")
 
+    def totem_events(self, events: Iterable[tuple[object, ...]]) -> None:
+        """Feed a batch of events in order, as `totem_event` one by one would."""
+        deliver = self.deliver
+        for event in events:
+            # Hot path: a delivery as TotemCore makes it (int sender, bytes payload).
+            if event[0] == EV_DELIVER and len(event) == 3 and type(event[2]) is bytes \
+                    and type(event[1]) is int:
+                deliver(event[1], event[2])
+            else:
+                self.totem_event(event)
+
     def configuration(
         self, transitional: bool, ring_id: tuple[int, int], members: Iterable[int]
     ) -> None:

@@ -19,6 +19,13 @@ Requests carry a request id the reply echoes; pushed events carry 0.
     DELIVER         group | nodeid u32 | pid u32 | payload
     CONFCHG         group | members | left | joined
     TOTEM_CONFCHG   ring_rep u32 | ring_seq u64 | count u16 | count * nodeid u32
+    MCAST_ACK       last_request_id u32 | count u32   (request id 0)
+
+A MCAST with flag ACK_BATCH (2) that the node accepts may be answered by a
+MCAST_ACK instead of a REPLY: it stands for an OK REPLY to each of the `count`
+requests with ids last_request_id - count + 1 .. last_request_id (mod 2**32),
+all of which were ACK_BATCH MCASTs sent in that order. The server sends one
+per run of accepted MCASTs it read in one go, before any other reply.
 
 Status codes are `ErrorCode` (corosync's cs_error_t numbers). A request that
 does not parse, or that the core refuses, gets an error reply and changes
@@ -42,6 +49,7 @@ import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import cast
 
 from corral.cpg import wire
 from corral.cpg.core import CpgError, ErrorCode
@@ -59,12 +67,23 @@ MAX_IPC_CLIENTS = 256
 # Events a client-library handle buffers before it stops reading the socket.
 DEFAULT_CLIENT_EVENT_LIMIT = 4096
 FLAG_WAIT = 1
+# The client takes a MCAST_ACK for this MCAST: the server answers a run of
+# accepted MCASTs with consecutive request ids in one frame instead of a
+# REPLY each. Refusals are still REPLYs. Servers that do not know the flag
+# simply send REPLYs, which the client accepts as well.
+FLAG_ACK_BATCH = 2
 # How long a closing connection may take to flush what is queued for it.
 FLUSH_GRACE_S = 1.0
 _READ_CHUNK_BYTES = 256 * 1024
 
 _LENGTH = struct.Struct(">I")
 _HEADER = struct.Struct(">BBI")
+# length | version | type | request id: every frame's head.
+_FRAME_HEAD = struct.Struct(">IBBI")
+# A whole MCAST_ACK frame: head (request id 0) | last request id u32 | count u32.
+_ACK_FRAME = struct.Struct(">IBBIII")
+_ACK_BODY = struct.Struct(">II")
+_ID_MASK = 0xFFFF_FFFF
 _MEMBER = struct.Struct(">IIB")
 _COUNT = struct.Struct(">H")
 _NODE_PID = struct.Struct(">II")
@@ -89,6 +108,7 @@ class MsgType(enum.IntEnum):
     DELIVER = 65
     CONFCHG = 66
     TOTEM_CONFCHG = 67
+    MCAST_ACK = 68
 
 
 REQUEST_TYPES = frozenset(
@@ -239,8 +259,8 @@ class FrameDecoder:
 # ---------------------------------------------------------------- server
 
 
-def peer_pid(writer: asyncio.StreamWriter) -> int:
-    sock = writer.get_extra_info("socket")
+def peer_pid(transport: asyncio.BaseTransport) -> int:
+    sock = transport.get_extra_info("socket")
     if sock is None or not hasattr(socket, "SO_PEERCRED"):
         return 0
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -248,191 +268,213 @@ def peer_pid(writer: asyncio.StreamWriter) -> int:
     return int(pid)
 
 
-class _Connection:
-    """One client connection on the server: its requests, and its bounded outbound queue."""
+class _Connection(asyncio.Protocol):
+    """One client connection on the server: its requests, and its bounded outbound queue.
 
-    def __init__(
-        self, server: CpgIpcServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    A Protocol rather than a stream pair: requests are parsed and answered in
+    `data_received` itself, without a task wake-up per read, and everything
+    queued for the client in one loop iteration leaves in one write."""
+
+    def __init__(self, server: CpgIpcServer) -> None:
         self.server = server
         self.service = server.service
-        self.reader = reader
-        self.writer = writer
-        self.pid = peer_pid(writer)
+        self.transport: asyncio.WriteTransport | None = None
+        self.pid = 0
         self.client_id = 0
-        self.outbound: deque[bytes | Deliver] = deque()
+        self.closed = False
+        self.outbound: list[bytes | Deliver] = []
         self.outbound_bytes = 0
         self._buffered_at_write = 0
-        self.closed = False
         self._flush_scheduled = False
-        self._draining = False
-        self._wake: asyncio.Future[None] | None = None
+        self._inbound = bytearray()
+        self._skip_bytes = 0
+        # A MCAST with WAIT and no room: reading pauses until it is answered.
+        self._waiting: asyncio.Task[None] | None = None
+        # Consecutive accepted MCASTs (flag ACK_BATCH) answered by one MCAST_ACK.
+        self._ack_last = 0
+        self._ack_count = 0
+        self._grace: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
 
-    async def serve(self) -> None:
-        self.client_id = self.service.open_client(self.pid, self.on_event)
-        writer_task = asyncio.get_running_loop().create_task(self._write_loop())
-        decoder = FrameDecoder()
-        try:
-            while not self.closed:
-                data = await self.reader.read(_READ_CHUNK_BYTES)
-                if not data:
-                    break
-                for frame in decoder.feed(data):
-                    # Every request but a MCAST that must wait for room is
-                    # answered synchronously, without a coroutine per request.
-                    if not self._handle_now(frame) and isinstance(frame, Frame):
-                        await self._handle_waiting(frame)
-                    if self.closed:
-                        break
-        except (DecodeError, ConnectionError) as exc:
-            log.warning("CPG IPC: dropping client pid %d: %s", self.pid, exc)
-        finally:
-            self.service.close_client(self.client_id)
+    # ------------------------------------------------------------ connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's do not subclass asyncio.WriteTransport).
+        self.transport = cast(asyncio.WriteTransport, transport)
+        server = self.server
+        if len(server._connections) >= server.max_clients:
+            log.error("CPG IPC: refusing a client: %d clients connected", server.max_clients)
             self.closed = True
-            self._wake_writer()
-            # Let queued replies (FINALIZE's) go out, but never wait on a client
-            # that stopped reading.
-            try:
-                await asyncio.wait_for(writer_task, FLUSH_GRACE_S)
-                self.writer.close()
-            except (TimeoutError, asyncio.CancelledError):
-                self.writer.transport.abort()
+            transport.close()
+            return
+        self.pid = peer_pid(transport)
+        try:
+            self.client_id = self.service.open_client(self.pid, self.on_event)
+        except CpgError as exc:
+            log.error("CPG IPC: cannot serve a client: %s", exc)
+            self.closed = True
+            transport.close()
+            return
+        server._connections.add(self)
 
-    # ------------------------------------------------------------ outbound
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._connections.discard(self)
+        if self.client_id:
+            self.service.close_client(self.client_id)
+        self.closed = True
+        self.outbound.clear()
+        if self._waiting is not None:
+            self._waiting.cancel()
+        if self._grace is not None:
+            self._grace.cancel()
 
-    def on_event(self, event: CpgEvent) -> None:
-        if isinstance(event, Deliver):
-            # Queued as is and encoded with the rest of this loop iteration's
-            # frames in one pass when they are written out.
-            size = _LENGTH.size + _DELIVER_FIXED_BYTES + len(event.group) + len(event.payload)
-            self._enqueue(event, size)
-        else:
-            self.send(encode_event(event))
-
-    def send(self, frame: bytes) -> None:
-        self._enqueue(frame, len(frame))
-
-    def _enqueue(self, item: bytes | Deliver, size: int) -> None:
+    def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        limit = self.server.client_queue_bytes
-        # The transport's buffer size is read once per written batch; it only
-        # shrinks between batches, so a fresh look is needed only near the bound.
-        if self.outbound_bytes + self._buffered_at_write + size > limit:
-            self._buffered_at_write = self._buffered_bytes()
-            queued_bytes = self.outbound_bytes + self._buffered_at_write
-            if queued_bytes + size > limit:
-                log.error(
-                    "CPG IPC: client pid %d did not read %d queued bytes; disconnecting it",
-                    self.pid, queued_bytes,
-                )
-                self.abort()
-                return
-        self.outbound.append(item)
-        self.outbound_bytes += size
-        if not self._flush_scheduled:
-            # One write (a writev in the transport) per loop iteration for every
-            # frame queued in it, without a task switch when the socket keeps up.
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._inbound += data
+        if self._waiting is None:
+            self._process()
 
-    def _buffered_bytes(self) -> int:
-        """Bytes written but still in the transport's buffer (the client is slow)."""
-        # asyncio and uvloop transports both have it; typeshed omits it on the base.
-        return int(self.writer.transport.get_write_buffer_size())
+    def eof_received(self) -> bool:
+        self._finish()
+        return True  # close once the replies are flushed (see _finish)
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._draining or not self.outbound or self.writer.transport.is_closing():
-            self._wake_writer()  # the write loop owns the socket while it drains
+    def _finish(self) -> None:
+        """No more requests: flush what is queued, then close. Never wait long on
+        a client that stopped reading."""
+        if self.client_id:
+            self.service.close_client(self.client_id)
+        self.closed = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
         self._write_out()
-
-    def _write_out(self) -> None:
-        batch = [item if isinstance(item, bytes) else encode_deliver(item)
-                 for item in self.outbound]
-        self.outbound.clear()
-        self.outbound_bytes = 0
-        self.writer.writelines(batch)
-        self._buffered_at_write = self._buffered_bytes()
-        if self._buffered_at_write > 0:
-            # The socket did not take everything: let the write loop wait for drain.
-            self._draining = True
-            self._wake_writer()
+        transport.close()
+        self._grace = self._loop.call_later(FLUSH_GRACE_S, transport.abort)
 
     def abort(self) -> None:
         self.closed = True
-        self.service.close_client(self.client_id)
+        if self.client_id:
+            self.service.close_client(self.client_id)
         self.outbound.clear()
         self.outbound_bytes = 0
-        self.writer.transport.abort()
-        self._wake_writer()
-
-    def _wake_writer(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
-
-    async def _write_loop(self) -> None:
-        """Drains a backed-up socket, and flushes what is left when the connection ends."""
-        try:
-            while True:
-                if self._draining:
-                    await self.writer.drain()
-                    self._draining = False
-                if self.outbound and not self.writer.transport.is_closing():
-                    self._write_out()
-                    continue
-                if self.closed:
-                    if self._buffered_bytes() > 0:
-                        await self.writer.drain()
-                    return
-                self._wake = asyncio.get_running_loop().create_future()
-                await self._wake
-        except ConnectionError:
-            self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
     # ------------------------------------------------------------ requests
 
-    def _handle_now(self, frame: Frame | OversizeFrame) -> bool:
-        """Answer `frame` now; False (nothing done) for a MCAST that must wait for room."""
-        if isinstance(frame, OversizeFrame):
-            self._reply(frame.request_id, ErrorCode.TOO_BIG)
-            return True
-        if frame.type not in REQUEST_TYPES:
-            self._reply(frame.request_id, ErrorCode.MESSAGE_ERROR)
+    def _process(self) -> None:
+        """Answer every complete request in the inbound buffer, in order."""
+        buf = self._inbound
+        pos = 0
+        service = self.service
+        service.begin_batch()
+        try:
+            while not self.closed:
+                if self._skip_bytes:
+                    dropped = min(self._skip_bytes, len(buf) - pos)
+                    pos += dropped
+                    self._skip_bytes -= dropped
+                    if self._skip_bytes:
+                        break
+                if len(buf) - pos < _FRAME_HEAD.size:
+                    break
+                length, version, msg_type, request_id = _FRAME_HEAD.unpack_from(buf, pos)
+                if version != IPC_VERSION:
+                    raise DecodeError(f"unknown CPG IPC version {version}")
+                if length < _HEADER.size:
+                    raise DecodeError(f"frame length {length} below header size")
+                if length > MAX_FRAME_BYTES:
+                    self._reply(request_id, ErrorCode.TOO_BIG)
+                    self._skip_bytes = _LENGTH.size + length
+                    continue
+                end = pos + _LENGTH.size + length
+                if len(buf) < end:
+                    break
+                body = bytes(buf[pos + _FRAME_HEAD.size:end])
+                pos = end
+                if msg_type == MsgType.MCAST:
+                    if not self._mcast(request_id, body):
+                        break  # waiting for room: reading is paused
+                else:
+                    self._request(Frame(msg_type, request_id, body))
+        except DecodeError as exc:
+            log.warning("CPG IPC: dropping client pid %d: %s", self.pid, exc)
+            self._flush_ack()
+            self.abort()
+            return
+        finally:
+            del buf[:pos]
+            service.end_batch()
+        self._flush_ack()
+
+    def _mcast(self, request_id: int, body: bytes) -> bool:
+        """One MCAST request; False when it waits for room (reading paused)."""
+        try:
+            flags, group, payload = split_mcast(body)
+        except DecodeError:
+            self._reply(request_id, ErrorCode.INVALID_PARAM)
             return True
         try:
-            result = self._dispatch(frame)
+            accepted = self.service.client_try_mcast(self.client_id, group, payload)
         except CpgError as exc:
-            result = exc.code, b""
-        except DecodeError:
-            result = ErrorCode.INVALID_PARAM, b""
-        if result is None:
-            return False
-        status, body = result
-        self._reply(frame.request_id, status, body)
-        if frame.type == MsgType.FINALIZE and status == ErrorCode.OK:
-            self.closed = True
-        return True
+            self._reply(request_id, exc.code)
+            return True
+        if accepted:
+            if flags & FLAG_ACK_BATCH:
+                if self._ack_count and request_id != (self._ack_last + 1) & _ID_MASK:
+                    self._flush_ack()
+                self._ack_last = request_id
+                self._ack_count += 1
+            else:
+                self._reply(request_id, ErrorCode.OK)
+            return True
+        if not flags & FLAG_WAIT:
+            self._reply(request_id, ErrorCode.TRY_AGAIN)
+            return True
+        self._flush_ack()
+        assert self.transport is not None
+        self.transport.pause_reading()  # type: ignore[attr-defined]
+        self._waiting = self._loop.create_task(self._wait_for_room(request_id, group, payload))
+        return False
 
-    async def _handle_waiting(self, frame: Frame) -> None:
-        """A MCAST with the WAIT flag and no room now: wait for room, then answer."""
-        _flags, group, payload = split_mcast(frame.body)
+    async def _wait_for_room(self, request_id: int, group: bytes, payload: bytes) -> None:
         try:
             await self.service.client_mcast(self.client_id, group, payload)
             status = ErrorCode.OK
         except CpgError as exc:
             status = exc.code
-        self._reply(frame.request_id, status)
+        self._waiting = None
+        if self.closed:
+            return
+        self._reply(request_id, status)
+        assert self.transport is not None
+        self.transport.resume_reading()  # type: ignore[attr-defined]
+        self._process()
 
-    def _dispatch(self, frame: Frame) -> tuple[ErrorCode, bytes] | None:
-        if frame.type == MsgType.MCAST:
-            flags, group, payload = split_mcast(frame.body)
-            if self.service.client_try_mcast(self.client_id, group, payload):
-                return ErrorCode.OK, b""
-            if flags & FLAG_WAIT:
-                return None
-            return ErrorCode.TRY_AGAIN, b""
+    def _flush_ack(self) -> None:
+        if self._ack_count:
+            self.send(_ACK_FRAME.pack(_ACK_FRAME.size - _LENGTH.size, IPC_VERSION,
+                                      MsgType.MCAST_ACK, 0, self._ack_last, self._ack_count))
+            self._ack_count = 0
+
+    def _request(self, frame: Frame) -> None:
+        """Any request but MCAST, answered at once."""
+        self._flush_ack()  # replies stay in request order
+        if frame.type not in REQUEST_TYPES:
+            self._reply(frame.request_id, ErrorCode.MESSAGE_ERROR)
+            return
+        try:
+            status, body = self._dispatch(frame)
+        except CpgError as exc:
+            status, body = exc.code, b""
+        except DecodeError:
+            status, body = ErrorCode.INVALID_PARAM, b""
+        self._reply(frame.request_id, status, body)
+        if frame.type == MsgType.FINALIZE and status == ErrorCode.OK:
+            self._finish()
+
+    def _dispatch(self, frame: Frame) -> tuple[ErrorCode, bytes]:
         reader = wire.Reader(frame.body)
         if frame.type in (MsgType.LOCAL_GET, MsgType.FINALIZE):
             reader.finish()
@@ -452,6 +494,72 @@ class _Connection:
     def _reply(self, request_id: int, status: ErrorCode, body: bytes = b"") -> None:
         self.send(encode_frame(MsgType.REPLY, request_id, _STATUS.pack(status) + body))
 
+    # ------------------------------------------------------------ outbound
+
+    def on_event(self, event: CpgEvent) -> None:
+        if isinstance(event, Deliver):
+            # Queued as is and encoded with the rest of this loop iteration's
+            # frames in one pass when they are written out.
+            size = _LENGTH.size + _DELIVER_FIXED_BYTES + len(event.group) + len(event.payload)
+            self._enqueue(event, size)
+        else:
+            self.send(encode_event(event))
+
+    def send(self, frame: bytes) -> None:
+        self._enqueue(frame, len(frame))
+
+    def _enqueue(self, item: bytes | Deliver, size: int) -> None:
+        if self.closed and (self.transport is None or self.transport.is_closing()):
+            return
+        limit = self.server.client_queue_bytes
+        # The transport's buffer size is read once per written batch; it only
+        # shrinks between batches, so a fresh look is needed only near the bound.
+        if self.outbound_bytes + self._buffered_at_write + size > limit:
+            self._buffered_at_write = self._buffered_bytes()
+            queued_bytes = self.outbound_bytes + self._buffered_at_write
+            if queued_bytes + size > limit:
+                log.error(
+                    "CPG IPC: client pid %d did not read %d queued bytes; disconnecting it",
+                    self.pid, queued_bytes,
+                )
+                self.abort()
+                return
+        self.outbound.append(item)
+        self.outbound_bytes += size
+        if not self._flush_scheduled:
+            # One write per loop iteration for every frame queued in it.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._write_out)
+
+    def _buffered_bytes(self) -> int:
+        """Bytes written but still in the transport's buffer (the client is slow)."""
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def _write_out(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if not self.outbound or transport is None or transport.is_closing():
+            return
+        head, fixed = _DELIVER_HEAD.pack, _DELIVER_FIXED_BYTES
+        node_pid = _NODE_PID.pack
+        parts: list[bytes] = []
+        append = parts.append
+        for item in self.outbound:
+            if not isinstance(item, Deliver):
+                append(item)
+            else:
+                group, payload = item.group, item.payload
+                append(head(fixed + len(group) + len(payload), IPC_VERSION, MsgType.DELIVER,
+                            0, len(group)))
+                append(group)
+                append(node_pid(item.nodeid, item.pid))
+                append(payload)
+        self.outbound.clear()
+        self.outbound_bytes = 0
+        # One buffer, one write: small frames cost one join instead of an iovec each.
+        transport.write(b"".join(parts))
+        self._buffered_at_write = transport.get_write_buffer_size()
+
 
 class CpgIpcServer:
     """Serves CpgClient connections on a Unix socket (mode 0600, owner root)."""
@@ -469,7 +577,7 @@ class CpgIpcServer:
         self.client_queue_bytes = client_queue_bytes
         self.max_clients = max_clients
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: set[_Connection] = set()
 
     async def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -486,37 +594,18 @@ class CpgIpcServer:
         os.chmod(self.path, 0o600)
         if os.geteuid() == 0:
             os.chown(self.path, 0, 0)
-        self._server = await asyncio.start_unix_server(
-            self._on_connect, sock=sock, limit=MAX_FRAME_BYTES
-        )
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
+        for connection in list(self._connections):
+            connection.abort()
         if self._server is not None:
             await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._connections) >= self.max_clients:
-            log.error("CPG IPC: refusing a client: %d clients connected", self.max_clients)
-            writer.close()
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            await _Connection(self, reader, writer).serve()
-        except CpgError as exc:
-            log.error("CPG IPC: cannot serve a client: %s", exc)
-            writer.close()
-        finally:
-            self._connections.discard(task)
 
 
 # ---------------------------------------------------------------- client library
@@ -541,6 +630,8 @@ class CpgClientHandle:
         self._members: tuple[Member, ...] = ()
         self.closed = False
         self.error: CpgError | None = None
+        # flags | group of every mcast_nowait body, encoded once.
+        self._mcast_prefix = _FLAGS.pack(FLAG_WAIT | FLAG_ACK_BATCH) + _group(group)
 
     async def mcast(self, data: bytes, *, wait: bool = True) -> None:
         """Send `data`; waits on flow control, or raises CpgError(TRY_AGAIN) if not wait."""
@@ -554,8 +645,7 @@ class CpgClientHandle:
         the node accepted it (the node waits on its flow control first) or fails with
         CpgError. Callers bound how many they keep in flight."""
         self._check_open()
-        body = _FLAGS.pack(FLAG_WAIT) + _group(self.group) + bytes(data)
-        return self.client._request_nowait(MsgType.MCAST, body)
+        return self.client._mcast_nowait(self._mcast_prefix, data)
 
     async def leave(self) -> None:
         """Leave; returns once the own confchg (reason LEAVE) arrived."""
@@ -585,9 +675,17 @@ class CpgClientHandle:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
 
-    async def _put(self, event: CpgEvent) -> None:
+    def _put_now(self, event: CpgEvent, force: bool = False) -> asyncio.Future[None] | None:
+        """Hand `event` over without waiting; or, when the queue is full (and not
+        `force`), return a future to await before calling again (the event was
+        not taken)."""
         if self.closed:
-            return  # after the own leave or a broken connection: nothing more
+            return None  # after the own leave or a broken connection: nothing more
+        if self._callback is None and len(self._queue) >= self.client.queue_limit \
+                and self.error is None and not force:
+            # Stop reading the socket: the server's bounded queue takes the pressure.
+            self._space = self.client._loop.create_future()
+            return self._space
         if isinstance(event, ConfChg):
             self._note_change(event)
         if self._callback is not None:
@@ -595,17 +693,12 @@ class CpgClientHandle:
                 self._callback(event)
             except Exception:
                 log.exception("CPG client: event callback of group %r raised", self.group)
-        else:
-            while len(self._queue) >= self.client.queue_limit and self.error is None:
-                # Stop reading the socket: the server's bounded queue takes the pressure.
-                self._space = asyncio.get_running_loop().create_future()
-                await self._space
-            if self.error is not None:
-                return
+        elif self.error is None:
             self._queue.append(event)
             self._wake()
         if self.closed and self._left is not None and not self._left.done():
             self._left.set_result(None)
+        return None
 
     def _note_change(self, event: ConfChg) -> None:
         self._members = event.members
@@ -656,7 +749,10 @@ class CpgClient:
         self._next_request = 1
         self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self._handles: dict[bytes, CpgClientHandle] = {}
-        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+        # mcast_nowait requests waiting for their REPLY or MCAST_ACK.
+        self._pending_mcasts: dict[int, asyncio.Future[None]] = {}
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._read_loop())
         self._unsent: list[bytes] = []
         self.closed = False
 
@@ -752,27 +848,30 @@ class CpgClient:
     def _request_nowait(self, msg_type: MsgType, body: bytes) -> asyncio.Future[None]:
         """Queue a request without waiting; the returned future completes with its
         answer (or the CpgError of a refusal, or the connection's error)."""
-        request_id, future = self._send_request(msg_type, body)
-        result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.closed:
+            raise CpgError(ErrorCode.BAD_HANDLE, "client closed")
+        request_id = self._next_request
+        self._next_request = (request_id + 1) & _ID_MASK or 1
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._pending_mcasts[request_id] = future
+        if not self._unsent:
+            self._loop.call_soon(self._flush_requests)
+        self._unsent.append(encode_frame(msg_type, request_id, body))
+        return future
 
-        def settle(done: asyncio.Future[tuple[int, bytes]]) -> None:
-            self._pending.pop(request_id, None)
-            if result.done():
-                return
-            if done.cancelled():
-                result.cancel()
-            elif (error := done.exception()) is not None:
-                result.set_exception(error)
-            else:
-                try:
-                    self._reply_or_raise(msg_type, *done.result())
-                except CpgError as refusal:
-                    result.set_exception(refusal)
-                else:
-                    result.set_result(None)
-
-        future.add_done_callback(settle)
-        return result
+    def _mcast_nowait(self, prefix: bytes, data: bytes) -> asyncio.Future[None]:
+        """mcast_nowait's request, framed here: one future, no per-request closure."""
+        if self.closed:
+            raise CpgError(ErrorCode.BAD_HANDLE, "client closed")
+        request_id = self._next_request
+        self._next_request = (request_id + 1) & _ID_MASK or 1
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._pending_mcasts[request_id] = future
+        if not self._unsent:
+            self._loop.call_soon(self._flush_requests)
+        self._unsent.append(_FRAME_HEAD.pack(_HEADER.size + len(prefix) + len(data), IPC_VERSION,
+                                             MsgType.MCAST, request_id) + prefix + data)
+        return future
 
     def _flush_requests(self) -> None:
         if self._unsent:
@@ -781,16 +880,24 @@ class CpgClient:
                 self._writer.writelines(frames)
 
     async def _read_loop(self) -> None:
-        decoder = FrameDecoder()
+        buf = bytearray()
         error = CpgError(ErrorCode.LIBRARY, "connection to the node closed")
         try:
             while True:
                 data = await self._reader.read(_READ_CHUNK_BYTES)
                 if not data:
                     break
-                for frame in decoder.feed(data):
-                    if isinstance(frame, Frame):
-                        await self._on_frame(frame)
+                buf += data
+                pos = 0
+                try:
+                    while True:
+                        pos, blocked = self._on_frames(buf, pos)
+                        if blocked is None:
+                            break
+                        # A handle's queue is full: stop reading until it has room.
+                        await blocked
+                finally:
+                    del buf[:pos]
         except (DecodeError, ConnectionError) as exc:
             error = CpgError(ErrorCode.LIBRARY, f"connection to the node broken: {exc}")
         finally:
@@ -798,25 +905,91 @@ class CpgClient:
             self._writer.close()
             self._fail_all(error)
 
-    async def _on_frame(self, frame: Frame) -> None:
-        if frame.type == MsgType.REPLY:
-            future = self._pending.get(frame.request_id)
-            if future is not None and not future.done() and frame.body:
-                future.set_result((frame.body[0], frame.body[1:]))
+    def _on_frames(self, buf: bytearray, pos: int) -> tuple[int, asyncio.Future[None] | None]:
+        """Handle the complete frames in buf from pos on; the position reached and,
+        if a handle's queue is full, the future to await before going on."""
+        end_of_data = len(buf)
+        while end_of_data - pos >= _FRAME_HEAD.size:
+            length, version, msg_type, request_id = _FRAME_HEAD.unpack_from(buf, pos)
+            if version != IPC_VERSION:
+                raise DecodeError(f"unknown CPG IPC version {version}")
+            if not _HEADER.size <= length <= MAX_FRAME_BYTES:
+                raise DecodeError(f"frame length {length} out of bounds")
+            end = pos + _LENGTH.size + length
+            if end > end_of_data:
+                break
+            start = pos + _FRAME_HEAD.size
+            if msg_type == MsgType.DELIVER:
+                group_end = start + 1 + (buf[start] if length > _HEADER.size else 0)
+                if group_end == start + 1 or group_end + _NODE_PID.size > end:
+                    raise DecodeError("malformed DELIVER frame")
+                handle = self._handles.get(bytes(buf[start + 1:group_end]))
+                if handle is not None:
+                    nodeid, pid = _NODE_PID.unpack_from(buf, group_end)
+                    blocked = handle._put_now(Deliver(
+                        handle.group, nodeid, pid, bytes(buf[group_end + _NODE_PID.size:end])))
+                    if blocked is not None:
+                        return pos, blocked
+            elif msg_type == MsgType.MCAST_ACK:
+                if length != _HEADER.size + _ACK_BODY.size:
+                    raise DecodeError("malformed MCAST_ACK frame")
+                last, count = _ACK_BODY.unpack_from(buf, start)
+                self._acked(last, count)
+            elif msg_type == MsgType.REPLY:
+                self._on_reply(request_id, bytes(buf[start:end]))
+            else:
+                blocked = self._on_event_frame(Frame(msg_type, request_id, bytes(buf[start:end])))
+                if blocked is not None:
+                    return pos, blocked
+            pos = end
+        return pos, None
+
+    def _acked(self, last: int, count: int) -> None:
+        pending = self._pending_mcasts
+        for offset in range(min(count, len(pending))):
+            future = pending.pop((last - offset) & _ID_MASK, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    def _on_reply(self, request_id: int, body: bytes) -> None:
+        if not body:
             return
+        mcast = self._pending_mcasts.pop(request_id, None)
+        if mcast is not None:
+            if mcast.done():
+                return
+            try:
+                self._reply_or_raise(MsgType.MCAST, body[0], b"")
+            except CpgError as refusal:
+                mcast.set_exception(refusal)
+            else:
+                mcast.set_result(None)
+            return
+        future = self._pending.get(request_id)
+        if future is not None and not future.done():
+            future.set_result((body[0], body[1:]))
+
+    def _on_event_frame(self, frame: Frame) -> asyncio.Future[None] | None:
         event = decode_event(frame)
         if isinstance(event, TotemConfChg):
             for handle in list(self._handles.values()):
-                await handle._put(event)
-            return
+                # Not throttled: rare, and it must reach every handle.
+                handle._put_now(event, force=True)
+            return None
         target = self._handles.get(event.group)
         if target is not None:
-            await target._put(event)
+            return target._put_now(event)
+        return None
 
     def _fail_all(self, error: CpgError) -> None:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
+        mcasts, self._pending_mcasts = self._pending_mcasts, {}
+        for mcast in mcasts.values():
+            if not mcast.done():
+                mcast.set_exception(error)
+                mcast.exception()  # retrieved: its caller may have stopped waiting
         for handle in list(self._handles.values()):
             handle._finish(error)
         self._handles.clear()

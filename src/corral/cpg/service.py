@@ -50,7 +50,10 @@ class CpgNode(Protocol):
         """Return once `submit` may succeed again."""
 
     def add_listener(self, callback: Callable[[tuple[object, ...]], None]) -> None:
-        """Call `callback` with every Totem event tuple, in order."""
+        """Call `callback` with every Totem event tuple, in order.
+
+        A node may also offer `add_batch_listener(callback)`, calling it with the
+        list of events of one input (in order); the service prefers it."""
 
 
 def group_name(name: str | bytes) -> bytes:
@@ -73,8 +76,16 @@ class CpgService:
         self._room_waiters: list[asyncio.Future[None]] = []
         self._pumping = False
         self._pump_again = False
+        self._batch_depth = 0
+        self._batch_dirty = False
+        self._unpumped = 0
         self._closed = False
-        node.add_listener(self._on_totem_event)
+        add_batch_listener = getattr(node, "add_batch_listener", None)
+        if add_batch_listener is not None:
+            # One call per Totem input (a token visit's deliveries) instead of one per event.
+            add_batch_listener(self._on_totem_events)
+        else:
+            node.add_listener(self._on_totem_event)
 
     # ------------------------------------------------------------ user API
 
@@ -160,12 +171,30 @@ class CpgService:
             raise CpgError(ErrorCode.LIBRARY, "CPG service is closed")
         if client_id not in self._sinks:
             raise CpgError(ErrorCode.BAD_HANDLE, "client is disconnected")
-        if len(self._pending) < self._pending_limit and self.core.mcast(
+        if len(self._pending) + self._unpumped < self._pending_limit and self.core.mcast(
             client_id, group, payload
         ):
-            self._pump()
+            if self._batch_depth:
+                # Counted as pending until the pump hands it to Totem.
+                self._unpumped += 1
+                self._batch_dirty = True
+            else:
+                self._pump()
             return True
         return False
+
+    def begin_batch(self) -> None:
+        """Until the matching end_batch(), accepted mcasts are handed to Totem
+        together (one pump) rather than one by one: the IPC server brackets
+        each read of requests with these. Order is unchanged (the core queues
+        them in call order); only the hand-off is later, within the same call."""
+        self._batch_depth += 1
+
+    def end_batch(self) -> None:
+        self._batch_depth -= 1
+        if self._batch_depth == 0 and self._batch_dirty:
+            self._batch_dirty = False
+            self._pump()
 
     def close_client(self, client_id: int) -> None:
         """The client is gone: groups it did not leave see it as PROCDOWN. Idempotent."""
@@ -181,6 +210,10 @@ class CpgService:
         self.core.totem_event(event)
         self._pump()
 
+    def _on_totem_events(self, events: list[tuple[object, ...]]) -> None:
+        self.core.totem_events(events)
+        self._pump()
+
     def _pump(self) -> None:
         # A sink or node.submit may call back into the service; the flag turns
         # that re-entry into another round of the outer loop.
@@ -188,6 +221,7 @@ class CpgService:
             self._pump_again = True
             return
         self._pumping = True
+        self._unpumped = 0
         core, sinks = self.core, self._sinks
         try:
             while True:

@@ -13,6 +13,8 @@ send), and the hand-off between the transport and the core:
   core's send queue is full, and `await wait_writable()` waits for room;
 - `add_listener(callable)` receives every core event tuple
   (`EV_DELIVER`/`EV_CONFIG`, see `_core.pyi`) in order;
+  `add_batch_listener(callable)` receives them as one list per input (a
+  token visit's deliveries in one call), in order;
 - `stop()` leaves the ring gracefully, flushes the leave packets, and closes
   the transport.
 
@@ -36,6 +38,7 @@ LAG_PROBE_INTERVAL_S = 0.1
 LEAVE_DRAIN_S = 0.05
 
 Listener = Callable[[tuple[Any, ...]], None]
+BatchListener = Callable[[list[tuple[Any, ...]]], None]
 
 
 class CoreLike(Protocol):
@@ -142,6 +145,7 @@ class TotemNode:
         os.makedirs(state_dir, exist_ok=True)
         self.core = core_factory(nodeid, timers, load_ring_seq(state_dir, nodeid))
         self._listeners: list[Listener] = []
+        self._batch_listeners: list[BatchListener] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline_ns = -1
         self._flush_scheduled = False
@@ -207,6 +211,10 @@ class TotemNode:
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def add_batch_listener(self, listener: BatchListener) -> None:
+        """`listener(events)` with the (non-empty) list of events of each input, in order."""
+        self._batch_listeners.append(listener)
 
     def submit(self, payload: bytes) -> bool:
         if not self.running:
@@ -303,9 +311,13 @@ class TotemNode:
             self._shutdown()
 
     def _dispatch(self, events: list[tuple[object, ...]]) -> None:
+        if not events:
+            return
         self.counters["events"] += len(events)
-        for event in events:
-            for listener in self._listeners:
+        for batch_listener in self._batch_listeners:
+            batch_listener(events)
+        for listener in self._listeners:
+            for event in events:
                 listener(event)
 
     def _arm_timer(self) -> None:
