@@ -265,10 +265,10 @@ class CounterWatch:
 class Side:
     """One QEMU 'host' of the baseline: a run dir and a storage of its own."""
 
-    def __init__(self, name: str, root: Path, tls_dir: Path) -> None:
+    def __init__(self, name: str, root: Path, workdir: Path, tls_dir: Path) -> None:
         self.name = name
-        self.manager = GuestManager(str(root), name, str(root / f"run-{name}"),
-                                    str(root / f"tasks-{name}"))
+        self.manager = GuestManager(str(root), name, str(workdir / f"run-{name}"),
+                                    str(workdir / f"tasks-{name}"))
         self.tls_dir = tls_dir
         self.qmp: QmpClient | None = None
 
@@ -465,7 +465,7 @@ class PlainBench:
             f"{chr(9) + 'shared 1' + chr(10) if name == 'shared' else ''}\n"
             for name in ("shared", "a", "b")))
         tls = write_tls_dirs(workdir, ("a", "b"))
-        self.sides = {name: Side(name, root, tls[name]) for name in ("a", "b")}
+        self.sides = {name: Side(name, root, workdir, tls[name]) for name in ("a", "b")}
         self.storages = storage_mod.load_storage_cfg(str(root))
 
     def volume(self, storage: str, name: str, size_mib: int, fill: bool) -> str:
@@ -829,7 +829,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                               DEFAULT_TEST_GUEST_DIR))
     parser.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
     args = parser.parse_args(argv)
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     args.sizes = [int(s) for s in (args.sizes or ("256" if args.quick else "256,1024")).split(",")]
     for name, allowed in (("workloads", {"idle", "dirty"}), ("storages", {"shared", "local"}),
                           ("transports", {"tls", "insecure"})):
@@ -861,7 +862,7 @@ async def run_plain(args: argparse.Namespace, workdir: Path) -> list[CaseResult]
     for size in args.sizes:
         for workload in args.workloads:
             for storage in args.storages:
-                group_dir = workdir / f"plain-{size}-{workload}-{storage}"
+                group_dir = workdir / f"p{size}-{workload}-{storage}"   # short: socket paths
                 group_dir.mkdir()
                 bench = PlainBench(group_dir, args.guest_dir, args.quick)
                 results += await bench.run_group(size, workload == "dirty", storage,
