@@ -10,13 +10,23 @@ with exit status 2 for bad input and 1 for failed operations.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
+import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from corral.guests.config import ConfigError, write_config
+from corral.guests.migrate import (
+    MigrateOptions,
+    MigrationError,
+    migrate,
+    request_cancel,
+    validate_options,
+)
 from corral.guests.qemu import (
     DEFAULT_RUN_DIR,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -26,10 +36,11 @@ from corral.guests.qemu import (
 )
 from corral.guests.qmp import QmpError
 from corral.guests.storage import StorageError
-from corral.guests.tasks import TaskError, parse_upid
+from corral.guests.tasks import TaskError, Upid, parse_upid
 
 DEFAULT_ROOT = "/etc/corral"
-USAGE = """usage: corral qm [--root DIR] [--node NAME] [--run-dir DIR] [--task-dir DIR] VERB ...
+USAGE = """usage: corral qm [--root DIR] [--node NAME] [--run-dir DIR] [--task-dir DIR]
+                 [--state-dir DIR] VERB ...
 verbs:
   list                                   guests of this node with status
   create VMID [--KEY VALUE ...]          new guest; disks as STORAGE:SIZE_GIB allocate a volume
@@ -43,7 +54,12 @@ verbs:
   status VMID [--verbose]
   destroy VMID                           stop, remove volumes and config
   unlock VMID                            clear a stale lock
-  tasks [--limit N] | task-status UPID | task-log UPID"""
+  migrate VMID TARGET [--online] [--with-local-disks] [--targetstorage S|SRC:DST,...]
+          [--bwlimit KIB_S] [--migration-type secure|insecure] [--migration-network CIDR]
+  migrate-cancel VMID                    abort a running migration (guest stays here)
+  tasks [--limit N] | task-status UPID | task-log UPID
+global: --state-dir DIR (corrald state dir, for migrate; default $CORRAL_STATE_DIR or
+        /var/lib/corral)"""
 
 
 class UsageError(ValueError):
@@ -201,10 +217,100 @@ def _cmd_task_log(manager: GuestManager, args: list[str]) -> int:
     return 0
 
 
+_NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
+
+
+def _migrate_options(options: dict[str, str]) -> MigrateOptions:
+    _only(options, ("online", "with-local-disks", "targetstorage", "bwlimit", "migration-type",
+                    "migration-network"))
+    bwlimit = options.get("bwlimit")
+    if bwlimit is not None and not bwlimit.isdigit():
+        raise UsageError(f"--bwlimit must be a non-negative integer (KiB/s), got '{bwlimit}'")
+    result = MigrateOptions(
+        online=options.get("online") == "1", with_local_disks=options.get("with-local-disks") == "1",
+        targetstorage=options.get("targetstorage"),
+        bwlimit_kib=int(bwlimit) if bwlimit is not None else None,
+        migration_type=options.get("migration-type", "secure"),
+        migration_network=options.get("migration-network"))
+    try:
+        validate_options(result)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return result
+
+
+def _cmd_migrate(manager: GuestManager, args: list[str]) -> int:
+    vmid = _vmid(args)
+    if not args or args[0].startswith("--"):
+        raise UsageError("missing TARGET node")
+    target = args.pop(0)
+    if not _NODE_NAME_RE.match(target):
+        raise UsageError(f"invalid target node name '{target}'")
+    if target == manager.node:
+        raise UsageError(f"target is local node '{target}'")
+    options = _migrate_options(_options(args, flags=("online", "with-local-disks")))
+    return asyncio.run(_run_migration(manager, vmid, target, options))
+
+
+async def _run_migration(manager: GuestManager, vmid: int, target: str,
+                         options: MigrateOptions) -> int:
+    """Print the UPID, follow the task log while the migration runs; SIGINT/SIGTERM
+    cancel it (the guest stays on this node)."""
+    cancel = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, cancel.set)
+    upids: list[Upid] = []
+    printed = [0]
+
+    def print_new_lines() -> None:
+        with contextlib.suppress(TaskError):
+            lines = manager.tasks.read_log(upids[0])
+            for line in lines[printed[0]:]:
+                print(line, flush=True)
+            printed[0] = len(lines)
+
+    def started(upid: Upid) -> None:
+        upids.append(upid)
+        print(upid, flush=True)
+
+    async def follow() -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            if upids:
+                print_new_lines()
+
+    follower = loop.create_task(follow())
+    try:
+        await migrate(manager, vmid, target, options, cancel=cancel, on_upid=started)
+        status = 0
+    except MigrationError as exc:
+        if not upids:
+            print(f"corral qm: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+    if upids:
+        print_new_lines()
+    return status
+
+
+def _cmd_migrate_cancel(manager: GuestManager, args: list[str]) -> int:
+    vmid = _vmid(args)
+    _only(_options(args), ())
+    if not asyncio.run(request_cancel(manager, vmid)):
+        raise GuestError(f"no migration of VM {vmid} is running on node '{manager.node}'")
+    print(f"cancel requested for the migration of VM {vmid}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[GuestManager, list[str]], int]] = {
     "list": _cmd_list, "create": _cmd_create, "config": _cmd_config, "set": _cmd_set,
     "status": _cmd_status, "unlock": _cmd_unlock, "tasks": _cmd_tasks,
     "task-status": _cmd_task_status, "task-log": _cmd_task_log,
+    "migrate": _cmd_migrate, "migrate-cancel": _cmd_migrate_cancel,
     **{verb: _lifecycle(verb) for verb in ("start", "stop", "shutdown", "reboot", "suspend",
                                             "resume", "destroy")},
 }
@@ -213,7 +319,8 @@ COMMANDS: dict[str, Callable[[GuestManager, list[str]], int]] = {
 def _global_options(args: list[str]) -> dict[str, Any]:
     settings: dict[str, Any] = {"root": DEFAULT_ROOT, "node": socket.gethostname().split(".")[0],
                                 "run_dir": DEFAULT_RUN_DIR, "task_dir": DEFAULT_TASK_DIR}
-    names = {"--root": "root", "--node": "node", "--run-dir": "run_dir", "--task-dir": "task_dir"}
+    names = {"--root": "root", "--node": "node", "--run-dir": "run_dir", "--task-dir": "task_dir",
+             "--state-dir": "state_dir"}
     while args and args[0] in names:
         option = args.pop(0)
         if not args:
@@ -234,6 +341,7 @@ def main(argv: Sequence[str]) -> int:
         verb = args.pop(0)
         manager = GuestManager(settings["root"], settings["node"], settings["run_dir"],
                                settings["task_dir"])
+        manager.state_dir = settings.get("state_dir")
         return COMMANDS[verb](manager, args)
     except (UsageError, ConfigError, TaskError) as exc:
         print(f"corral qm: {exc}", file=sys.stderr)

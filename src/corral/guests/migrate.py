@@ -7,7 +7,7 @@ Public API (stable; the HA resource agent and the benchmark call it):
 
 - `manager`: the source node's GuestManager (tree root, node name, run dir, task dir).
 - `state_dir`: that node's corrald state dir (cluster key, CA, node certificate, control
-  socket); default $CORRAL_STATE_DIR or /var/lib/corral.
+  socket); default `manager.state_dir`, else $CORRAL_STATE_DIR or /var/lib/corral.
 - `cancel`: an asyncio.Event; setting it aborts the migration (so does
   `request_cancel(manager, vmid)` from another process, i.e. `corral qm migrate-cancel`).
 - `on_upid(upid)` is called as soon as the task exists (the CLI prints it and follows
@@ -276,7 +276,7 @@ async def migrate(manager: GuestManager, vmid: int, target: str,
         raise MigrationError(str(exc)) from None
     if state_dir is None:
         from corral.cluster.layout import default_state_dir
-        state_dir = default_state_dir()
+        state_dir = manager.state_dir or default_state_dir()
     if not options.from_ha and _ha_managed(manager.root, vmid):
         return _queue_ha(manager, vmid, target, on_upid)
     with contextlib.suppress(FileNotFoundError):
@@ -315,8 +315,8 @@ def _ha_managed(root: str, vmid: int) -> bool:
             text = handle.read()
     except FileNotFoundError:
         return False
-    return any(re.match(rf"^(vm|ct)?:\s*(vm:)?{vmid}\s*$", line.strip()) or
-               line.strip() == f"vm: {vmid}" for line in text.splitlines())
+    # section headers of ha/resources.cfg: `vm: 100`
+    return any(re.match(rf"^vm:\s*{vmid}\s*$", line) for line in text.splitlines())
 
 
 def _queue_ha(manager: GuestManager, vmid: int, target: str,

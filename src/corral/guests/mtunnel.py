@@ -351,7 +351,7 @@ class IncomingMigrations:
             if storage.free_space()["avail"] < disk.size_bytes and disk.fmt == "raw":
                 raise MtunnelError(f"storage '{disk.storage}' has not enough free space")
         await asyncio.to_thread(self._check_cpu, config)
-        return {"node": self.manager.node, "accel": self.manager.accelerator()}
+        return {"node": self.manager.node}
 
     async def start_incoming(self, vmid: int, params: dict[str, Any]) -> dict[str, Any]:
         request = IncomingRequest.parse(vmid, params)

@@ -1,0 +1,323 @@
+"""Migration of real QEMU test guests (TCG) between the nodes of a real 2-node corrald
+cluster on 127.0.0.x, the target side served by the target's corrald: online with shared
+storage over TLS (Python API) and back insecure (through `corral qm migrate`), online
+with local disks (NBD + mirror, TLS), offline with a local disk, the target QEMU killed
+mid-migration, a cancelled migration (during the disk mirror), the refused cases (no
+--online, locked, unknown/offline target, local disk without --with-local-disks, CPU
+model host) and an HA-managed guest, which is queued for the HA manager instead.
+
+Every migration test runs the checkers: the guest never runs on two nodes at once
+(counter lines from the serial sockets of both nodes never interleave and never go
+back), its config exists on exactly one node at every poll (through both mounts), and
+its disk content is identical (SHA-256) before and after. The counter keeps increasing
+across each live move."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.cluster.conftest import wait_until
+from tests.guests.migration_env import (
+    ConfigWatch,
+    GuestCluster,
+    SerialWatch,
+    checksum,
+    fill_volume,
+    guest_settings,
+)
+
+from corral.guests import storage as storage_mod
+from corral.guests.migrate import MigrateOptions, MigrationError, migrate, request_cancel
+from corral.guests.qemu import DEFAULT_TEST_GUEST_DIR, GuestManager
+
+ROOT = Path(__file__).resolve().parents[2]
+GUEST_DIR = os.environ.get("CORRAL_TEST_GUEST_DIR", DEFAULT_TEST_GUEST_DIR)
+BOOT_TIMEOUT_S = 60.0
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("qemu-system-x86_64") is None or os.geteuid() != 0,
+    reason="needs qemu-system-x86_64 and root (FUSE mounts of the corrald tree)")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[GuestCluster]:
+    subprocess.run([str(ROOT / "scripts/build-test-guest.sh"), GUEST_DIR], check=True,
+                   capture_output=True, timeout=600)
+    saved = os.environ.get("CORRAL_ACCEL")
+    os.environ["CORRAL_ACCEL"] = "tcg"      # the probe would cost 10 s per node here
+    workdir = tempfile.mkdtemp(prefix="crl-mig-")   # short: QEMU socket paths are bounded
+    guests = GuestCluster(2, workdir, prefix="crl-mig", use_netns=False, stats_interval_s=60)
+    try:
+        guests.setup_network()
+        guests.build()
+        guests.write_storage_cfg()
+        yield guests
+    finally:
+        _kill_guests(guests)
+        guests.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("CORRAL_ACCEL", None)
+        else:
+            os.environ["CORRAL_ACCEL"] = saved
+
+
+def _kill_guests(cluster: GuestCluster) -> None:
+    for nodeid in cluster.nodeids:
+        manager = cluster.manager(nodeid, GUEST_DIR)
+        for name in os.listdir(manager.run_dir) if os.path.isdir(manager.run_dir) else []:
+            if name.endswith(".pid") and name[:-4].isdigit():
+                pid = manager.pid(int(name[:-4]))
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+
+
+class Guest:
+    """One test guest on node 1 plus the checkers, torn down (QEMU killed) at the end."""
+
+    def __init__(self, cluster: GuestCluster, vmid: int, storage: str, running: bool,
+                 dirty_mib: int = 16) -> None:
+        self.cluster, self.vmid = cluster, vmid
+        self.source = cluster.manager(1, GUEST_DIR)
+        settings = guest_settings(GUEST_DIR, dirty_mib)
+        settings["scsi0"] = f"{storage}:0.0625,format=raw"
+        self.source.create(vmid, settings)
+        self.volume_path = self.path_of(self.source)
+        fill_volume(self.volume_path)
+        self.disk_sum = checksum(self.volume_path)
+        if running:
+            asyncio.run(self.source.start(vmid))
+        self.serial = SerialWatch(cluster, vmid)
+        self.configs = ConfigWatch(cluster, vmid)
+        if running:
+            self.serial.wait_value(1, 2, BOOT_TIMEOUT_S)
+
+    def path_of(self, manager: GuestManager) -> str:
+        volid = (manager.load_config(self.vmid).get("scsi0") or "").split(",")[0]
+        return storage_mod.volume_path(manager.storages(), volid)
+
+    def check(self, owner: int, moves: int) -> None:
+        """The checkers: one runner at a time, config on exactly one node (the owner),
+        disk content unchanged."""
+        self.serial.check_single_runner(moves)
+        self.configs.close()
+        assert self.configs.violations == []
+        assert self.cluster.config_nodes(self.vmid) == [owner]
+        assert self.cluster.config_nodes(self.vmid, via=2) == [owner]
+        manager = self.cluster.manager(owner, GUEST_DIR)
+        assert checksum(self.path_of(manager)) == self.disk_sum
+
+    def close(self) -> None:
+        self.serial.close()
+        self.configs.close()
+        for nodeid in self.cluster.nodeids:
+            pid = self.cluster.manager(nodeid, GUEST_DIR).pid(self.vmid)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def guests(cluster: GuestCluster) -> Iterator[list[Guest]]:
+    made: list[Guest] = []
+    yield made
+    for guest in made:
+        guest.close()
+
+
+def _migrate(cluster: GuestCluster, source: int, vmid: int, target: int,
+             **options: object) -> list[str]:
+    manager = cluster.manager(source, GUEST_DIR)
+    upid = asyncio.run(migrate(manager, vmid, cluster.name(target), MigrateOptions(**options),  # type: ignore[arg-type]
+                               state_dir=str(cluster.state_dir(source))))
+    return manager.tasks.read_log(upid)
+
+
+def _target_leftovers(cluster: GuestCluster, vmid: int, nodeid: int = 2) -> list[str]:
+    """Whatever a failed migration could leave on the target: a QEMU, run files, volumes."""
+    manager = cluster.manager(nodeid, GUEST_DIR)
+    found = [name for name in os.listdir(manager.run_dir)
+             if name.startswith(f"{vmid}.") and not name.endswith(".log")]
+    if manager.pid(vmid) is not None:
+        found.append("qemu process")
+    images = Path(cluster.workdir) / cluster.name(nodeid) / "local" / "images" / str(vmid)
+    if images.exists():
+        found += [str(p) for p in images.iterdir()]
+    return found
+
+
+def test_online_shared_tls_then_back_insecure_with_the_cli(
+        cluster: GuestCluster, guests: list[Guest]) -> None:
+    guest = Guest(cluster, 100, "shared", running=True)
+    guests.append(guest)
+    log = _migrate(cluster, 1, 100, 2, online=True)
+    assert log[-1] == "TASK OK"
+    text = "\n".join(log)
+    for line in ("set migration parameters (TLS, verify-peer)", "migration status: completed",
+                 "config moved to node 'node2'", "timing: command to QEMU migration start",
+                 "timing: QEMU completion to hand-over done", "migration finished successfully"):
+        assert line in text
+    last_on_source = max(guest.serial.values(1))
+    guest.serial.wait_value(2, last_on_source, BOOT_TIMEOUT_S)   # counts on where it left off
+    assert guest.source.pid(100) is None
+    config = cluster.manager(2, GUEST_DIR).load_config(100)
+    assert config.get("lock") is None
+
+    env = dict(os.environ)
+    result = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "qm", "--root", str(cluster.mount(2)), "--node",
+         "node2", "--run-dir", cluster.run_dir(2), "--task-dir", cluster.task_dir(2),
+         "--state-dir", str(cluster.state_dir(2)), "migrate", "100", "node1", "--online",
+         "--migration-type", "insecure"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("UPID:node2:") and ":qmigrate:100:root@pam:" in lines[0]
+    assert "set migration parameters (insecure, plain TCP)" in result.stdout
+    assert lines[-1] == "TASK OK"
+    guest.serial.wait_value(1, max(guest.serial.values(2)), BOOT_TIMEOUT_S)
+    guest.check(owner=1, moves=2)
+
+
+def test_online_with_local_disks_over_tls(cluster: GuestCluster, guests: list[Guest]) -> None:
+    guest = Guest(cluster, 101, "local1", running=True)
+    guests.append(guest)
+    with pytest.raises(MigrationError, match="without --with-local-disks"):
+        _migrate(cluster, 1, 101, 2, online=True, targetstorage="local2")
+    log = _migrate(cluster, 1, 101, 2, online=True, with_local_disks=True,
+                   targetstorage="local2")
+    text = "\n".join(log)
+    assert "storage migration listens on nbd:" in text and "all 'mirror' jobs are ready" in text
+    assert "removed source volume 'local1:101/vm-101-disk-0.raw'" in text
+    assert log[-1] == "TASK OK"
+    guest.serial.wait_value(2, max(guest.serial.values(1)), BOOT_TIMEOUT_S)
+    assert not os.path.exists(guest.volume_path)
+    config = cluster.manager(2, GUEST_DIR).load_config(101)
+    assert (config.get("scsi0") or "").startswith("local2:101/vm-101-disk-0.raw,")
+    guest.check(owner=2, moves=1)
+
+
+def test_offline_with_a_local_disk(cluster: GuestCluster, guests: list[Guest]) -> None:
+    guest = Guest(cluster, 102, "local1", running=False)
+    guests.append(guest)
+    log = _migrate(cluster, 1, 102, 2, migration_type="insecure", targetstorage="local2")
+    assert "copying local disk 'local1:102/vm-102-disk-0.raw'" in "\n".join(log)
+    assert log[-1] == "TASK OK"
+    assert cluster.manager(2, GUEST_DIR).pid(102) is None
+    guest.check(owner=2, moves=1)
+
+
+def _slow_migration(cluster: GuestCluster, vmid: int, options: MigrateOptions,
+                    errors: list[BaseException]) -> threading.Thread:
+    def run() -> None:
+        try:
+            asyncio.run(migrate(cluster.manager(1, GUEST_DIR), vmid, "node2", options,
+                                state_dir=str(cluster.state_dir(1))))
+        except BaseException as exc:
+            errors.append(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _check_rolled_back(cluster: GuestCluster, guest: Guest, config_before: str,
+                       errors: list[BaseException], match: str) -> None:
+    assert len(errors) == 1 and isinstance(errors[0], MigrationError), errors
+    assert match in str(errors[0])
+    upid = errors[0].upid
+    assert upid is not None
+    log = guest.source.tasks.read_log(upid)
+    assert log[-1].startswith("TASK ERROR: migration aborted")
+    assert guest.source.pid(guest.vmid) is not None
+    guest.serial.wait_value(1, max(guest.serial.values(1)), BOOT_TIMEOUT_S)  # still counting
+    assert cluster.config_path(1, guest.vmid).read_text() == config_before   # unlocked again
+    wait_until(lambda: _target_leftovers(cluster, guest.vmid) == [], 10.0,
+               "the target to be clean")
+    guest.check(owner=1, moves=0)
+
+
+def test_target_qemu_killed_mid_migration(cluster: GuestCluster, guests: list[Guest]) -> None:
+    guest = Guest(cluster, 103, "shared", running=True, dirty_mib=48)
+    guests.append(guest)
+    config_before = cluster.config_path(1, 103).read_text()
+    errors: list[BaseException] = []
+    thread = _slow_migration(cluster, 103, MigrateOptions(online=True, bwlimit_kib=4096), errors)
+    target = cluster.manager(2, GUEST_DIR)
+    wait_until(lambda: target.pid(103) is not None, 30.0, "the target QEMU")
+    time.sleep(1.0)                                   # well inside the RAM phase at 4 MiB/s
+    pid = target.pid(103)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    thread.join(120)
+    _check_rolled_back(cluster, guest, config_before, errors, "migration status: failed")
+
+
+def test_cancel_during_the_disk_mirror(cluster: GuestCluster, guests: list[Guest]) -> None:
+    guest = Guest(cluster, 104, "local1", running=True)
+    guests.append(guest)
+    config_before = cluster.config_path(1, 104).read_text()
+    errors: list[BaseException] = []
+    thread = _slow_migration(cluster, 104, MigrateOptions(
+        online=True, with_local_disks=True, targetstorage="local2", bwlimit_kib=2048), errors)
+    wait_until(lambda: _target_leftovers(cluster, 104) != [], 30.0, "the target side")
+    time.sleep(1.0)                                   # 64 MiB at 2 MiB/s: still mirroring
+    result = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "qm", "--root", str(cluster.mount(1)), "--node",
+         "node1", "--run-dir", cluster.run_dir(1), "--task-dir", cluster.task_dir(1),
+         "migrate-cancel", "104"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    thread.join(120)
+    _check_rolled_back(cluster, guest, config_before, errors, "cancelled")
+    assert not asyncio.run(request_cancel(guest.source, 104))     # nothing left to cancel
+
+
+def test_refusals_change_nothing(cluster: GuestCluster, guests: list[Guest]) -> None:
+    guest = Guest(cluster, 105, "shared", running=True)
+    guests.append(guest)
+    path = cluster.config_path(1, 105)
+    before = path.read_text()
+    cases = [({"online": False}, "node2", "can't migrate running VM without --online"),
+             ({"online": True}, "node9", "no such cluster node 'node9'"),
+             ({"online": True}, "node1", "target is local node")]
+    for options, target, message in cases:
+        with pytest.raises(MigrationError, match=message):
+            asyncio.run(migrate(guest.source, 105, target, MigrateOptions(**options),  # type: ignore[arg-type]
+                                state_dir=str(cluster.state_dir(1))))
+        assert path.read_text() == before
+    guest.source.set_options(105, {"lock": "backup"}, [])
+    with pytest.raises(MigrationError, match=r"VM is locked \(backup\)"):
+        _migrate(cluster, 1, 105, 2, online=True)
+    guest.source.set_options(105, {"cpu": "host"}, ["lock"])
+    with pytest.raises(MigrationError, match="CPU model 'host'"):
+        _migrate(cluster, 1, 105, 2, online=True)
+    guest.source.set_options(105, {"cpu": "no-such-model"}, [])
+    with pytest.raises(MigrationError, match="CPU model 'no-such-model' is not supported"):
+        _migrate(cluster, 1, 105, 2, online=True)
+    guest.source.set_options(105, {}, ["cpu"])
+    assert path.read_text() == before
+    assert _target_leftovers(cluster, 105) == []
+
+    # HA-managed: queued for the HA manager, not moved
+    ha = cluster.mount(1) / "ha"
+    ha.mkdir(exist_ok=True)
+    (ha / "resources.cfg").write_text("vm: 105\n\tstate started\n")
+    try:
+        log = _migrate(cluster, 1, 105, 2, online=True)
+        assert "Requesting HA migration for VM 105 to node node2" in log
+        assert (ha / "crm_commands").read_text().splitlines()[-1] == "migrate vm:105 node2"
+    finally:
+        (ha / "resources.cfg").unlink()
+        with_commands = ha / "crm_commands"
+        if with_commands.exists():
+            with_commands.unlink()
+    assert path.read_text() == before and guest.source.pid(105) is not None
+    guest.check(owner=1, moves=0)
