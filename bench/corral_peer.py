@@ -15,6 +15,7 @@ corral_client.py), and `describe()` says which method was used.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,8 +57,12 @@ class CorralCluster(Cluster):
 
     def daemon_argv(self, node: int) -> list[str]:
         node_dir = self.node_dir(node)
+        # CORRAL_BENCH_PROFILE=DIR: run each engine under cProfile, stats in DIR/engine-N.prof.
+        profile_dir = os.environ.get("CORRAL_BENCH_PROFILE")
+        profiler = ["-m", "cProfile", "-o", f"{profile_dir}/engine-{node}.prof"] \
+            if profile_dir else []
         return self.topology.in_namespace(node, [
-            sys.executable, "-m", "corral.cli", "engine",
+            sys.executable, *profiler, "-m", "corral.cli", "engine",
             "--config", str(node_dir / "corosync.conf"),
             "--nodeid", str(node),
             "--keyfile", str(self.authkey),

@@ -37,7 +37,7 @@ import os
 import secrets
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -54,6 +54,8 @@ FLAG_ENCRYPTED = 0x01
 
 HEADER = struct.Struct(">4sBBBx8sIQQ")
 HEADER_BYTES = HEADER.size  # 36
+_COUNTER = struct.Struct(">Q")
+_NONCE = struct.Struct(">IQ")  # sender nodeid, counter
 TAG_BYTES = 16
 OVERHEAD_BYTES = HEADER_BYTES + TAG_BYTES
 # Counters older than this many below the highest seen are dropped as replays.
@@ -77,9 +79,8 @@ class DropReason(enum.Enum):
     REPLAY = "replay"
 
 
-@dataclass(frozen=True, slots=True)
-class Opened:
-    """An authenticated packet."""
+class Opened(NamedTuple):
+    """An authenticated packet (a tuple: built once per received datagram)."""
 
     kind: int
     sender_nodeid: int
@@ -186,36 +187,83 @@ class PacketAuthenticator:
         self._root = derive_root_key(key)
         self._mac_key = _subkey(self._root, b"mac")
         self._encryption_root = _subkey(self._root, b"aes-256-gcm")
-        self.cluster_id = cluster_id(self._root, cluster_name)
-        self.nodeid = nodeid
-        self.incarnation = incarnation
-        self.encrypt = encrypt
+        self._cluster_id = cluster_id(self._root, cluster_name)
+        self._nodeid = nodeid
+        self._incarnation = incarnation
+        self._encrypt = encrypt
         self.known_nodeids = frozenset(known_nodeids)
         self._counter = 0
         self._windows: dict[int, _ReplayWindow] = {}
         self._aead: dict[tuple[int, int], AESGCM] = {}
+        self._header_prefix: dict[int, bytes] = {}
+        self._own_aead: AESGCM | None = None
+        self._prepare_sealing()
         self.drops: dict[str, int] = {reason.value: 0 for reason in DropReason}
         self.sealed = 0
         self.opened = 0
 
+    def _prepare_sealing(self) -> None:
+        """Every header field but the counter is fixed per kind: packed once (and
+        again whenever one of the identity attributes below is changed)."""
+        flags = FLAG_ENCRYPTED if self._encrypt else 0
+        self._header_prefix = {
+            kind: HEADER.pack(MAGIC, ENVELOPE_VERSION, kind, flags, self._cluster_id,
+                              self._nodeid, self._incarnation, 0)[:-_COUNTER.size]
+            for kind in KINDS
+        }
+        self._own_aead = (self._derive_aead(self._nodeid, self._incarnation)
+                          if self._encrypt else None)
+
+    @property
+    def cluster_id(self) -> bytes:
+        return self._cluster_id
+
+    @cluster_id.setter
+    def cluster_id(self, value: bytes) -> None:
+        self._cluster_id = value
+        self._prepare_sealing()
+
+    @property
+    def nodeid(self) -> int:
+        return self._nodeid
+
+    @nodeid.setter
+    def nodeid(self, value: int) -> None:
+        self._nodeid = value
+        self._prepare_sealing()
+
+    @property
+    def incarnation(self) -> int:
+        return self._incarnation
+
+    @incarnation.setter
+    def incarnation(self, value: int) -> None:
+        self._incarnation = value
+        self._prepare_sealing()
+
+    @property
+    def encrypt(self) -> bool:
+        return self._encrypt
+
+    @encrypt.setter
+    def encrypt(self, value: bool) -> None:
+        self._encrypt = value
+        self._prepare_sealing()
+
     def seal(self, kind: int, payload: bytes) -> bytes:
-        if kind not in KINDS:
+        prefix = self._header_prefix.get(kind)
+        if prefix is None:
             raise UsageError(f"unknown envelope kind {kind}")
         if len(payload) + OVERHEAD_BYTES > MAX_PACKET_BYTES:
             raise UsageError(f"payload of {len(payload)} bytes does not fit one datagram")
         if self._counter >= MAX_COUNTER:
             raise InvariantError("packet counter exhausted; restart with a new incarnation")
-        self._counter += 1
-        flags = FLAG_ENCRYPTED if self.encrypt else 0
-        header = HEADER.pack(
-            MAGIC, ENVELOPE_VERSION, kind, flags, self.cluster_id, self.nodeid,
-            self.incarnation, self._counter,
-        )
+        self._counter = counter = self._counter + 1
+        header = prefix + _COUNTER.pack(counter)
         self.sealed += 1
-        if self.encrypt:
-            nonce = struct.pack(">IQ", self.nodeid, self._counter)
-            aead = self._sender_aead(self.nodeid, self.incarnation)
-            return header + aead.encrypt(nonce, payload, header)
+        if self._own_aead is not None:
+            return header + self._own_aead.encrypt(_NONCE.pack(self._nodeid, counter), payload,
+                                                   header)
         body = header + payload
         return body + hashlib.blake2b(body, key=self._mac_key, digest_size=TAG_BYTES).digest()
 
@@ -228,9 +276,9 @@ class PacketAuthenticator:
         )
         if magic != MAGIC or version != ENVELOPE_VERSION or kind not in KINDS:
             return self._drop(DropReason.MALFORMED)
-        if packet[7] != 0 or flags != (FLAG_ENCRYPTED if self.encrypt else 0):
+        if packet[7] != 0 or flags != (FLAG_ENCRYPTED if self._encrypt else 0):
             return self._drop(DropReason.MALFORMED)
-        if cluster != self.cluster_id:
+        if cluster != self._cluster_id:
             return self._drop(DropReason.FOREIGN_CLUSTER)
         if sender not in self.known_nodeids:
             return self._drop(DropReason.UNKNOWN_NODE)
@@ -248,8 +296,8 @@ class PacketAuthenticator:
 
     def _verify(self, packet: bytes, sender: int, incarnation: int, counter: int) -> bytes | None:
         header = packet[:HEADER_BYTES]
-        if self.encrypt:
-            nonce = struct.pack(">IQ", sender, counter)
+        if self._encrypt:
+            nonce = _NONCE.pack(sender, counter)
             cached = self._aead.get((sender, incarnation))
             aead = cached or self._derive_aead(sender, incarnation)
             try:
