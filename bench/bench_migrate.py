@@ -106,8 +106,12 @@ class Run:
     downtime_raised_ms: int = 0
     pause_ms: float | None = None   # guest-visible pause: serial counter silence around the move
     wall_ms: float = 0.0          # command (or first QMP step) to the guest running on the target
-    start_overhead_ms: float | None = None    # Corral: command -> QEMU migration start
-    finish_overhead_ms: float | None = None   # Corral: QEMU completed -> TASK OK, config moved
+    # Corral: command -> QEMU migration start, and QEMU completed -> hand-over done (config
+    # moved, target resumed, source stopped; then TASK OK), from the task log. Plain: the
+    # same steps of the plain driver (target QEMU started, TLS, caps, mirror ready ->
+    # `migrate`; completed seen -> mirror finished, `cont`, source quit).
+    start_overhead_ms: float | None = None
+    finish_overhead_ms: float | None = None
 
 
 @dataclass
@@ -430,22 +434,27 @@ async def plain_migrate(source: Side, target: Side, target_config: str, case: Ca
         mirror_ms, disk_bytes = await mirror_disk(source, target, tls_id)
     port = free_port()
     await target.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+    migrate_at = time.monotonic()
     await source.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     info, raised_ms = await poll_migration(source)
+    completed_at = time.monotonic()
     if case.storage == "local":
         disk_bytes = max(disk_bytes, await finish_mirror(source, target))
     await target.cmd("cont")
-    wall_ms = (time.monotonic() - started) * 1000
     status = (await target.cmd("query-status")).get("status")
     if status != "running":
         raise BenchError(f"target is {status} after cont")
+    await source.kill()     # as Corral's hand-over, which ends with the source stopped
+    done_at = time.monotonic()
     ram = info.get("ram", {})
     return Run(ok=True, total_ms=float(info.get("total-time", 0)),
                downtime_ms=float(info.get("downtime", 0)),
                setup_ms=float(info.get("setup-time", 0)), ram_bytes=int(ram.get("transferred", 0)),
                disk_bytes=disk_bytes, mirror_ms=mirror_ms,
                syncs=int(ram.get("dirty-sync-count", 0)), downtime_raised_ms=raised_ms,
-               wall_ms=wall_ms)
+               wall_ms=(done_at - started) * 1000,
+               start_overhead_ms=(migrate_at - started) * 1000,
+               finish_overhead_ms=(done_at - completed_at) * 1000)
 
 
 # --- plain QEMU: one guest, migrated back and forth ------------------------------------
@@ -531,10 +540,10 @@ class PlainBench:
             await target.kill()
             print(f"  plain  {case.label:<36} FAILED: {exc}", flush=True)
             return Run(ok=False, error=str(exc))
-        await source.kill()
         after = await watch.wait(target.name, before, COUNTER_TIMEOUT_S, since_s)
         run.pause_ms = watch.pause_ms(source.name, target.name, since_s)
-        print_run("plain", case, run, f"counter {before}->{after}")
+        print_run("plain", case, run, f"steps {run.start_overhead_ms:.0f}+"
+                  f"{run.finish_overhead_ms:.0f} ms  counter {before}->{after}")
         return run
 
 
@@ -774,6 +783,25 @@ def summarize(result: CaseResult) -> dict[str, Any]:
             "finish_overhead_ms": med("finish_overhead_ms")}
 
 
+def totals(results: list[CaseResult]) -> str:
+    """Failed migrations and the orchestration overhead (start + finish) over all cases."""
+    lines = []
+    for system in ("plain", "corral"):
+        mine = [r for r in results if r.system == system]
+        runs = [run for r in mine for run in r.runs]
+        if not runs:
+            lines.append(f"{system}: no runs")
+            continue
+        ok = [run for run in runs if run.ok]
+        overhead = [float(run.start_overhead_ms or 0) + float(run.finish_overhead_ms or 0)
+                    for run in ok]
+        lines.append(f"{system}: {len(runs) - len(ok)} failed of {len(runs)} migrations; "
+                     f"command-to-migrate + completed-to-done median {_fmt(median(overhead))} ms "
+                     f"(min {_fmt(min(overhead, default=None))}, max "
+                     f"{_fmt(max(overhead, default=None))})")
+    return "\n".join(lines)
+
+
 def _fmt(value: float | None, digits: int = 0) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
@@ -796,16 +824,18 @@ def table(summaries: list[dict[str, Any]]) -> str:
     for summary in summaries:
         by_label.setdefault(summary["label"], {})[summary["system"]] = summary
     lines = ["| Case | total ms | QEMU downtime ms | guest pause ms | RAM sent MiB | "
-             "disk mirrored MiB | wall ms | Corral overhead start / finish ms | runs (failed) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "disk mirrored MiB | command to migrate ms | completed to done ms | wall ms | "
+             "runs (failed) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, systems in by_label.items():
         plain, corral = systems.get("plain", {}), systems.get("corral", {})
         lines.append(
             f"| {label} | {_pair(plain, corral, 'total_ms')} | "
             f"{_pair(plain, corral, 'downtime_ms')} | {_pair(plain, corral, 'pause_ms')} | "
             f"{_pair(plain, corral, 'ram_mib', 1, ratio=False)} | "
-            f"{_pair(plain, corral, 'disk_mib', 0, ratio=False)} | {_pair(plain, corral, 'wall_ms')} | "
-            f"{_fmt(corral.get('start_overhead_ms'))} / {_fmt(corral.get('finish_overhead_ms'))} | "
+            f"{_pair(plain, corral, 'disk_mib', 0, ratio=False)} | "
+            f"{_pair(plain, corral, 'start_overhead_ms')} | "
+            f"{_pair(plain, corral, 'finish_overhead_ms')} | {_pair(plain, corral, 'wall_ms')} | "
             f"{plain.get('runs', 0)} ({plain.get('failed', 0)}) / "
             f"{corral.get('runs', 0)} ({corral.get('failed', 0)}) |")
     return "\n".join(lines)
@@ -885,6 +915,8 @@ def main(argv: list[str] | None = None) -> int:
     summaries = [summarize(result) for result in results]
     print()
     print(table(summaries))
+    print()
+    print(totals(results))
     print(f"\nload average before {load_before}, after {load_average()}; "
           f"{time.monotonic() - started:.0f} s")
     if args.json:
