@@ -1,7 +1,9 @@
 """Live migration of the test guest: plain QEMU against Corral, same guest, same run.
 
 Run:  .venv/bin/python -m bench.bench_migrate [--quick] [--repeats N] [--json FILE]
-      [--sizes 256,1024] [--no-corral]   (or `python -m bench migrate ...`)
+      [--sizes 256,1024] [--workloads idle,dirty] [--storages shared,local]
+      [--transports tls,insecure] [--only plain|corral] [--workdir DIR]
+      (or `python -m bench migrate ...`)
 
 Baseline ("plain"): two QEMU processes on this machine, started from the command
 line Corral builds for the guest (GuestManager.build_command), the target with
@@ -853,7 +855,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workloads", default="idle,dirty")
     parser.add_argument("--storages", default="shared,local")
     parser.add_argument("--transports", default="tls,insecure")
-    parser.add_argument("--no-corral", action="store_true", help="plain QEMU baseline only")
+    parser.add_argument("--only", choices=("plain", "corral"), default=None,
+                        help="run one system only (the other column reads n/a)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--guest-dir", default=os.environ.get("CORRAL_TEST_GUEST_DIR",
                                                               DEFAULT_TEST_GUEST_DIR))
@@ -909,8 +912,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     started = time.monotonic()
     with workdir_for(args) as workdir:
-        results = asyncio.run(run_plain(args, workdir))
-        if not args.no_corral:
+        results = asyncio.run(run_plain(args, workdir)) if args.only != "corral" else []
+        if args.only != "plain":
             results += run_corral(args, workdir)
     summaries = [summarize(result) for result in results]
     print()
