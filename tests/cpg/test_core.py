@@ -8,7 +8,16 @@ from __future__ import annotations
 import pytest
 
 from corral.cpg import wire
-from corral.cpg.core import CpgCore, CpgError, ErrorCode, LocalState, SyncState
+from corral.cpg.core import (
+    CONF_TRANSITIONAL,
+    EV_CONFIG,
+    EV_DELIVER,
+    CpgCore,
+    CpgError,
+    ErrorCode,
+    LocalState,
+    SyncState,
+)
 from corral.cpg.events import ConfChg, Deliver, Member, Reason, TotemConfChg
 
 from .bus import Bus, check_total_order, check_views_agree, check_virtual_synchrony
@@ -388,3 +397,39 @@ def test_confchg_is_identical_on_every_node() -> None:
     for nodeid, seq in zip((1, 2, 3, 4), sequences, strict=True):
         assert seq == sequences[0][len(sequences[0]) - len(seq):], nodeid
     check_all(bus)
+
+
+def test_totem_events_batch_equals_one_by_one() -> None:
+    """CpgCore.totem_events (the service's batch path) produces exactly what
+    feeding the same events to totem_event one by one does, odd ones included."""
+    regular = 0 if CONF_TRANSITIONAL != 0 else 1
+    cores = (CpgCore(1), CpgCore(1))
+    traffic: list[tuple[object, ...]] = [
+        (EV_CONFIG, CONF_TRANSITIONAL, (1, 4), (1,), (), ()),
+        (EV_CONFIG, regular, (1, 4), (1,), (1,), ()),
+        (EV_DELIVER, 1, wire.encode_joinlist((1, 4), [])),
+        (EV_DELIVER, 1, wire.encode_join(G, 70)),
+        (EV_DELIVER, 1, wire.encode_join(G, 80)),
+        (EV_DELIVER, 1, b"\x00garbage"),
+        (EV_DELIVER, 1, bytearray(wire.encode_mcast(G, 70, b"as a bytearray"))),
+        *((EV_DELIVER, 1, wire.encode_mcast(G, 70 + 10 * (i % 2), b"m%d" % i))
+          for i in range(6)),
+    ]
+    for core in cores:
+        core.add_client(7, 70)
+        core.add_client(8, 80)
+    for event in traffic[:3]:  # the ring and the sync: then both clients join
+        for core in cores:
+            core.totem_event(event)
+    for core in cores:
+        core.join(7, 70, G)
+        core.join(8, 80, G)
+    for event in traffic[3:]:
+        cores[0].totem_event(event)
+    cores[1].totem_events(traffic[3:])
+    one_by_one, batched = cores[0].pop_events(), cores[1].pop_events()
+    assert one_by_one == batched
+    assert cores[0].stats() == cores[1].stats()
+    payloads = [(c, e.payload) for c, e in batched if isinstance(e, Deliver)]
+    assert (7, b"as a bytearray") in payloads and (8, b"m5") in payloads
+    assert len(payloads) == 2 * 7

@@ -4,7 +4,10 @@ socket served by CpgIpcServer over a fake Totem: permissions of the socket,
 join/mcast/leave/membership through CpgClient, bad requests answered with an
 error and no change, flow control (TRY_AGAIN or waiting), finalize and abrupt
 disconnect as PROCDOWN, and clients that stop reading being disconnected at
-the outbound bound with a logged error. Runs on asyncio and uvloop."""
+the outbound bound with a logged error; accepted MCASTs answered by one
+MCAST_ACK per run of consecutive ids (in order with the other answers, also
+across the request-id wrap), and a full queue-mode handle throttling the
+client's reading without losing events. Runs on asyncio and uvloop."""
 
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import pytest
 from corral.cpg.core import CpgError, ErrorCode
 from corral.cpg.events import ConfChg, CpgEvent, Deliver, Member, Reason, TotemConfChg
 from corral.cpg.ipc import (
+    FLAG_ACK_BATCH,
+    FLAG_WAIT,
     MAX_FRAME_BYTES,
     CpgClient,
     CpgClientHandle,
@@ -382,6 +387,87 @@ def test_many_frames_in_one_chunk_and_client_limit(run: Runner, sock_dir: str) -
             await CpgClient.connect(paths[0])  # refused: the server closes it at once
         assert await first.local_get() == 1
         await first.finalize()
+        await shutdown(network, servers)
+
+    run(main)
+
+
+def test_accepted_ack_batch_mcasts_are_answered_by_one_ack_per_consecutive_run(
+    run: Runner, sock_dir: str
+) -> None:
+    """Requests 5..7 (ACK_BATCH) share one MCAST_ACK; 10 starts a new run, which
+    is flushed before the plain REPLY to 11 and the refusal of 12, in order."""
+
+    async def main() -> None:
+        network, _services, servers, paths = await make_node(sock_dir, 1)
+        reader, writer = await asyncio.open_unix_connection(paths[0])
+        batch = bytes((FLAG_WAIT | FLAG_ACK_BATCH,))
+        writer.write(b"".join([
+            encode_frame(MsgType.JOIN, 1, b"\x03grp"),
+            *(encode_frame(MsgType.MCAST, rid, batch + b"\x03grp" + b"m%d" % rid)
+              for rid in (5, 6, 7, 10)),
+            encode_frame(MsgType.MCAST, 11, bytes((FLAG_WAIT,)) + b"\x03grp" + b"plain"),
+            encode_frame(MsgType.MCAST, 12, batch + b"\x03zzz" + b"not joined"),
+        ]))
+        await writer.drain()
+        decoder = FrameDecoder()
+        answers: list[tuple[int, int, bytes]] = []
+        while len(answers) < 5:
+            data = await reader.read(65536)
+            assert data, "server closed early"
+            answers += [(f.type, f.request_id, f.body) for f in decoder.feed(data)
+                        if isinstance(f, Frame) and f.type in (MsgType.REPLY, MsgType.MCAST_ACK)]
+        ok = bytes((ErrorCode.OK,))
+        assert answers == [
+            (MsgType.REPLY, 1, ok),
+            (MsgType.MCAST_ACK, 0, (7).to_bytes(4, "big") + (3).to_bytes(4, "big")),
+            (MsgType.MCAST_ACK, 0, (10).to_bytes(4, "big") + (1).to_bytes(4, "big")),
+            (MsgType.REPLY, 11, ok),
+            (MsgType.REPLY, 12, bytes((ErrorCode.NOT_EXIST,))),
+        ]
+        writer.close()
+        await shutdown(network, servers)
+
+    run(main)
+
+
+def test_mcast_nowait_futures_complete_across_request_id_wrap(run: Runner, sock_dir: str) -> None:
+    async def main() -> None:
+        network, _services, servers, paths = await make_node(sock_dir, 1)
+        client = await CpgClient.connect(paths[0])
+        handle = await client.join("grp")
+        await handle.wait_joined()
+        client._next_request = 0xFFFF_FFFE  # ids FFFFFFFE, FFFFFFFF, then 1, 2 (0 is skipped)
+        futures = [handle.mcast_nowait(b"w%d" % i) for i in range(4)]
+        await asyncio.wait_for(asyncio.gather(*futures), 5.0)
+        assert not client._pending_mcasts
+        got = await until(handle, lambda e: getattr(e, "payload", None) == b"w3")
+        assert [e.payload for e in got if isinstance(e, Deliver)] == [b"w0", b"w1", b"w2", b"w3"]
+        await client.finalize()
+        await shutdown(network, servers)
+
+    run(main)
+
+
+def test_queue_mode_handle_throttles_reading_without_losing_events(
+    run: Runner, sock_dir: str
+) -> None:
+    """A handle whose queue is full stops the client's reading (the frame that did
+    not fit is handed over once there is room); nothing is lost or reordered."""
+
+    async def main() -> None:
+        network, services, servers, paths = await make_node(sock_dir)
+        client = await CpgClient.connect(paths[0], queue_limit=3)
+        handle = await client.join("grp")
+        await handle.wait_joined()
+        sender = await services[1].join("grp", pid=99)
+        await sender.wait_joined()
+        for i in range(200):
+            await sender.mcast(b"%03d" % i)
+        got = await until(handle, lambda e: getattr(e, "payload", None) == b"199")
+        assert [e.payload for e in got if isinstance(e, Deliver)] == [b"%03d" % i
+                                                                      for i in range(200)]
+        await client.finalize()
         await shutdown(network, servers)
 
     run(main)

@@ -1,7 +1,7 @@
 """The asyncio driver (corral.totem.node.TotemNode) over real UDP transports, with the
 tiny FakeCore of tests/transport/fakecore.py standing in for TotemCore, on both
 loops: the core's timer is re-armed and fires, membership events and deliveries
-reach listeners in order, the ring seq is on disk before any packet sent under it
+reach listeners (per event and per batch) in order, the ring seq is on disk before any packet sent under it
 (persist, then send), submit() reports backpressure and wait_writable() resumes,
 stop() sends the leave that the others see, status() reports ring and links, and
 a listener or core that raises stops the node."""
@@ -56,8 +56,10 @@ def test_formation_delivery_persist_and_leave(run: Callable[[Any], Any], tmp_pat
     async def scenario() -> None:
         nodes = make_nodes(3, str(tmp_path))
         events: dict[int, list[tuple[Any, ...]]] = {n.nodeid: [] for n in nodes}
+        batches: dict[int, list[list[tuple[Any, ...]]]] = {n.nodeid: [] for n in nodes}
         for node in nodes:
             node.add_listener(events[node.nodeid].append)
+            node.add_batch_listener(batches[node.nodeid].append)
             await node.start()
         try:
             await wait_for(lambda: all(n.core.members == (1, 2, 3) for n in nodes))
@@ -78,6 +80,11 @@ def test_formation_delivery_persist_and_leave(run: Callable[[Any], Any], tmp_pat
                 assert {row["state"] for row in status["links"]} == {"up", "localhost"}
                 assert isinstance(node.transport, CheckingTransport)
                 assert node.transport.violations == 0
+            for node in nodes:
+                # A batch listener sees the same events in the same order, in
+                # non-empty lists (one per input).
+                assert all(batches[node.nodeid])
+                assert [e for b in batches[node.nodeid] for e in b] == events[node.nodeid]
             await nodes[2].stop()
             await wait_for(lambda: nodes[0].core.members == (1, 2), 1.0)
             assert not nodes[2].running

@@ -400,7 +400,6 @@ class _Connection(asyncio.Protocol):
                     self._request(Frame(msg_type, request_id, body))
         except DecodeError as exc:
             log.warning("CPG IPC: dropping client pid %d: %s", self.pid, exc)
-            self._flush_ack()
             self.abort()
             return
         finally:
@@ -460,7 +459,6 @@ class _Connection(asyncio.Protocol):
 
     def _request(self, frame: Frame) -> None:
         """Any request but MCAST, answered at once."""
-        self._flush_ack()  # replies stay in request order
         if frame.type not in REQUEST_TYPES:
             self._reply(frame.request_id, ErrorCode.MESSAGE_ERROR)
             return
@@ -492,6 +490,7 @@ class _Connection(asyncio.Protocol):
         return ErrorCode.OK, encode_members(self.service.members(group))
 
     def _reply(self, request_id: int, status: ErrorCode, body: bytes = b"") -> None:
+        self._flush_ack()  # answers stay in request order
         self.send(encode_frame(MsgType.REPLY, request_id, _STATUS.pack(status) + body))
 
     # ------------------------------------------------------------ outbound
