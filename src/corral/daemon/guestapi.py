@@ -16,13 +16,18 @@ defaults of `corral qm`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
 from corral.guests.mtunnel import IncomingMigrations, MtunnelError
 from corral.guests.qemu import DEFAULT_RUN_DIR, DEFAULT_TASK_DIR, GuestManager
 
+log = logging.getLogger("corral.daemon")
+
+REAP_INTERVAL_S = 10.0
 _MTUNNEL_RE = re.compile(r"^/nodes/([A-Za-z0-9][A-Za-z0-9.-]{0,62})/qemu/(\d{3,9})/mtunnel$")
 
 
@@ -52,6 +57,23 @@ class GuestApi:
         self.run_dir = run_dir
         self.task_dir = task_dir
         self._incoming: IncomingMigrations | None = None
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def _expire_forever(self) -> None:
+        """Stop incoming migrations whose source went silent (it crashed or lost us)."""
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            incoming = self._incoming
+            if incoming is None or not incoming.records:
+                continue
+            try:
+                await asyncio.to_thread(asyncio.run, incoming.expire(time.monotonic_ns()))
+            except Exception:
+                log.exception("guests: expiring incoming migrations failed")
+
+    def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
 
     def incoming(self) -> IncomingMigrations:
         """The records of incoming migrations (created on first use: it makes the run
@@ -71,6 +93,8 @@ class GuestApi:
         if node != self.node:
             raise RequestError(400, f"this is node '{self.node}', not '{node}'")
         incoming = self.incoming()
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._expire_forever())
         try:
             # In a worker thread with its own loop: the handlers read the tree, which is
             # this daemon's own FUSE mount, served by this loop (reading it from the loop

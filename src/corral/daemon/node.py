@@ -274,6 +274,7 @@ class Daemon:
     async def _stop_services(self) -> None:
         for task in self._tasks:
             task.cancel()
+        self.guest_api.close()
         if self.tree is not None:
             await self.tree.stop()
         with contextlib.suppress(Exception):

@@ -285,8 +285,7 @@ async def _run_migration(manager: GuestManager, vmid: int, target: str,
         await migrate(manager, vmid, target, options, cancel=cancel, on_upid=started)
         status = 0
     except MigrationError as exc:
-        if not upids:
-            print(f"corral qm: {exc}", file=sys.stderr)
+        print(f"corral qm: {exc}", file=sys.stderr)
         status = 1
     finally:
         follower.cancel()

@@ -52,7 +52,13 @@ from typing import Any
 
 from corral.guests import storage as storage_mod
 from corral.guests.config import VmConfig, parse_config, write_config
-from corral.guests.mtunnel import TLS_OBJECT_ID, config_digest, prepare_tls_dir, qmp_call
+from corral.guests.mtunnel import (
+    KEEPALIVE_S,
+    TLS_OBJECT_ID,
+    config_digest,
+    prepare_tls_dir,
+    qmp_call,
+)
 from corral.guests.qemu import GuestError, GuestManager
 from corral.guests.qmp import QmpError
 from corral.guests.tasks import TaskLog, Upid
@@ -248,6 +254,7 @@ class Run:
     nbd_nodes: list[str] = field(default_factory=list)
     disks: list[LocalDisk] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    last_keepalive: float = field(default_factory=time.monotonic)
 
     def say(self, line: str) -> None:
         self.log.log(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
@@ -256,6 +263,15 @@ class Run:
         if (self.cancel is not None and self.cancel.is_set()) or \
                 os.path.exists(cancel_path(self.manager, self.vmid)):
             raise MigrationCancelled("migration cancelled by request")
+
+    async def keepalive(self) -> None:
+        """Tell the target we are alive (it stops a silent incoming migration)."""
+        now = time.monotonic()
+        if self.peer is None or not self.target_started or now - self.last_keepalive < KEEPALIVE_S:
+            return
+        self.last_keepalive = now
+        with contextlib.suppress(MigrationError):
+            await self.peer.call(self.vmid, "status", timeout_s=5.0)
 
     def elapsed_ms(self) -> float:
         return (time.monotonic_ns() - self.started_ns) / 1e6
@@ -277,6 +293,10 @@ async def migrate(manager: GuestManager, vmid: int, target: str,
     if state_dir is None:
         from corral.cluster.layout import default_state_dir
         state_dir = manager.state_dir or default_state_dir()
+    try:
+        manager.load_config(vmid)             # no task for a guest that is not here
+    except (GuestError, ValueError) as exc:
+        raise MigrationError(str(exc)) from None
     if not options.from_ha and _ha_managed(manager.root, vmid):
         return _queue_ha(manager, vmid, target, on_upid)
     with contextlib.suppress(FileNotFoundError):
@@ -552,6 +572,7 @@ async def _wait_mirrors_ready(run: Run) -> None:
     last_log = 0.0
     while True:
         run.check_cancel()
+        await run.keepalive()
         jobs = {job["device"]: job for job in await qmp_call(run.qmp, "query-block-jobs")}
         missing = [j for j in run.mirrors if j not in jobs]
         if missing:
@@ -623,6 +644,7 @@ async def _watch_migration(run: Run) -> None:
     interval = POLL_S
     while True:
         run.check_cancel()
+        await run.keepalive()
         try:
             info = await qmp_call(run.qmp, "query-migrate")
             failures = 0

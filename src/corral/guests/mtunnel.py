@@ -13,7 +13,8 @@ network namespace, with its run dir) exactly like any other guest of that node:
     resume          after the source moved the config here: stop the NBD server, `cont`
     stop            failure/cancel: stop what was started here and remove the new volumes
                     (refused once the config lives on this node: the guest is ours then)
-    status          what this node holds for the guest
+    status          what this node holds for the guest (also the source's keep-alive: an
+                    incoming migration not heard of for INCOMING_SILENCE_S is stopped here)
 
 Every field of a request is validated here; `IncomingMigrations` keeps one record per
 guest so `stop` knows exactly what to remove. The guest's config is read from the
@@ -43,6 +44,8 @@ from corral.guests.qemu import QEMU_BINARY, GuestError, GuestManager
 from corral.guests.qmp import QmpClient, QmpError
 from corral.guests.tasks import TaskLog
 
+KEEPALIVE_S = 10.0                   # the source's `status` interval during a migration
+INCOMING_SILENCE_S = 120             # then the target gives up on it
 CONFIG_WAIT_S = 5.0                  # how long a lagging tree may take to show the config
 MAX_DISKS = 32
 MAX_VOLUME_BYTES = 1 << 50
@@ -246,6 +249,7 @@ class Incoming:
     nbd_server: bool = False
     nbd_pids: list[int] = field(default_factory=list)
     qemu: bool = False
+    contact_ns: int = 0                 # last request of the source about this guest
 
 
 class IncomingMigrations:
@@ -269,6 +273,9 @@ class IncomingMigrations:
         handler = handlers.get(command)
         if handler is None:
             raise MtunnelError(f"unknown mtunnel command '{command}'")
+        record = self.records.get(vmid)
+        if record is not None:
+            record.contact_ns = time.monotonic_ns()
         try:
             return await handler(vmid, params)
         except (GuestError, ConfigError, storage_mod.StorageError, QmpError, OSError) as exc:
@@ -354,13 +361,20 @@ class IncomingMigrations:
         return {"node": self.manager.node}
 
     async def start_incoming(self, vmid: int, params: dict[str, Any]) -> dict[str, Any]:
+        started_ns = time.monotonic_ns()
         request = IncomingRequest.parse(vmid, params)
         self._check_free(vmid)
-        config = await self._source_config(vmid, request.source, request.digest)
-        address = pick_address(request.network, self.link_addresses)
-        record = Incoming(vmid, request.source, "starting", time.monotonic_ns())
+        record = Incoming(vmid, request.source, "starting", started_ns)
         self.records[vmid] = record
+        try:
+            config = await self._source_config(vmid, request.source, request.digest)
+            address = pick_address(request.network, self.link_addresses)
+        except BaseException:
+            self.records.pop(vmid, None)
+            raise
         upid, log = self.manager.tasks.begin("qmstart", str(vmid))
+        log.log(f"config of node '{request.source}' read after "
+                f"{(time.monotonic_ns() - started_ns) / 1e6:.0f} ms")
         try:
             result = await self._start_incoming(record, request, config, address, log)
         except BaseException as exc:
@@ -383,9 +397,10 @@ class IncomingMigrations:
         command = self.manager.build_command(vmid, config, request.accel)
         command += ["-incoming", "defer", "-S"]
         log.log(f"starting VM {vmid} for incoming migration from node '{request.source}' "
-                f"(accel={request.accel})")
+                f"(accel={request.accel}) after {_ms_since(record.started_ns)} ms")
         record.qemu = True
         await self.manager.spawn(vmid, command)
+        log.log(f"QEMU started after {_ms_since(record.started_ns)} ms")
         qmp = self.manager.qmp_path(vmid)
         await qmp_call(qmp, "migrate-set-capabilities", capabilities=[
             {"capability": name, "state": True} for name in MIGRATION_CAPABILITIES])
@@ -407,6 +422,7 @@ class IncomingMigrations:
         nbd = await self._export_disks(record, new_volumes, address, tls_dir, log) \
             if new_volumes else {}
         record.state = "listening"
+        log.log(f"incoming migration ready after {_ms_since(record.started_ns)} ms")
         return {"uri": uri, "nbd": nbd, "tls_hostname": self.manager.node,
                 "address": address}
 
@@ -525,6 +541,25 @@ class IncomingMigrations:
 
     # --- cleanup ----------------------------------------------------------------------
 
+    async def expire(self, now_ns: int) -> list[int]:
+        """Stop incoming migrations whose source went silent for INCOMING_SILENCE_S (it
+        sends `status` every KEEPALIVE_S): a source that crashed must not leave a paused
+        QEMU and new volumes here forever."""
+        expired = []
+        for record in list(self.records.values()):
+            last = max(record.contact_ns, record.started_ns)
+            copying = any(_is_qemu_nbd(pid) for pid in record.nbd_pids)
+            if record.state != "starting" and not copying and \
+                    now_ns - last > INCOMING_SILENCE_S * 1e9 and \
+                    not os.path.exists(self._here(record.vmid)):
+                upid, log = self.manager.tasks.begin("qmstop", str(record.vmid))
+                log.log(f"no word from node '{record.source}' for {INCOMING_SILENCE_S} s: "
+                        "stopping the incoming migration")
+                await self._cleanup(record, log)
+                self.manager.tasks.end(upid, log, None)
+                expired.append(record.vmid)
+        return expired
+
     def _reap_nbd(self, record: Incoming) -> None:
         """qemu-nbd exits by itself once the copy disconnects; kill a leftover one."""
         for pid in record.nbd_pids:
@@ -586,6 +621,10 @@ def _remove_empty_dir(storages: storage_mod.StorageConfig | None, volid: str) ->
         os.rmdir(directory)
     except OSError:
         pass
+
+
+def _ms_since(start_ns: int) -> int:
+    return (time.monotonic_ns() - start_ns) // 1_000_000
 
 
 def _start_qemu_nbd(command: list[str], path: str, address: str) -> int:
