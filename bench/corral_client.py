@@ -47,8 +47,11 @@ HEADER = struct.Struct("<IIIIQQ")
 # Latency samples kept per run; past this the sample is the first MAX_SAMPLES.
 MAX_SAMPLES = 8_000_000
 LOG_POLL_S = 0.002
-# mcasts a sender keeps in flight (see Pipeline).
-DEFAULT_WINDOW = 32
+# mcasts a sender keeps in flight (see Pipeline): by default as many as fit in
+# WINDOW_BYTES, at least MIN_WINDOW and at most MAX_WINDOW.
+WINDOW_BYTES = 256 * 1024
+MIN_WINDOW = 32
+MAX_WINDOW = 4096
 CONNECT_RETRY_S = 0.05
 # How long to wait for the engine's CPG socket to appear.
 CONNECT_TIMEOUT_S = 15.0
@@ -163,6 +166,7 @@ def result_record(args: argparse.Namespace, stats: Stats, sending: SendResult,
         "connection_lost": stats.connection_lost,
         "totem_confchgs": stats.totem_confchgs, "cpg_confchgs": stats.cpg_confchgs,
         "send_error": sending.error, "sender_blocked": blocked,
+        "window": args.window or auto_window(args.size),
         "client_start_ns": client_start_ns, "send_start_ns": sending.start_ns,
         "first_ns": stats.first_ns, "last_ns": stats.last_ns,
         # CPU (user + system) of this client from its connection to now.
@@ -178,6 +182,10 @@ class Pipeline:
     mcast_nowait is the same: it queues the request at once (order kept) and
     returns a future of the node's answer; this keeps at most `window` of
     those futures open, waiting for the oldest when the window is full.
+    The default window is counted in bytes (`auto_window`): a bounded IPC
+    buffer the sender fills without waiting for each answer, as
+    cpg_mcast_joined fills corosync's, so the pipeline depth does not depend
+    on how quickly a loaded machine schedules the answers.
     """
 
     def __init__(self, handle: CpgClientHandle, window: int) -> None:
@@ -197,11 +205,16 @@ class Pipeline:
             await self.in_flight.popleft()
 
 
+def auto_window(size: int) -> int:
+    """mcasts in flight by default for `size`-byte messages."""
+    return max(MIN_WINDOW, min(MAX_WINDOW, WINDOW_BYTES // size))
+
+
 async def send_loop(handle: CpgClientHandle, args: argparse.Namespace,
                     result: SendResult) -> None:
     """Multicast for duration_ms (flat out or paced), then one END message."""
     loop = asyncio.get_running_loop()
-    pipeline = Pipeline(handle, args.window)
+    pipeline = Pipeline(handle, args.window or auto_window(args.size))
     padding = bytes(args.size - HEADER.size)
     period_s = 1.0 / args.rate if args.rate else 0.0
     result.start_ns = time.monotonic_ns()
@@ -384,8 +397,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rate", type=int, default=0)
     parser.add_argument("--timeout-ms", type=int, default=120_000)
     parser.add_argument("--settle-ms", type=int, default=500)
-    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                        help="mcasts in flight (1: wait for each reply)")
+    parser.add_argument("--window", type=int, default=0,
+                        help="mcasts in flight (1: wait for each reply; 0, the default: "
+                        f"{WINDOW_BYTES // 1024} KiB worth, {MIN_WINDOW}..{MAX_WINDOW})")
     args = parser.parse_args(argv)
     if args.group is None:
         args.group = "bench-watch" if args.mode == "watch" else "bench"
@@ -393,8 +407,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--socket is required")
     if args.mode == "watch-log" and not args.file:
         parser.error("--file is required")
-    if not 1 <= args.window <= 4096:
-        parser.error("--window must be in [1, 4096]")
+    if not 0 <= args.window <= MAX_WINDOW:
+        parser.error(f"--window must be in [0, {MAX_WINDOW}]")
     if not HEADER.size <= args.size <= 1 << 20:
         parser.error(f"--size must be in [{HEADER.size}, 1 MiB]")
     return args

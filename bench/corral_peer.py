@@ -104,6 +104,6 @@ class CorralCluster(Cluster):
             "transport": "corral udp (knet-compatible config)",
             "crypto": "secauth on (aes-256-gcm)",
             "token_ms": self.settings.token_ms,
-            "client_window": self.settings.corral_window,
+            "client_window": self.settings.corral_window or "256 KiB worth",
             "membership_watch": self.membership_watch(),
         }

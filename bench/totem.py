@@ -69,7 +69,8 @@ class Plan:
     kill_repeats: int = 2
     kill_settle_s: float = 3.0
     sched_rr: bool = True
-    corral_window: int = 32
+    # mcasts Corral's client keeps in flight; 0: 256 KiB worth (bench/corral_client.py).
+    corral_window: int = 0
     tests: tuple[str, ...] = ("idle", "throughput", "latency", "loss", "kill")
 
     @classmethod
@@ -396,8 +397,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="print the tables of a saved result file and exit")
     parser.add_argument("--no-sched-rr", action="store_true",
                         help="run corosync with `system { sched_rr: no }` (default: as shipped)")
-    parser.add_argument("--corral-window", type=int, default=32,
-                        help="mcasts Corral's client keeps in flight (1: wait for each reply)")
+    parser.add_argument("--corral-window", type=int, default=0,
+                        help="mcasts Corral's client keeps in flight (1: wait for each reply; "
+                        "0, the default: 256 KiB worth, 32..4096 messages)")
     parser.add_argument("--keep", action="store_true", help="keep configs and logs (workdir)")
     parser.add_argument("--prefix", default="crlb-", help="namespace name prefix")
     parser.add_argument("--subnet", default="10.213.0", help="first three octets of the subnet")
@@ -410,8 +412,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     unknown = set(tests) - set(Plan().tests)
     if unknown:
         raise SystemExit(f"unknown tests: {', '.join(sorted(unknown))}")
-    if not 1 <= args.corral_window <= 4096:
-        raise SystemExit("--corral-window must be in [1, 4096]")
+    if not 0 <= args.corral_window <= 4096:
+        raise SystemExit("--corral-window must be in [0, 4096]")
     changes: dict[str, Any] = {"tests": tests, "sched_rr": not args.no_sched_rr,
                                "corral_window": args.corral_window}
     try:
