@@ -400,6 +400,11 @@ async def _prepare(run: Run) -> VmConfig:
         raise MigrationError("can't migrate running VM without --online")
     if not run.running and options.online:
         run.say("VM isn't running. Doing offline migration instead.")
+    local_devices = [key for key, value in config.entries.items()
+                     if key.startswith("serial") and value != "socket"]
+    if local_devices:
+        raise MigrationError(f"can't migrate VM which uses local devices: "
+                             f"{', '.join(local_devices)}")
     cpu = (config.get("cpu") or "qemu64").split(",")[0]
     if run.running and cpu.removeprefix("cputype=") == "host":
         raise MigrationError("can't live migrate a VM with CPU model 'host' (tied to this "
