@@ -321,3 +321,46 @@ def test_refusals_change_nothing(cluster: GuestCluster, guests: list[Guest]) -> 
             with_commands.unlink()
     assert path.read_text() == before and guest.source.pid(105) is not None
     guest.check(owner=1, moves=0)
+
+
+def test_mtunnel_api_auth_and_validation(cluster: GuestCluster) -> None:
+    """The target's endpoint: HMAC or ticket only, `{node}` must be the target, every field
+    checked, and `stop` refused for a guest whose config is on that node."""
+    from corral.guests.migrate import Peer
+
+    peer = Peer(str(cluster.state_dir(1)), "node2", cluster.address(2))
+    cases = [({"cmd": "launch"}, "unknown mtunnel command 'launch'"),
+             ({}, "unknown mtunnel command ''"),
+             ({"cmd": "precheck", "source": "node1", "digest": "x"},
+              "'digest' must be a SHA-256 hex digest"),
+             ({"cmd": "start-incoming", "source": "no/de", "digest": "0" * 64},
+              "invalid source node"),
+             ({"cmd": "start-incoming", "source": "node1", "digest": "0" * 64,
+               "migration_type": "ssh"}, "migration_type must be secure or insecure"),
+             ({"cmd": "start-incoming", "source": "node1", "digest": "0" * 64,
+               "disks": [{"key": "scsi0", "storage": "local2", "size": -1, "format": "raw"}]},
+              "invalid size/format for disk 'scsi0'"),
+             ({"cmd": "start-incoming", "source": "node1", "digest": "0" * 64,
+               "disks": "not json"}, "'disks' is not JSON")]
+    for fields, message in cases:
+        cmd = str(fields.pop("cmd", ""))
+        with pytest.raises(MigrationError, match=message):
+            asyncio.run(peer.call(990, cmd, **fields))
+    wrong_node = Peer(str(cluster.state_dir(1)), "node1", cluster.address(2))
+    with pytest.raises(MigrationError, match="this is node 'node2', not 'node1'"):
+        asyncio.run(wrong_node.call(990, "status"))
+    forged = Peer(str(cluster.state_dir(1)), "node2", cluster.address(2))
+    forged.key = b"not the cluster key"
+    with pytest.raises(MigrationError, match="authentication failure"):
+        asyncio.run(forged.call(990, "status"))
+    assert asyncio.run(peer.call(990, "status")) == {
+        "state": "none", "running": False, "config_here": False, "volumes": []}
+    owned = cluster.config_path(2, 991, via=2)
+    owned.parent.mkdir(parents=True, exist_ok=True)
+    owned.write_text("memory: 64\n")
+    try:
+        wait_until(lambda: cluster.config_path(2, 991, via=1).exists(), 10.0, "replication")
+        with pytest.raises(MigrationError, match="belongs to node 'node2' now"):
+            asyncio.run(peer.call(991, "stop"))
+    finally:
+        owned.unlink()

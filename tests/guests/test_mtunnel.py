@@ -1,0 +1,114 @@
+"""The target side of a migration without a cluster: request parsing (every field
+checked), the listening address chosen in a migration network, the QEMU TLS credential
+directory built from a node's state dir, and the expiry that stops an incoming migration
+whose source went silent (its new volume removed, a config already on this node never
+touched)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from corral.guests import mtunnel
+from corral.guests.mtunnel import (
+    Incoming,
+    IncomingMigrations,
+    IncomingRequest,
+    MtunnelError,
+    parse_disks,
+    pick_address,
+    prepare_tls_dir,
+)
+from corral.guests.qemu import GuestManager
+
+DIGEST = "ab" * 32
+
+
+def test_request_parsing() -> None:
+    request = IncomingRequest.parse(100, {
+        "source": "node1", "digest": DIGEST, "migration_type": "insecure",
+        "migration_network": "10.0.0.0/24", "accel": "tcg",
+        "disks": '[{"key": "scsi0", "storage": "local2", "size": 1048576, "format": "raw"}]'})
+    assert request.secure is False and request.network == "10.0.0.0/24"
+    assert request.disks[0].key == "scsi0" and request.disks[0].size_bytes == 1 << 20
+    assert IncomingRequest.parse(100, {"source": "n", "digest": DIGEST}).secure is True
+    bad = [({"digest": DIGEST}, "missing parameter 'source'"),
+           ({"source": "n", "digest": DIGEST, "accel": "xen"}, "accel must be kvm or tcg"),
+           ({"source": "n", "digest": DIGEST, "source_extra": 1, "migration_network": "x" * 65},
+            "migration_network too long"),
+           ({"source": 5, "digest": DIGEST}, "'source' must be str")]
+    for params, message in bad:
+        with pytest.raises(MtunnelError, match=message):
+            IncomingRequest.parse(100, params)
+
+
+@pytest.mark.parametrize(("disks", "message"), [
+    ({"key": "scsi0"}, "must be a list"),
+    ([{"key": "net0", "storage": "s", "size": 1, "format": "raw"}], "invalid disk key"),
+    ([{"key": "scsi0", "storage": "s", "size": 1, "format": "vmdk"}], "invalid size/format"),
+    ([{"key": "scsi0", "storage": "s", "size": True, "format": "raw"}], "'size' must be int"),
+    ([{"key": "scsi0", "storage": "s", "size": 1, "format": "raw"}] * 2, "given twice"),
+    ([{"key": "scsi0", "storage": "s", "size": 1, "format": "raw"}] * 33, "at most 32"),
+])
+def test_bad_disks(disks: object, message: str) -> None:
+    with pytest.raises(MtunnelError, match=message):
+        parse_disks(disks)
+
+
+def test_pick_address() -> None:
+    assert pick_address(None, ["10.1.0.5", "10.2.0.5"]) == "10.1.0.5"
+    assert pick_address("10.2.0.0/16", ["10.1.0.5", "10.2.0.5"]) == "10.2.0.5"
+    assert pick_address("127.0.0.0/8", ["10.1.0.5"]) == "127.0.0.1"     # from the interfaces
+    local = [ipaddress.ip_address(a) for a in mtunnel.local_addresses()]
+    unused = next(net for net in (f"198.18.{i}.0/24" for i in range(256))
+                  if not any(a in ipaddress.ip_network(net) for a in local))
+    with pytest.raises(MtunnelError, match="no address in the migration network"):
+        pick_address(unused, ["10.1.0.5"])
+    with pytest.raises(MtunnelError, match="invalid migration network"):
+        pick_address("not-a-net", ["10.1.0.5"])
+
+
+def test_tls_dir_from_state_dir(tmp_path: Path) -> None:
+    (tmp_path / "state/priv").mkdir(parents=True)
+    for name, text in (("ca.pem", "CA"), ("node.pem", "CERT"), ("priv/node.key", "KEY")):
+        (tmp_path / "state" / name).write_text(text)
+    directory = prepare_tls_dir(str(tmp_path / "state"), str(tmp_path / "run"))
+    files = {name: Path(directory, name).read_text() for name in os.listdir(directory)}
+    assert files == {"ca-cert.pem": "CA", "server-cert.pem": "CERT", "client-cert.pem": "CERT",
+                     "server-key.pem": "KEY", "client-key.pem": "KEY"}
+    assert os.stat(Path(directory, "server-key.pem")).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img missing")
+def test_silent_source_expires(tmp_path: Path) -> None:
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree/storage.cfg").write_text(
+        f"dir: local2\n\tpath {tmp_path}/store\n\tcontent images\n")
+    manager = GuestManager(str(tmp_path / "tree"), "node2", str(tmp_path / "run"),
+                           str(tmp_path / "tasks"))
+    incoming = IncomingMigrations(manager, str(tmp_path / "state"), ["127.0.0.1"])
+    record = Incoming(100, "node1", "listening", time.monotonic_ns())
+    incoming.records[100] = record
+    disk = parse_disks([{"key": "scsi0", "storage": "local2", "size": 1 << 20, "format": "raw"}])
+    volid = incoming._allocate(record, disk, mtunnel._NullLog())["scsi0"]
+    assert (tmp_path / "store/images/100/vm-100-disk-0.raw").exists()
+    now = time.monotonic_ns()
+    assert asyncio.run(incoming.expire(now)) == []              # heard of recently
+    late = now + int((mtunnel.INCOMING_SILENCE_S + 1) * 1e9)
+    assert asyncio.run(incoming.expire(late)) == [100]
+    assert incoming.records == {} and volid.startswith("local2:100/")
+    assert not (tmp_path / "store/images/100/vm-100-disk-0.raw").exists()
+    stop_task = manager.tasks.list_tasks(1)[0]
+    assert stop_task["type"] == "qmstop" and stop_task["status"] == "OK"
+
+    kept = Incoming(101, "node1", "listening", 0)       # config already here: never expired
+    incoming.records[101] = kept
+    os.makedirs(manager.config_dir())
+    Path(manager.config_path(101)).write_text("memory: 64\n")
+    assert asyncio.run(incoming.expire(late)) == [] and 101 in incoming.records
