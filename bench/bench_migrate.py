@@ -649,7 +649,10 @@ class CorralBench:
         self.guest_dir = guest_dir
         self.quick = quick
         self.managers = {n: cluster.manager(n, guest_dir) for n in cluster.nodeids}
+        for nodeid, manager in self.managers.items():     # the cluster-wide task list
+            manager.tasks.publish_to(str(cluster.mount(nodeid)))
         self.state_dirs = {n: str(cluster.state_dir(n)) for n in cluster.nodeids}
+        self.upids: list[str] = []
 
     def _create(self, memory_mib: int, dirty: bool, storage: str) -> int:
         size_gib = disk_mib(self.quick) / 1024
@@ -698,6 +701,7 @@ class CorralBench:
         try:
             upid = await migrate(self.managers[source], VMID, self.cluster.name(target), options,
                                  state_dir=self.state_dirs[source])
+            self.upids.append(str(upid))
             wall_ms = (time.monotonic() - since_s) * 1000
             figures = parse_task_log(self.managers[source].tasks.read_log(upid))
             after = await watch.wait(str(target), before, COUNTER_TIMEOUT_S, since_s)
@@ -731,6 +735,24 @@ class CorralBench:
                 os.kill(pid, 9)
 
 
+    async def check_task_list(self, timeout_s: float = 10.0) -> str:
+        """Every migration task, finished OK, in the cluster-wide list read on every node
+        (published by the source into its tree, replicated to the other)."""
+        from corral.guests.clustertasks import MAX_PUBLISHED_FINISHED, cluster_tasks
+
+        wanted = set(self.upids[-MAX_PUBLISHED_FINISHED:])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            seen = {n: {e["upid"] for e in cluster_tasks(str(self.cluster.mount(n)), 1000).tasks
+                        if e.get("status") == "OK"} for n in self.managers}
+            complete = all(wanted <= upids for upids in seen.values())
+            if complete or time.monotonic() > deadline:
+                listed = min(len(wanted & upids) for upids in seen.values())
+                return (f"cluster task list: {listed} of {len(wanted)} migration tasks listed "
+                        f"OK on every node")
+            await asyncio.sleep(0.2)
+
+
 async def run_corral_groups(args: argparse.Namespace, cluster: BenchCluster) -> list[CaseResult]:
     bench = CorralBench(cluster, args.guest_dir, args.quick)
     results: list[CaseResult] = []
@@ -739,6 +761,7 @@ async def run_corral_groups(args: argparse.Namespace, cluster: BenchCluster) -> 
             for storage in args.storages:
                 results += await bench.run_group(size, workload == "dirty", storage,
                                                  args.transports, args.repeats)
+    print(await bench.check_task_list(), flush=True)
     return results
 
 
@@ -801,7 +824,26 @@ def totals(results: list[CaseResult]) -> str:
                      f"command-to-migrate + completed-to-done median {_fmt(median(overhead))} ms "
                      f"(min {_fmt(min(overhead, default=None))}, max "
                      f"{_fmt(max(overhead, default=None))})")
+    extra = _extra_overhead(results)
+    if extra:
+        lines.append(f"corral - plain, same case (medians): median {_fmt(median(extra))} ms "
+                     f"(min {_fmt(min(extra))}, max {_fmt(max(extra))}, {len(extra)} cases)")
     return "\n".join(lines)
+
+
+def _extra_overhead(results: list[CaseResult]) -> list[float]:
+    """Per case: Corral's median start + finish minus the plain driver's."""
+    def overhead(result: CaseResult) -> float | None:
+        return median([float(run.start_overhead_ms or 0) + float(run.finish_overhead_ms or 0)
+                       for run in result.ok_runs()])
+
+    plain = {r.case: overhead(r) for r in results if r.system == "plain"}
+    extra = []
+    for result in results:
+        ours, theirs = overhead(result), plain.get(result.case)
+        if result.system == "corral" and ours is not None and theirs is not None:
+            extra.append(ours - theirs)
+    return extra
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:

@@ -11,7 +11,8 @@ real run of both columns.
   bad command-line values are refused.
 - With QEMU, the test guest and root: one idle 256 MiB guest on shared storage migrated
   once over plain TCP by plain QEMU and once by Corral on a real 2-node cluster; both
-  succeed with every figure present, the JSON report holds them, and afterwards no QEMU
+  succeed with every figure present, the JSON report holds them, the migration task is
+  in the cluster-wide task list read through both nodes' trees, and afterwards no QEMU
   or corrald process of the run remains.
 Budget: about 25 s on the loaded 2-core box.
 
@@ -143,6 +144,7 @@ def test_one_plain_and_one_corral_migration(tmp_path: Path,
     printed = capsys.readouterr().out
     assert "plain: 0 failed of 1 migrations" in printed
     assert "corral: 0 failed of 1 migrations" in printed
+    assert "cluster task list: 1 of 1 migration tasks listed OK on every node" in printed
     report = json.loads(report_path.read_text())
     assert status == 0, report
     by_system = {summary["system"]: summary for summary in report["summaries"]}
