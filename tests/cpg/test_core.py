@@ -433,3 +433,21 @@ def test_totem_events_batch_equals_one_by_one() -> None:
     payloads = [(c, e.payload) for c, e in batched if isinstance(e, Deliver)]
     assert (7, b"as a bytearray") in payloads and (8, b"m5") in payloads
     assert len(payloads) == 2 * 7
+
+
+def test_mcast_fast_path_encodes_like_the_wire_module() -> None:
+    """mcast() on an operational node encodes in place; the bytes must be exactly
+    wire.encode_mcast's, also for bytearray arguments."""
+    regular = 0 if CONF_TRANSITIONAL != 0 else 1
+    core = CpgCore(1)
+    core.add_client(7, 70)
+    core.totem_event((EV_CONFIG, CONF_TRANSITIONAL, (1, 4), (1,), (), ()))
+    core.totem_event((EV_CONFIG, regular, (1, 4), (1,), (1,), ()))
+    core.totem_event((EV_DELIVER, 1, wire.encode_joinlist((1, 4), [])))
+    core.join(7, 70, G)
+    assert core.state == SyncState.OPERATIONAL
+    core.pop_outbox()
+    assert core.mcast(7, G, b"payload")
+    assert core.mcast(7, bytearray(G), bytearray(b"more"))  # type: ignore[arg-type]
+    assert core.pop_outbox() == [wire.encode_mcast(G, 70, b"payload"),
+                                 wire.encode_mcast(G, 70, b"more")]

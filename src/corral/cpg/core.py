@@ -122,6 +122,11 @@ class LocalState(enum.Enum):
     LEAVING = "leaving"  # LEAVE queued or submitted, not yet delivered
 
 
+# Enum members used on hot paths, looked up once.
+_LEAVING = LocalState.LEAVING
+_OPERATIONAL = SyncState.OPERATIONAL
+
+
 @dataclass(slots=True)
 class _Client:
     pid: int
@@ -266,15 +271,26 @@ class CpgCore:
         """Multicast to `group`. False means try again: a sync runs and the local
         queue is full. The sender receives its own message in the total order."""
         client = self._client(client_id)
-        state = client.groups.get(bytes(group))
-        if state is None or state == LocalState.LEAVING:
+        if type(group) is not bytes:
+            group = bytes(group)
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        state = client.groups.get(group)
+        if state is None or state is _LEAVING:
             raise CpgError(ErrorCode.NOT_EXIST, f"not in group {group!r}")
         if len(payload) > wire.MAX_PAYLOAD_BYTES:
             raise CpgError(ErrorCode.TOO_BIG, f"payload over {wire.MAX_PAYLOAD_BYTES} bytes")
+        if self._state is _OPERATIONAL:
+            # Hot path: what _send -> _submit does for a MCAST, encoded in place
+            # (same bytes as wire.encode_mcast; the group was checked at join).
+            self._outbox.append(b"".join(
+                (_MCAST_PREFIX, bytes((len(group),)), group, _PID.pack(client.pid), payload)))
+            self._stats["submitted"] += 1
+            return True
         if not self.can_queue(len(payload)):
             return False
-        encoded = wire.encode_mcast(bytes(group), client.pid, bytes(payload))
-        self._send(wire.Kind.MCAST, bytes(group), client.pid, encoded)
+        encoded = wire.encode_mcast(group, client.pid, payload)
+        self._send(wire.Kind.MCAST, group, client.pid, encoded)
         return True
 
     def client_disconnected(self, client_id: int) -> None:

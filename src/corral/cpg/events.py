@@ -31,9 +31,12 @@ class Member(NamedTuple):
     reason: int = Reason.UNDEFINED
 
 
-@dataclass(frozen=True, slots=True)
-class Deliver:
-    """A message multicast to `group` by process `pid` on node `nodeid`."""
+class Deliver(NamedTuple):
+    """A message multicast to `group` by process `pid` on node `nodeid`.
+
+    Immutable like the other events, but a NamedTuple: one is built per
+    delivered message in the node and in every client, and a tuple is built
+    several times faster than a frozen dataclass."""
 
     group: bytes
     nodeid: int
