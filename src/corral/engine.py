@@ -356,9 +356,14 @@ class _CpgView:
         self.node.add_listener(filtered)
 
     def add_batch_listener(self, callback: Callable[[list[tuple[object, ...]]], None]) -> None:
-        def filtered(events: list[tuple[object, ...]]) -> None:
+        deliver, magic, header_bytes = EV_DELIVER, LOAD_MAGIC, LOAD_HEADER.size
+
+        def filtered(events: list[tuple[Any, ...]]) -> None:
+            # _is_load inlined: this runs for every delivered message.
             kept = [event for event in events
-                    if event[0] != EV_DELIVER or not _is_load(event[2])]
+                    if event[0] != deliver or not (type(event[2]) is bytes
+                                                   and len(event[2]) >= header_bytes
+                                                   and event[2][0] == magic)]
             if kept:
                 callback(kept)
 

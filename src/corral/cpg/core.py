@@ -125,6 +125,7 @@ class LocalState(enum.Enum):
 # Enum members used on hot paths, looked up once.
 _LEAVING = LocalState.LEAVING
 _OPERATIONAL = SyncState.OPERATIONAL
+_SYNC = SyncState.SYNC
 
 
 @dataclass(slots=True)
@@ -350,7 +351,7 @@ class CpgCore:
 
     def deliver(self, sender: int, payload: bytes) -> None:
         """One Totem delivery; malformed payloads are counted and dropped."""
-        if self._state != SyncState.SYNC and payload[:4] == _MCAST_PREFIX and len(payload) > 4:
+        if self._state is not _SYNC and payload[:4] == _MCAST_PREFIX and len(payload) > 4:
             # Hot path: an application message outside a sync, decoded in place
             # with the same checks as wire.decode (a test compares the two).
             name_bytes = payload[4]

@@ -95,6 +95,8 @@ _FLAGS = struct.Struct(">B")
 _DELIVER_HEAD = struct.Struct(">IBBIB")
 # DELIVER bytes besides group and payload, counted by the length field.
 _DELIVER_FIXED_BYTES = _HEADER.size + 1 + _NODE_PID.size
+# A queued DELIVER frame's size besides group and payload (length field included).
+_DELIVER_QUEUED_BYTES = _LENGTH.size + _DELIVER_FIXED_BYTES
 
 
 class MsgType(enum.IntEnum):
@@ -496,11 +498,18 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------ outbound
 
     def on_event(self, event: CpgEvent) -> None:
-        if isinstance(event, Deliver):
+        if type(event) is Deliver:
             # Queued as is and encoded with the rest of this loop iteration's
             # frames in one pass when they are written out.
-            size = _LENGTH.size + _DELIVER_FIXED_BYTES + len(event.group) + len(event.payload)
-            self._enqueue(event, size)
+            size = _DELIVER_QUEUED_BYTES + len(event.group) + len(event.payload)
+            if self._flush_scheduled and not self.closed and \
+                    self.outbound_bytes + self._buffered_at_write + size \
+                    <= self.server.client_queue_bytes:
+                # Hot path of _enqueue: far from the bound, a write already due.
+                self.outbound.append(event)
+                self.outbound_bytes += size
+            else:
+                self._enqueue(event, size)
         else:
             self.send(encode_event(event))
 
