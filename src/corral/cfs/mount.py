@@ -23,11 +23,15 @@ import ctypes.util
 import errno
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import types
+from collections import deque
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import pyfuse3.asyncio
@@ -43,6 +47,142 @@ MNT_DETACH = 2
 # apply never holds up every other request.
 FUSE_TASKS_MIN = 4
 FUSE_TASKS_MAX = 64
+
+
+class _HandoverLock:
+    """The lock pyfuse3's workers take around "wait until /dev/fuse is
+    readable" (it stands in for trio.Lock). asyncio.Lock re-checks every
+    waiter on each acquire and wakes through a second future; this one hands
+    the lock straight to the next waiter on release, so a request costs one
+    wake-up, not two. Only used from the event loop's thread."""
+
+    __slots__ = ("_locked", "_waiters")
+
+    def __init__(self) -> None:
+        self._locked = False
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def __aenter__(self) -> None:
+        if not self._locked:
+            self._locked = True
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed over, then cancelled: pass it on
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the lock stays taken, now by the waiter
+                return
+        self._locked = False
+
+
+class _FuseReadiness:
+    """wait_readable for pyfuse3 in asyncio mode. pyfuse3.asyncio adds a
+    reader before and removes it after every request: two epoll_ctl calls, a
+    done-callback and a set per request. Here the reader stays registered
+    while requests keep coming; only one task waits at a time (pyfuse3 holds
+    its read lock around the wait). The next request usually arrives while
+    the worker that will read it has not started waiting yet (the lock is
+    handed over one loop iteration later), so a readiness report with nobody
+    waiting is remembered and the next wait returns at once; a second such
+    report unregisters the reader (level-triggered: it would spin)."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._watched: dict[int, asyncio.AbstractEventLoop] = {}
+        self._ready: set[int] = set()
+        # Waiters woken but not resumed yet: their request is still unread,
+        # so a report meanwhile is not a new one.
+        self._woken: set[int] = set()
+        self._pollers: dict[int, select.poll] = {}
+
+    async def wait_readable(self, fd: int) -> None:
+        if fd in self._ready:
+            # Reported readable with nobody waiting. The report may predate
+            # a read in the same loop iteration, so look again (poll, no
+            # wait: /dev/fuse is read blocking) before skipping the loop.
+            self._ready.discard(fd)
+            if self._poller(fd).poll(0):
+                return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters[fd] = waiter
+        if fd not in self._watched:
+            loop.add_reader(fd, self._readable, fd)
+            self._watched[fd] = loop
+        try:
+            await waiter
+        finally:
+            self._woken.discard(fd)
+            if self._waiters.get(fd) is waiter:
+                del self._waiters[fd]
+
+    def _poller(self, fd: int) -> select.poll:
+        poller = self._pollers.get(fd)
+        if poller is None:
+            poller = self._pollers[fd] = select.poll()
+            poller.register(fd, select.POLLIN)
+        return poller
+
+    def _readable(self, fd: int) -> None:
+        waiter = self._waiters.pop(fd, None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+                self._woken.add(fd)
+        elif fd in self._woken:
+            pass  # the woken reader has not read yet (level-triggered repeat)
+        elif fd in self._ready:
+            self.unwatch(fd)  # still unread: stop polling until someone waits
+        else:
+            self._ready.add(fd)
+
+    def unwatch(self, fd: int) -> None:
+        loop = self._watched.pop(fd, None)
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(fd)
+
+    def watched(self) -> list[int]:
+        return list(self._watched)
+
+    def notify_closing(self, fd: int) -> None:
+        self.unwatch(fd)
+        self._pollers.pop(fd, None)
+        self._ready.discard(fd)
+        self._woken.discard(fd)
+        waiter = self._waiters.pop(fd, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(pyfuse3.asyncio.ClosedResourceError())
+
+
+def _enable_fast_asyncio() -> _FuseReadiness:
+    """Switch pyfuse3 to asyncio mode with the cheaper lock and readiness
+    wait above (pyfuse3 looks everything up through its `trio` attribute;
+    the rest is pyfuse3.asyncio's). Returns the readiness watcher, whose fd
+    must be unwatched once the session is closed."""
+    readiness = _FuseReadiness()
+    shim: Any = types.ModuleType("corral_pyfuse3_asyncio")
+    for name in dir(pyfuse3.asyncio):
+        if not name.startswith("__"):
+            setattr(shim, name, getattr(pyfuse3.asyncio, name))
+    shim.Lock = _HandoverLock
+    shim.wait_readable = readiness.wait_readable
+    shim.notify_closing = readiness.notify_closing
+    shim.lowlevel = shim.from_thread = shim
+    pyfuse3.trio = shim  # type: ignore[attr-defined]
+    return readiness
 
 
 def mount_options(fsname: str = "corral") -> set[str]:
@@ -107,7 +247,7 @@ async def run_mount(backend: CfsBackend, mountpoint: str | os.PathLike[str] = DE
     """Mount `backend`'s tree at `mountpoint` and serve it until `stop` is set
     or SIGTERM/SIGINT arrives; unmount before returning. One mount per
     process (pyfuse3 keeps global session state)."""
-    pyfuse3.asyncio.enable()
+    readiness = _enable_fast_asyncio()
     prepare_mountpoint(mountpoint)
     operations = CfsOperations(backend, cache_timeout_s=cache_timeout_s)
     options = mount_options()
@@ -138,6 +278,8 @@ async def run_mount(backend: CfsBackend, mountpoint: str | os.PathLike[str] = DE
         for signum in signals:
             loop.remove_signal_handler(signum)
         operations.serving = False
+        for fd in readiness.watched():
+            readiness.unwatch(fd)
         pyfuse3.close(unmount=unmount)
         if not unmount and is_mounted(mountpoint):
             lazy_unmount(mountpoint)
