@@ -2,7 +2,8 @@
 cluster on 127.0.0.x, the target side served by the target's corrald: online with shared
 storage over TLS (Python API) and back insecure (through `corral qm migrate`), online
 with local disks (NBD + mirror, TLS), offline with a local disk, the target QEMU killed
-mid-migration, a cancelled migration (during the disk mirror), the refused cases (no
+mid-migration, a cancelled migration (during the disk mirror), nodes in network
+namespaces driven by `corral qm` inside them (as `corral demo`), the refused cases (no
 --online, locked, unknown/offline target, local disk without --with-local-disks, CPU
 model host) and an HA-managed guest, which is queued for the HA manager instead.
 
@@ -178,7 +179,8 @@ def test_online_shared_tls_then_back_insecure_with_the_cli(
         [sys.executable, "-m", "corral.cli", "qm", "--root", str(cluster.mount(2)), "--node",
          "node2", "--run-dir", cluster.run_dir(2), "--task-dir", cluster.task_dir(2),
          "--state-dir", str(cluster.state_dir(2)), "migrate", "100", "node1", "--online",
-         "--migration-type", "insecure"], capture_output=True, text=True, timeout=120, env=env)
+         "--migration-type", "insecure", "--migration-network", "127.0.0.0/24"],
+        capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("UPID:node2:") and ":qmigrate:100:root@pam:" in lines[0]
@@ -364,3 +366,52 @@ def test_mtunnel_api_auth_and_validation(cluster: GuestCluster) -> None:
             asyncio.run(peer.call(991, "stop"))
     finally:
         owned.unlink()
+
+
+def test_in_network_namespaces_through_the_cli() -> None:
+    """As in `corral demo`: every node in its own network namespace; the guest started and
+    migrated with `corral qm` run inside the node's namespace, so the target QEMU (started
+    by the target's corrald) listens on the target's own address."""
+    workdir = tempfile.mkdtemp(prefix="crl-mig-")
+    cluster = GuestCluster(2, workdir, prefix="crl-mign", use_netns=True, stats_interval_s=60)
+    serial: SerialWatch | None = None
+    saved = os.environ.get("CORRAL_ACCEL")
+    os.environ["CORRAL_ACCEL"] = "tcg"
+    try:
+        cluster.setup_network()
+        cluster.build()
+        cluster.write_storage_cfg()
+
+        def qm(nodeid: int, *args: str) -> str:
+            result = cluster.corral(nodeid, "qm", "--root", str(cluster.mount(nodeid)), "--node",
+                                    cluster.name(nodeid), "--run-dir", cluster.run_dir(nodeid),
+                                    "--task-dir", cluster.task_dir(nodeid), *args, check=False)
+            assert result.returncode == 0, result.stdout + result.stderr
+            return result.stdout
+
+        settings = guest_settings(GUEST_DIR)
+        settings["scsi0"] = "shared:0.0625,format=raw"
+        cluster.manager(1, GUEST_DIR).create(100, settings)
+        qm(1, "start", "100")
+        serial = SerialWatch(cluster, 100)
+        serial.wait_value(1, 2, BOOT_TIMEOUT_S)
+        out = qm(1, "migrate", "100", "node2", "--online")
+        assert f"migration listens on tcp:{cluster.address(2)}:" in out
+        serial.wait_value(2, max(serial.values(1)), BOOT_TIMEOUT_S)
+        network = cluster.address(1).rsplit(".", 1)[0] + ".0/24"
+        out = qm(2, "migrate", "100", "node1", "--online", "--migration-type", "insecure",
+                 "--migration-network", network)
+        assert f"migration listens on tcp:{cluster.address(1)}:" in out
+        serial.wait_value(1, max(serial.values(2)), BOOT_TIMEOUT_S)
+        serial.check_single_runner(moves=2)
+        assert cluster.config_nodes(100) == [1]
+    finally:
+        if serial is not None:
+            serial.close()
+        _kill_guests(cluster)
+        cluster.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("CORRAL_ACCEL", None)
+        else:
+            os.environ["CORRAL_ACCEL"] = saved
