@@ -68,6 +68,9 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 RECENT_INOS_MAX = 65536
 # Directories whose children's modes are remembered (cleared when full).
 MODE_CACHE_MAX = 4096
+# What xattr requests answer: ENOSYS, which callers see as ENOTSUP
+# (rules.SETXATTR_ERRNO) and after which the kernel stops sending them.
+_XATTR_REPLY = errno.ENOSYS if rules.SETXATTR_ERRNO == errno.ENOTSUP else rules.SETXATTR_ERRNO
 # Cookies before the first real entry: "." is 1, ".." is 2.
 _DOT_COOKIES = 2
 
@@ -657,18 +660,23 @@ class CfsOperations(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(rules.LINK_ERRNO)
 
+    # xattrs: the tree stores none. The kernel maps ENOSYS to EOPNOTSUPP
+    # (== ENOTSUP, the reference's errno) for the caller and then stops
+    # asking, which matters for getxattr: every write() through a newly
+    # opened file otherwise costs a "security.capability" request first.
+
     async def setxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(rules.SETXATTR_ERRNO)
+        raise pyfuse3.FUSEError(_XATTR_REPLY)
 
     async def getxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
                        ctx: pyfuse3.RequestContext) -> bytes:
-        raise pyfuse3.FUSEError(rules.SETXATTR_ERRNO)
+        raise pyfuse3.FUSEError(_XATTR_REPLY)
 
     async def listxattr(self, inode: pyfuse3.InodeT,
                         ctx: pyfuse3.RequestContext) -> list[pyfuse3.XAttrNameT]:
-        raise pyfuse3.FUSEError(rules.SETXATTR_ERRNO)
+        raise pyfuse3.FUSEError(_XATTR_REPLY)
 
     async def removexattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
                           ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(rules.SETXATTR_ERRNO)
+        raise pyfuse3.FUSEError(_XATTR_REPLY)
