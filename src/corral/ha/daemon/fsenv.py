@@ -59,6 +59,7 @@ from corral.ha.logic.rules import Rule, parse_rules
 from corral.ha.logic.statusfiles import format_status_file, parse_lrm_status, parse_manager_status
 from corral.ha.logic.types import SAFE_LEFTOVER_LOCKS
 
+_log = logging.getLogger("corral.ha")
 MANAGER_LOCK = "ha_manager_lock"
 NS_PER_S = 1_000_000_000
 # Fence time assumed for a node that published none: the reference timings (60 + 10 + 10 s).
@@ -164,19 +165,23 @@ class Tree:
         return self.write_atomic(f"nodes/{node}/ha_watchdog",
                                  json.dumps({"fence_after_s": fence_after_s}) + "\n")
 
-    def fence_time_s(self, node: str) -> int:
+    def fence_time_s(self, node: str) -> int | None:
+        """What `node` published (None: nothing readable)."""
         try:
             value = json.loads(self.path(f"nodes/{node}/ha_watchdog").read_text())
             return max(1, int(value["fence_after_s"]))
         except (OSError, ValueError, KeyError, TypeError):
-            return UNPUBLISHED_FENCE_S
+            return None
 
     def holder_fence_time_s(self, name: str) -> int:
-        """How long after its last renewal the holder of lock `name` is surely fenced."""
+        """How long after its last renewal the holder of lock `name` is surely fenced. A
+        daemon publishes before its first round, so the manager lock's holder is among the
+        nodes that published; a node that published nothing counts with the reference's."""
         for node in self.node_names():
             if name == agent_lock_name(node):
-                return self.fence_time_s(node)
-        return max([self.fence_time_s(n) for n in self.node_names()] or [UNPUBLISHED_FENCE_S])
+                return self.fence_time_s(node) or UNPUBLISHED_FENCE_S
+        published = [self.fence_time_s(n) for n in self.node_names()]
+        return max([t for t in published if t is not None] or [UNPUBLISHED_FENCE_S])
 
     def takeover_allowed(self, name: str, now_ns: int) -> bool:
         """False while the filesystem could hand out `name` before its holder is fenced."""
@@ -190,7 +195,7 @@ class Tree:
             return True  # gone: mkdir decides
         if name not in self._guard_logged:
             self._guard_logged.add(name)
-            logging.getLogger("corral.ha").error(
+            logging.getLogger("corral.ha").warning(
                 "filesystem lock expiry %d s is shorter than the fence time %d s of the holder "
                 "of %s (ha-timing changed at runtime?): taking it over only after watching it "
                 "unchanged for %d s; restart corral-ha on every node", self.fs_lock_expiry_s(),
@@ -220,8 +225,10 @@ class Tree:
             pass
         except OSError:
             return False
-        if self.cluster_fs and self._refresh(name, now_s, check_owner=False):
-            return True  # our node's lock from before a restart: the filesystem knows the writer
+        # A lock this process does not hold is never refreshed, not even one this node wrote
+        # before a restart: after a resync a node's copy of a lock may still name it as the
+        # writer although another node re-took the lock meanwhile (the tree digest does not
+        # cover writers), and the refresh would then succeed here only. The old lock expires.
         if self.cluster_fs and not self.takeover_allowed(name, time.monotonic_ns()):
             return False
         self._request_unlock(path, now_s)
@@ -229,6 +236,7 @@ class Tree:
             os.mkdir(path)
         except OSError:
             return False
+        _log.info("lock %s: taken over after it expired", name)
         return self._refresh(name, now_s, check_owner=False)
 
     def _refresh(self, name: str, now_s: int, check_owner: bool) -> bool:

@@ -29,6 +29,7 @@ from pathlib import Path
 from corral.errors import ConfigError
 from corral.ha.daemon.agent import ProcessGuestAgent
 from corral.ha.daemon.fsenv import FsEnv, Tree
+from corral.ha.daemon.jobs import ThreadJobRunner
 from corral.ha.daemon.watchdog import WatchdogClient, choose_device, start_mux
 from corral.ha.logic.config import parse_datacenter
 from corral.ha.logic.crm import Crm
@@ -111,8 +112,9 @@ class Daemon:
         self.expiry_seen_s = timings.lock_timeout_s
         agent = ProcessGuestAgent(root, node, run_dir / "guests")
         socket_path = str(run_dir / "watchdog-mux.sock")
+        self.jobs = ThreadJobRunner()
         self.lrm = Lrm(FsEnv(tree, node, "lrm", agent, WatchdogClient(socket_path), event_log),
-                       timings)
+                       timings, self.jobs)
         self.crm = Crm(FsEnv(tree, node, "crm", agent, WatchdogClient(socket_path), event_log),
                        timings)
         self.stop_requested_ns: int | None = None
@@ -200,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda signum, frame: daemon.request_stop())
     clean = daemon.run()
+    if clean:
+        daemon.jobs.shutdown()
     log.info("corral-ha exits")
     return 0 if clean else 1
 

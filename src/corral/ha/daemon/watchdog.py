@@ -200,6 +200,18 @@ class WatchdogClient:
             self.sock = None
 
 
+def _answers(socket_path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(socket_path)
+        probe.sendall(b"V")  # magic close: this probe is not a watchdog client
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def start_mux(socket_path: str, guest_dir: Path, timeout_s: float, device: str,
               device_timeout_s: int, log_path: str) -> int:
     """Start a detached mux unless one answers on socket_path; returns its pid (0 if it
@@ -213,6 +225,12 @@ def start_mux(socket_path: str, guest_dir: Path, timeout_s: float, device: str,
         pass
     finally:
         probe.close()
+    # Nobody answers: a socket file left by a killed mux is stale (waiting for it to exist
+    # would return before the new mux listens).
+    try:
+        os.unlink(socket_path)
+    except FileNotFoundError:
+        pass
     args = [sys.executable, "-m", "corral.ha.daemon.watchdog", "--socket", socket_path,
             "--guest-dir", str(guest_dir), "--timeout-s", str(timeout_s), "--device", device,
             "--device-timeout-s", str(device_timeout_s)]
@@ -222,7 +240,7 @@ def start_mux(socket_path: str, guest_dir: Path, timeout_s: float, device: str,
                                  stderr=log_file, start_new_session=True)
     deadline = time.monotonic() + CONNECT_TIMEOUT_S
     while time.monotonic() < deadline:
-        if os.path.exists(socket_path):
+        if _answers(socket_path):
             return child.pid
         if child.poll() is not None:
             raise RuntimeError(f"watchdog mux exited with {child.returncode}; see {log_path}")

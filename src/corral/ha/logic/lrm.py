@@ -8,11 +8,13 @@ master can take the lock (see settings.py for the timing rule).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from corral.errors import ConfigError
 from corral.ha.logic.config import DatacenterHa
 from corral.ha.logic.env import HaEnvironment
+from corral.ha.logic.jobs import JobRunner, SyncJobRunner
 from corral.ha.logic.settings import HaTimings
 from corral.ha.logic.types import (
     INACTIVE_SERVICE_STATES,
@@ -33,9 +35,13 @@ STOP_STATES = frozenset({ServiceState.REQUEST_STOP, ServiceState.STOPPED})
 
 
 class Lrm:
-    def __init__(self, env: HaEnvironment, timings: HaTimings) -> None:
+    def __init__(self, env: HaEnvironment, timings: HaTimings,
+                 jobs: JobRunner | None = None) -> None:
         self.env = env
         self.timings = timings
+        self.jobs = jobs or SyncJobRunner()
+        # service -> (uid, the status entry) of the job running for it
+        self.in_flight: dict[str, tuple[str, dict[str, Any]]] = {}
         self.me = env.nodename()
         self.state = LrmState.STARTUP
         self.mode = LrmMode.ACTIVE
@@ -256,6 +262,11 @@ class Lrm:
 
     def _work(self, status: dict[str, Any]) -> bool:
         state = self.state
+        if self.in_flight:
+            self._collect_jobs()
+        if self.shutdown_requested and self.in_flight:
+            self.write_status()  # leave only once the running jobs finished
+            return True
         if state == LrmState.WAIT_FOR_AGENT_LOCK and self.shutdown_requested:
             return self._exit()
         if state == LrmState.ACTIVE:
@@ -305,7 +316,7 @@ class Lrm:
         for sid, entry in self._my_services(status).items():
             uid = entry.get("uid")
             state = entry.get("state")
-            if not uid or state in SKIPPED_JOB_STATES:
+            if not uid or state in SKIPPED_JOB_STATES or sid in self.in_flight:
                 continue
             recheck = uid in self.results
             if recheck and state != ServiceState.STOPPED:
@@ -316,29 +327,44 @@ class Lrm:
         return [(sid, entry) for _, _, sid, entry in jobs]
 
     def manage_resources(self, status: dict[str, Any]) -> None:
-        """Run at most max_workers jobs per round, one per service whose uid has no result.
+        """Start at most max_workers jobs at a time, one per service whose uid has no result.
 
-        Jobs that had to wait keep their place in the queue, so a busy node cannot starve a
-        service (the reference gives longer-queued workers priority in the same way).
+        Jobs run through `self.jobs` and report when they finish (at once with the
+        synchronous runner, a later round with the daemon's threads); a service with a job
+        running gets no other job. Jobs that had to wait keep their place in the queue, so a
+        busy node cannot starve a service (the reference gives longer-queued workers
+        priority in the same way).
         """
         self.job_rounds += 1
         max_workers = self._datacenter().max_workers
-        resources = self.env.read_resources()
         jobs = self._pending_jobs(status)
-        for sid, entry in jobs[:max_workers]:
+        free = max(0, max_workers - len(self.in_flight))
+        for sid, entry in jobs[:free]:
             self.queued_since.pop(sid, None)
-            uid, state = entry["uid"], entry.get("state")
-            max_restart = resources[sid].max_restart if sid in resources else 1
-            code = self._run_job(sid, entry, max_restart)
-            if code != ExitCode.ETRY_AGAIN:
-                self.results[uid] = {"sid": sid, "state": state, "exit_code": int(code)}
-        waiting = {sid for sid, _ in jobs[max_workers:]}
+            snapshot = dict(entry)
+            self.in_flight[sid] = (str(entry["uid"]), snapshot)
+            self.jobs.start(sid, partial(self._execute, sid, snapshot))
+            self._collect_jobs()
+        waiting = {sid for sid, _ in jobs[free:]}
         self.queued_since = {s: r for s, r in self.queued_since.items() if s in waiting}
         live = {e.get("uid") for e in (status.get("service_status") or {}).values()}
         self.results = {uid: r for uid, r in self.results.items() if uid in live}
 
-    def _run_job(self, sid: str, entry: dict[str, Any], max_restart: int) -> ExitCode:
-        code = self._execute(sid, entry)
+    def _collect_jobs(self) -> None:
+        finished = self.jobs.collect()
+        if not finished:
+            return
+        resources = self.env.read_resources()
+        for sid, code in sorted(finished.items()):
+            uid, entry = self.in_flight.pop(sid)
+            max_restart = resources[sid].max_restart if sid in resources else 1
+            code = self._restart_policy(sid, entry, code, max_restart)
+            if code != ExitCode.ETRY_AGAIN:
+                self.results[uid] = {"sid": sid, "state": entry.get("state"),
+                                     "exit_code": int(code)}
+
+    def _restart_policy(self, sid: str, entry: dict[str, Any], code: ExitCode,
+                        max_restart: int) -> ExitCode:
         if entry.get("state") != ServiceState.STARTED:
             return code
         if code == ExitCode.SUCCESS:
