@@ -22,7 +22,7 @@ client. Workloads:
   of the resync messages (walk, fetch, patch) as counted by the joining node;
   then the same with 100 of those files overwritten while it was down.
 
-Reported per row: rate, the three daemons' CPU time per operation (all their
+Reported per row (after the daemons' idle CPU over 5 s): rate, the three daemons' CPU time per operation (all their
 threads, /proc/<pid>/stat) and bytes they passed to write() per operation
 (/proc/<pid>/io wchar: RocksDB WAL, flush, compaction), and the ratio to the
 reference where one exists (pmxcfs in local mode, one node, shared/anchors/
@@ -57,6 +57,7 @@ RESYNC_CLIENTS = 16
 RESYNC_SMALL_CHANGES = 100
 RESYNC_SUBDIRS = 100
 READY_TIMEOUT_S = 60.0
+IDLE_S = 5.0
 SYNC_TIMEOUT_S = 600.0
 
 # pmxcfs local mode, one node (anchors section 18, runs A / B): the lower run.
@@ -262,6 +263,17 @@ class Bench:
         self.wait(self.in_sync, READY_TIMEOUT_S, "the nodes in sync")
         self.info["cluster_ready_s"] = round(time.monotonic() - started, 2)
         self.info["netns"] = self.cluster.use_netns
+        self.info["load_average_start"] = os.getloadavg()
+
+    def idle(self) -> None:
+        """The daemons' own CPU while nobody uses the tree (heartbeats, timers), to
+        read the per-op CPU figures against."""
+        before = read_counters(self.pids())
+        time.sleep(IDLE_S)
+        spent = read_counters(self.pids()) - before
+        row = Row("idle CPU of the 3 daemons", spent.cpu_s * 100 / IDLE_S, "% of one core")
+        self.rows.append(row)
+        print(f"  idle: {row.value:.1f} % of one core for the 3 daemons", flush=True)
 
     def throughput(self) -> None:
         count = self.settings.count
@@ -418,7 +430,9 @@ def render_table(rows: list[Row]) -> str:
              "| daemon CPU per op (3 nodes) | daemon writes per op (3 nodes) | errors |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        if row.unit == "ms p50":
+        if row.unit == "% of one core":
+            value = f"{row.value:.1f} % of one core"
+        elif row.unit == "ms p50":
             value = f"{row.value:.2f} ms p50, {row.extra['p99_ms']:.2f} ms p99"
         elif row.unit == "s to in sync":
             value = (f"{row.value:.2f} s (quorate {row.extra['restart_to_quorate_s']:.2f} s), "
@@ -470,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.start()
         print(f"3-node cluster ready in {bench.info['cluster_ready_s']} s "
               f"({'network namespaces' if bench.info['netns'] else '127.0.0.x'})", flush=True)
+        bench.idle()
         bench.throughput()
         bench.latency()
         for files in settings.resync_files:

@@ -5,7 +5,7 @@
   resync rows), the option defaults (--quick, --full).
 - A tiny real run (3 corrald with FUSE mounts, 30 files per workload, 200
   files for the resync, 5 latency samples) through main(): exit 0, every
-  workload row present with a positive rate and no errors, the resync rows
+  workload row present with a positive rate and no errors, the idle row, the resync rows
   fetched as many entries as changed and sent bytes, the JSON written, and no
   namespace, mount or daemon of the run left behind.
 Budget: about 25 s.
@@ -89,6 +89,7 @@ def test_tiny_real_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
             assert row["value"] > 0 and row["errors"] == 0 and row["ops"] >= 30, row
             assert row["cpu_us_per_op"] is not None and row["cpu_us_per_op"] >= 0
     assert rows["create, node 1, 1 client"]["ratio"] is not None
+    assert 0 <= rows["idle CPU of the 3 daemons"]["value"] < 300
     latency = rows["latency: write on node 1 -> visible on node 3"]
     assert latency["ops"] == 5 and 0 < latency["value"] <= latency["extra"]["max_ms"]
     created = rows["resync after 200 files created"]
