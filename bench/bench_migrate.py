@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import itertools
 import json
 import os
@@ -57,6 +58,7 @@ from corral.guests import storage as storage_mod
 from corral.guests.config import parse_config
 from corral.guests.qemu import DEFAULT_TEST_GUEST_DIR, GuestManager
 from corral.guests.qmp import QmpClient, QmpError
+from corral.guests.tasks import parse_upid
 
 # The reference's migration settings (qemu-migration.md, section 1.5).
 MAX_BANDWIDTH_BYTES_PER_S = 16 << 30
@@ -72,6 +74,7 @@ VMID = 900
 DIRTY_FRACTION = 3 / 8          # 96 MiB of 256, 384 MiB of 1 GiB, as the anchor's runs
 DIRTY_PERIOD_S = "0.01"
 IDLE_PERIOD_S = "0.02"
+TASK_LIST_CHECKED = 10          # recent migration tasks looked up in the cluster task list
 DISK_DATA_FRACTION = 0.5        # half of the local disk is random data, half sparse
 
 
@@ -182,6 +185,20 @@ def fill_disk(path: str, size_mib: int) -> None:
     with open(path, "r+b") as handle:
         for _ in range(data_mib):
             handle.write(os.urandom(1 << 20))
+
+
+def checksum(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(4 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def check_disk(path: str, expected: str) -> None:
+    """The migrated disk holds exactly the source's bytes (the guest never writes it)."""
+    if await asyncio.to_thread(checksum, path) != expected:
+        raise BenchError(f"disk content differs after the migration: {path}")
 
 
 def free_port() -> int:
@@ -478,6 +495,7 @@ class PlainBench:
         tls = write_tls_dirs(workdir, ("a", "b"))
         self.sides = {name: Side(name, root, workdir, tls[name]) for name in ("a", "b")}
         self.storages = storage_mod.load_storage_cfg(str(root))
+        self.disk_sum = ""
 
     def volume(self, storage: str, name: str, size_mib: int, fill: bool) -> str:
         volid = f"{storage}:{VMID}/vm-{VMID}-disk-{name}.raw"
@@ -497,7 +515,9 @@ class PlainBench:
         if storage == "shared":
             volid = self.volume("shared", "0", size, fill=True)
             return {name: base + f"virtio0: {volid},size={size}M\n" for name in self.sides}
-        return {"a": base + f"virtio0: {self.volume('a', '0', size, True)},size={size}M\n",
+        source_volid = self.volume("a", "0", size, True)
+        self.disk_sum = checksum(storage_mod.volume_path(self.storages, source_volid))
+        return {"a": base + f"virtio0: {source_volid},size={size}M\n",
                 "b": base + f"virtio0: {self.volume('b', '0', size, False)},size={size}M\n"}
 
     async def boot(self, side: Side, config: str, memory_mib: int, dirty: bool,
@@ -543,6 +563,14 @@ class PlainBench:
             print(f"  plain  {case.label:<36} FAILED: {exc}", flush=True)
             return Run(ok=False, error=str(exc))
         after = await watch.wait(target.name, before, COUNTER_TIMEOUT_S, since_s)
+        if case.storage == "local":
+            volid = parse_config(target_config).get("virtio0") or ""
+            try:
+                await check_disk(storage_mod.volume_path(self.storages, volid.split(",")[0]),
+                                 self.disk_sum)
+            except BenchError as exc:
+                print(f"  plain  {case.label:<36} FAILED: {exc}", flush=True)
+                return Run(ok=False, error=str(exc))
         run.pause_ms = watch.pause_ms(source.name, target.name, since_s)
         print_run("plain", case, run, f"steps {run.start_overhead_ms:.0f}+"
                   f"{run.finish_overhead_ms:.0f} ms  counter {before}->{after}")
@@ -653,17 +681,23 @@ class CorralBench:
             manager.tasks.publish_to(str(cluster.mount(nodeid)))
         self.state_dirs = {n: str(cluster.state_dir(n)) for n in cluster.nodeids}
         self.upids: list[str] = []
+        self.disk_sum = ""
 
-    def _create(self, memory_mib: int, dirty: bool, storage: str) -> int:
+    def _create(self, memory_mib: int, dirty: bool, storage: str) -> None:
         size_gib = disk_mib(self.quick) / 1024
         manager = self.managers[1]
         manager.create(VMID, {"memory": str(memory_mib), "serial0": "socket",
                               "args": guest_args(self.guest_dir, memory_mib, dirty),
                               "virtio0": f"{'shared' if storage == 'shared' else 'local1'}:"
                                          f"{size_gib:g},format=raw"})
+        path = self._disk_path(1)
+        fill_disk(path, disk_mib(self.quick))
+        self.disk_sum = checksum(path)
+
+    def _disk_path(self, nodeid: int) -> str:
+        manager = self.managers[nodeid]
         volid = (manager.load_config(VMID).get("virtio0") or "").split(",")[0]
-        fill_disk(storage_mod.volume_path(manager.storages(), volid), disk_mib(self.quick))
-        return 1
+        return storage_mod.volume_path(manager.storages(), volid)
 
     async def run_group(self, memory_mib: int, dirty: bool, storage: str,
                         transports: list[str], repeats: int) -> list[CaseResult]:
@@ -705,8 +739,12 @@ class CorralBench:
             wall_ms = (time.monotonic() - since_s) * 1000
             figures = parse_task_log(self.managers[source].tasks.read_log(upid))
             after = await watch.wait(str(target), before, COUNTER_TIMEOUT_S, since_s)
+            await self._check_config_on(target)
+            if local:
+                await check_disk(self._disk_path(target), self.disk_sum)
         except (MigrationError, BenchError, OSError) as exc:
             print(f"  corral {case.label:<40} FAILED: {exc}", flush=True)
+            print(await self._diagnose(source, target, watch), flush=True)
             return Run(ok=False, error=str(exc))
         run = Run(ok=True, total_ms=figures.total_ms, downtime_ms=figures.downtime_ms,
                   ram_bytes=figures.ram_bytes,
@@ -717,6 +755,44 @@ class CorralBench:
         print_run("corral", case, run, f"overhead {figures.start_overhead_ms:.0f}+"
                   f"{figures.finish_overhead_ms:.0f} ms  counter {before}->{after}")
         return run
+
+    async def _diagnose(self, source: int, target: int, watch: CounterWatch) -> str:
+        """What each side holds after a failed run (printed, for the report)."""
+        lines = []
+        for nodeid in (source, target):
+            manager = self.managers[nodeid]
+            try:
+                status = await asyncio.wait_for(manager.status(VMID), 15)
+                state = {k: status.get(k) for k in ("status", "qmpstatus", "pid", "lock")}
+            except Exception as exc:      # a diagnostic must not raise
+                state = {"error": str(exc)}
+            log = Path(manager.run_path(VMID, "log"))
+            tail = log.read_text(errors="replace").strip().splitlines()[-2:] if log.exists() else []
+            lines.append(f"    node {nodeid}: {state}, serial socket "
+                         f"{os.path.exists(manager.serial_path(VMID))}, last counter "
+                         f"{watch.latest(str(nodeid))}, QEMU log tail {tail}")
+        if self.upids:
+            task_log = self.managers[source].tasks.read_log(parse_upid(self.upids[-1]))
+            lines.append("    task log tail: " + " | ".join(task_log[-6:]))
+        return "\n".join(lines)
+
+    async def _check_config_on(self, target: int, timeout_s: float = 5.0) -> None:
+        """The config lives on the target only, unlocked, seen through both nodes' trees
+        (the other tree may lag the rename by a few milliseconds)."""
+        deadline = time.monotonic() + timeout_s
+        for via in self.managers:
+            root = self.cluster.mount(via) / "nodes"
+            while True:
+                where = [n for n in self.managers if (root / self.cluster.name(n) / "qemu-server"
+                                                      / f"{VMID}.conf").exists()]
+                if where == [target]:
+                    break
+                if time.monotonic() > deadline:
+                    raise BenchError(f"config on nodes {where} (via node {via}), "
+                                     f"expected [{target}]")
+                await asyncio.sleep(0.02)
+        if self.managers[target].load_config(VMID).get("lock"):
+            raise BenchError("the config is still locked after the migration")
 
     async def _remove_guest(self) -> None:
         """Stop the guest wherever it runs and remove its config and volumes."""
@@ -738,9 +814,11 @@ class CorralBench:
     async def check_task_list(self, timeout_s: float = 10.0) -> str:
         """Every migration task, finished OK, in the cluster-wide list read on every node
         (published by the source into its tree, replicated to the other)."""
-        from corral.guests.clustertasks import MAX_PUBLISHED_FINISHED, cluster_tasks
+        from corral.guests.clustertasks import cluster_tasks
 
-        wanted = set(self.upids[-MAX_PUBLISHED_FINISHED:])
+        # Both nodes' stores also hold the target side's tasks of every migration, so only
+        # the most recent migrations are sure to be within a node's published window.
+        wanted = set(self.upids[-TASK_LIST_CHECKED:])
         deadline = time.monotonic() + timeout_s
         while True:
             seen = {n: {e["upid"] for e in cluster_tasks(str(self.cluster.mount(n)), 1000).tasks

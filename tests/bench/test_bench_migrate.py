@@ -9,9 +9,10 @@ real run of both columns.
   (a guest running on two sides at once).
 - The table puts plain and Corral side by side and says n/a where a figure is missing;
   bad command-line values are refused.
-- With QEMU, the test guest and root: one idle 256 MiB guest on shared storage migrated
-  once over plain TCP by plain QEMU and once by Corral on a real 2-node cluster; both
-  succeed with every figure present, the JSON report holds them, the migration task is
+- With QEMU, the test guest and root: one idle 256 MiB guest with a local disk migrated
+  (NBD + mirror) once over plain TCP by plain QEMU and once by Corral on a real 2-node
+  cluster; both succeed (the guest's counter continues on the target, the disk there
+  holds the same bytes, the config is on the target only) with every figure present, the JSON report holds them, the migration task is
   in the cluster-wide task list read through both nodes' trees, and afterwards no QEMU
   or corrald process of the run remains.
 Budget: about 25 s on the loaded 2-core box.
@@ -134,7 +135,7 @@ def test_one_plain_and_one_corral_migration(tmp_path: Path,
     workdir = Path(tempfile.mkdtemp(prefix="crl-migt-"))
     report_path = tmp_path / "report.json"
     try:
-        status = main(["--quick", "--workloads", "idle", "--storages", "shared",
+        status = main(["--quick", "--workloads", "idle", "--storages", "local",
                        "--transports", "insecure", "--workdir", str(workdir),
                        "--json", str(report_path)])
     finally:
