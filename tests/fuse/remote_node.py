@@ -9,8 +9,9 @@ does for operations from other nodes) and the kernel caches names and
 attributes for 30 s, so only the front's invalidation can show changes.
 
 `CMD_DIR/<n>.json` holds a list of [kind, path, arg] items (kinds: write,
-rename, unlink, mkdir, create); after applying them the helper writes
-`CMD_DIR/<n>.done` with the errnos.
+truncate, rename, unlink, mkdir, create, mtime; and quorum with arg "0" or
+"1", which makes the node lose or regain quorum); after applying them the
+helper writes `CMD_DIR/<n>.done` with the errnos.
 """
 
 from __future__ import annotations
@@ -41,11 +42,16 @@ def to_op(kind: str, path: str, arg: str) -> Op:
         return Op.unlink(path)
     if kind == "rename":
         return Op.rename(path, arg, 1_700_000_000)
+    if kind == "mtime":
+        return Op.set_mtime(path, int(arg))
     raise ValueError(kind)
 
 
 class FeedBackend(LocalBackend):
     """LocalBackend whose change feed also reports the "remote" operations."""
+
+    def set_quorate(self, quorate: bool) -> None:
+        self._read_only = not quorate
 
     def report(self, op: Op) -> None:
         for listener in self._listeners:
@@ -58,6 +64,10 @@ async def follow(backend: FeedBackend, commands: Path, notify: bool) -> None:
         for command in sorted(commands.glob("*.json")):
             codes = []
             for item in json.loads(command.read_text()):
+                if item[0] == "quorum":
+                    backend.set_quorate(item[2] == "1")
+                    codes.append(0)
+                    continue
                 op = to_op(*item)
                 codes.append(store.apply(op, writer=REMOTE_WRITER, quorate=True).errno)
                 if notify and codes[-1] == 0:

@@ -2,7 +2,10 @@
 backend applies other nodes' operations: content is never stale (direct_io),
 new names and removals show within the cache timeout (1 s), and a file that
 another node replaced (temp + rename over it, a new inode under the same
-name) stays readable through the name the kernel still caches, never ENOENT."""
+name) stays readable through the name the kernel still caches, never ENOENT.
+With a change feed (30 s kernel cache): size and mtime changes, removals,
+renames and replacements from elsewhere show at once, and so do the modes
+of every cached inode when the node loses or regains quorum."""
 
 from __future__ import annotations
 
@@ -136,3 +139,33 @@ def wait_for(condition, timeout_s: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+@pytest.mark.parametrize("remote", ["notify"], indirect=True)
+def test_change_feed_replace_mtime_and_quorum(remote: Remote) -> None:
+    """Another node's atomic replace and utime show at once through a 30 s
+    cache; losing quorum turns every cached mode read-only at once (the
+    mount polls quorum every 0.2 s), regaining it turns them back."""
+    os.makedirs(remote.path("nodes/n1/lxc"))
+    conf = remote.path("nodes/n1/lxc/105.conf")
+    with open(conf, "w") as out:
+        out.write("arch: amd64\n")
+    assert os.stat(conf).st_mode & 0o777 == 0o640  # cached now
+    assert os.lstat(remote.path("local")).st_mode & 0o200
+    body = "arch: amd64\ncores: 2\nmemory: 512\n"
+    assert remote.apply(("create", "nodes/n1/lxc/105.conf.tmp", ""),
+                        ("write", "nodes/n1/lxc/105.conf.tmp", body),
+                        ("rename", "nodes/n1/lxc/105.conf.tmp",
+                         "nodes/n1/lxc/105.conf")) == [0, 0, 0]
+    assert wait_for(lambda: os.stat(conf).st_size == len(body))
+    with open(conf) as back:
+        assert back.read() == body
+    assert remote.apply(("mtime", "nodes/n1/lxc/105.conf", "1234567890")) == [0]
+    assert wait_for(lambda: os.stat(conf).st_mtime == 1234567890)
+    assert remote.apply(("quorum", "", "0")) == [0]
+    assert wait_for(lambda: os.stat(conf).st_mode & 0o777 == 0o440)
+    assert wait_for(lambda: os.stat(remote.path("nodes/n1/lxc")).st_mode & 0o777 == 0o555)
+    assert wait_for(lambda: not os.lstat(remote.path("local")).st_mode & 0o200)
+    assert remote.apply(("quorum", "", "1")) == [0]
+    assert wait_for(lambda: os.stat(conf).st_mode & 0o777 == 0o640)
+    assert wait_for(lambda: os.lstat(remote.path("local")).st_mode & 0o200)

@@ -18,10 +18,14 @@ Choices (see docs/fuse.md for the reasons):
   can still collide (the op format has no "append" kind).
 - Content is never cached by the kernel (`direct_io`, as the reference):
   every read asks the store, so other nodes' writes are seen at once.
-  Attributes and names are cached for `cache_timeout_s` (default 1 s, the
-  libfuse default the reference runs with); changes made through this mount
-  update the kernel's cache immediately, other nodes' changes show up within
-  the timeout. Failed lookups are never cached.
+  Names and attributes are cached for `cache_timeout_s`: by default 10 s
+  when the backend has a change feed (every change not made through this
+  mount is reported and dropped from the kernel's caches at once, and a
+  quorum change drops every remembered inode's attributes, modes depend on
+  it), 1 s (the libfuse default the reference runs with) without one.
+  Changes made through this mount update the kernel's cache immediately.
+  Failed lookups are never cached. The root and its links show the time of
+  the last change anywhere: their attributes are cached for 1 s at most.
 - Inode numbers are the tree's (root 1); the root's virtual entries (the
   symlinks and generated files) use fixed numbers from 2**63 up, which the
   tree never reaches.
@@ -71,6 +75,13 @@ MODE_CACHE_MAX = 4096
 # What xattr requests answer: ENOSYS, which callers see as ENOTSUP
 # (rules.SETXATTR_ERRNO) and after which the kernel stops sending them.
 _XATTR_REPLY = errno.ENOSYS if rules.SETXATTR_ERRNO == errno.ENOTSUP else rules.SETXATTR_ERRNO
+# Kernel cache of names and attributes, seconds: with a change feed (other
+# nodes' changes invalidated at once) and without one.
+FEED_CACHE_TIMEOUT_S = 10.0
+NO_FEED_CACHE_TIMEOUT_S = 1.0
+# The root's mtime (and its links') is the last change anywhere: no
+# invalidation per operation, so a short cache instead.
+ROOT_ATTR_TIMEOUT_S = 1.0
 # Cookies before the first real entry: "." is 1, ".." is 2.
 _DOT_COOKIES = 2
 
@@ -128,11 +139,12 @@ class CfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, backend: CfsBackend, *, cache_timeout_s: float = 1.0,
+    def __init__(self, backend: CfsBackend, *, cache_timeout_s: float | None = None,
                  gid: int | None = None) -> None:
+        """`cache_timeout_s` None: FEED_CACHE_TIMEOUT_S if the backend offers a
+        change feed, else NO_FEED_CACHE_TIMEOUT_S."""
         super().__init__()
         self.backend = backend
-        self.cache_timeout_s = cache_timeout_s
         self.gid = www_data_gid() if gid is None else gid
         self.counters = _Counters()
         self._handles: dict[int, _Handle] = {}
@@ -157,6 +169,12 @@ class CfsOperations(pyfuse3.Operations):
         register = getattr(backend, "add_change_listener", None)
         if callable(register):
             register(self.applied_elsewhere)
+        if cache_timeout_s is None:
+            cache_timeout_s = FEED_CACHE_TIMEOUT_S if callable(register) \
+                else NO_FEED_CACHE_TIMEOUT_S
+        self.cache_timeout_s = cache_timeout_s
+        self._root_timeout_s = min(cache_timeout_s, ROOT_ATTR_TIMEOUT_S)
+        self._quorate_seen = backend.quorate()
 
     def init(self) -> None:
         self.serving = True
@@ -171,14 +189,37 @@ class CfsOperations(pyfuse3.Operations):
         if not self.serving:
             return
         if op.kind in (OpKind.WRITE, OpKind.TRUNCATE, OpKind.SET_MTIME):
-            entry = self.tree.lookup(op.path)
-            if entry is not None:
-                self._invalidate_attrs(entry.ino)
+            self._invalidate_path_attrs(op.path)
         elif op.kind in (OpKind.UNLINK, OpKind.RMDIR, OpKind.UNLOCK):
             self._invalidate_name(op.path)
         elif op.kind == OpKind.RENAME:
             self._invalidate_name(op.path)
             self._invalidate_name(op.path2)
+            self._invalidate_path_attrs(op.path2)
+        # CREATE and MKDIR: nothing cached (failed lookups never are).
+
+    def check_quorum(self) -> int:
+        """Call often (mount.py: every 0.2 s): when quorum came or went, every
+        mode shown changes (0640 <-> 0440, the root links' write bit PVE
+        probes), so drop the attributes of the root, its entries and every
+        inode remembered as handed to the kernel. Returns how many."""
+        quorate = self.backend.quorate()
+        if quorate == self._quorate_seen:
+            return 0
+        self._quorate_seen = quorate
+        if not self.serving:
+            return 0
+        inos = [ROOT_INO, *self._virtual_by_ino, *self._recent]
+        for ino in inos:
+            self._invalidate_attrs(ino)
+        log.info("cfs: quorum %s: cached attributes of %d inodes dropped",
+                 "regained" if quorate else "lost", len(inos))
+        return len(inos)
+
+    def _invalidate_path_attrs(self, path: str) -> None:
+        entry = self.tree.lookup(path)
+        if entry is not None:
+            self._invalidate_attrs(entry.ino)
 
     def _invalidate_name(self, path: str) -> None:
         parent_path, name = rules.split_parent(path)
@@ -262,8 +303,12 @@ class CfsOperations(pyfuse3.Operations):
         attr.st_ino = pyfuse3.InodeT(entry.ino)
         attr.st_size = size
         attr.st_blocks = -(-size // 512)
-        # The root has no stored record: show the time of the last change.
-        mtime = entry.mtime if entry.ino != ROOT_INO else self.backend.store.state.mtime
+        if entry.ino != ROOT_INO:
+            mtime = entry.mtime
+        else:
+            # The root has no stored record: show the time of the last change.
+            mtime = self.backend.store.state.mtime
+            attr.attr_timeout = self._root_timeout_s
         attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = mtime * 1_000_000_000
 
     def _mode(self, path: str, is_dir: bool, quorate: bool) -> int:
@@ -327,7 +372,7 @@ class CfsOperations(pyfuse3.Operations):
             attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = mtime_ns
         # Generated files keep mtime 0, as in the reference.
         # Generated content changes underneath: never cache its attributes.
-        attr.attr_timeout = 0 if item.target is None else self.cache_timeout_s
+        attr.attr_timeout = 0 if item.target is None else self._root_timeout_s
         return attr
 
     # ------------------------------------------------------------ lookups

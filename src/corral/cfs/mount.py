@@ -47,6 +47,8 @@ MNT_DETACH = 2
 # apply never holds up every other request.
 FUSE_TASKS_MIN = 4
 FUSE_TASKS_MAX = 64
+# How often the mount looks for a quorum change (cached modes depend on it).
+QUORUM_POLL_S = 0.2
 
 
 class _HandoverLock:
@@ -241,7 +243,8 @@ def prepare_mountpoint(mountpoint: str | os.PathLike[str]) -> None:
 
 
 async def run_mount(backend: CfsBackend, mountpoint: str | os.PathLike[str] = DEFAULT_MOUNTPOINT,
-                    *, stop: asyncio.Event | None = None, cache_timeout_s: float = 1.0,
+                    *, stop: asyncio.Event | None = None,
+                    cache_timeout_s: float | None = None,
                     ready: asyncio.Event | None = None, handle_signals: bool = True,
                     debug: bool = False) -> CfsOperations:
     """Mount `backend`'s tree at `mountpoint` and serve it until `stop` is set
@@ -262,6 +265,7 @@ async def run_mount(backend: CfsBackend, mountpoint: str | os.PathLike[str] = DE
     watcher = None
     if stop is not None:
         watcher = asyncio.create_task(_terminate_on(stop))
+    quorum_watch = asyncio.create_task(_watch_quorum(operations))
     unmount = True
     try:
         if ready is not None:
@@ -275,6 +279,7 @@ async def run_mount(backend: CfsBackend, mountpoint: str | os.PathLike[str] = DE
     finally:
         if watcher is not None:
             watcher.cancel()
+        quorum_watch.cancel()
         for signum in signals:
             loop.remove_signal_handler(signum)
         operations.serving = False
@@ -285,6 +290,17 @@ async def run_mount(backend: CfsBackend, mountpoint: str | os.PathLike[str] = DE
             lazy_unmount(mountpoint)
         log.info("cfs: unmounted %s", mountpoint)
     return operations
+
+
+async def _watch_quorum(operations: CfsOperations) -> None:
+    """Modes follow quorum: drop the kernel's cached attributes when it
+    changes (CfsOperations.check_quorum)."""
+    while True:
+        await asyncio.sleep(QUORUM_POLL_S)
+        try:
+            operations.check_quorum()
+        except Exception:
+            log.exception("cfs: dropping cached attributes after a quorum change failed")
 
 
 async def _terminate_on(stop: asyncio.Event) -> None:
@@ -303,8 +319,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="serve read-only, as a node without quorum")
     parser.add_argument("--nodename", default=socket.gethostname().split(".")[0])
     parser.add_argument("--durability", choices=("fsync", "process"), default="fsync")
-    parser.add_argument("--cache-timeout", type=float, default=1.0,
-                        help="seconds the kernel caches names and attributes")
+    parser.add_argument("--cache-timeout", type=float, default=None,
+                        help="seconds the kernel caches names and attributes "
+                             "(default 10: local mode reports its own expiry unlocks)")
     parser.add_argument("--ready-file", help="written once the mount is up")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop (uvloop: less CPU per request)")
