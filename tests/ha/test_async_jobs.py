@@ -80,7 +80,7 @@ def test_round_does_not_wait_for_a_slow_stop() -> None:
     assert _service(sim, "vm:102")["state"] == "stopped"
     release.set()
     deadline = time.monotonic() + 10
-    while "vm:101" in runner.running() and time.monotonic() < deadline:
+    while "vm:101" in sim.cluster.running["node1"] and time.monotonic() < deadline:
         time.sleep(0.01)
     now_s = _rounds(sim, 3, now_s)
     assert lrm.in_flight.get("vm:101", ("", {}))[0] != uid           # the first job is done

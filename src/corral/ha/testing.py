@@ -78,7 +78,8 @@ class HaNode:
     """One node's corral-ha process (and the detached mux and guests it starts)."""
 
     def __init__(self, base: Path, name: str, root: Path, members_file: Path | None,
-                 profile: str = "fast") -> None:
+                 profile: str = "fast", extra_args: list[str] | None = None) -> None:
+        self.extra_args = list(extra_args or [])
         self.name = name
         self.root = root
         self.members_file = members_file
@@ -96,6 +97,7 @@ class HaNode:
                 "--run-dir", str(self.run_dir), "--event-log", str(self.events)]
         if self.members_file is not None:
             args += ["--members-file", str(self.members_file)]
+        args += self.extra_args
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         return self

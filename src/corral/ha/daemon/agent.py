@@ -35,8 +35,9 @@ class ResourceAgent(Protocol):
         """Running on this node."""
     def start(self, sid: str) -> bool: ...
     def stop(self, sid: str, timeout_s: int | None) -> bool: ...
-    def migrate(self, sid: str, target: str) -> bool:
-        """Offline: the guest must be stopped; moves its config to target's directory."""
+    def migrate(self, sid: str, target: str, online: bool = False) -> bool:
+        """Move the guest's config to target's directory: live if `online` and the agent
+        can, else offline (a running guest is stopped first)."""
     def move_config(self, sid: str, from_node: str, to_node: str) -> bool: ...
     def local_pids(self) -> list[int]: ...
 
@@ -67,7 +68,8 @@ def find_config_node(root: Path, sid: str) -> str | None:
 
 
 def pid_is_guest(pid: int) -> bool:
-    """Alive, not a zombie, and really a test guest (pid files can outlive their process)."""
+    """Alive, not a zombie, and really a guest - a test guest or a QEMU process (pid files
+    can outlive their process)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             state = handle.read().rsplit(b")", 1)[1].split()[0]
@@ -75,7 +77,8 @@ def pid_is_guest(pid: int) -> bool:
             cmdline = handle.read()
     except (OSError, IndexError):
         return False
-    return state != b"Z" and MARKER.encode() in cmdline
+    program = os.path.basename(cmdline.split(b"\0", 1)[0])
+    return state != b"Z" and (MARKER.encode() in cmdline or program.startswith(b"qemu-system"))
 
 
 def read_pid(path: Path) -> int | None:
@@ -149,8 +152,9 @@ class ProcessGuestAgent:
             self._pid_file(sid).unlink(missing_ok=True)
         return stopped
 
-    def migrate(self, sid: str, target: str) -> bool:
-        if self.running(sid):
+    def migrate(self, sid: str, target: str, online: bool = False) -> bool:
+        # No live migration for the test guest: a running one is stopped and moved.
+        if self.running(sid) and not (online and self.stop(sid, None)):
             return False
         return self.move_config(sid, self.node, target)
 

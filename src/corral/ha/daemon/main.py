@@ -2,6 +2,7 @@
 
     corral-ha [--state-dir D | --node NAME --root MOUNT] [--profile reference|fast]
               [--watchdog auto|kernel|fallback] [--run-dir D] [--members-file F]
+              [--agent process|qemu] [--qemu-run-dir D] [--task-dir D]
               [--event-log F] [--log-level info]
 
 Every `lrm_round_s` the LRM runs one loop, every `crm_round_s` the CRM (it only does work
@@ -27,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from corral.errors import ConfigError
-from corral.ha.daemon.agent import ProcessGuestAgent
+from corral.ha.daemon.agent import ProcessGuestAgent, ResourceAgent
 from corral.ha.daemon.fsenv import FsEnv, Tree
 from corral.ha.daemon.jobs import ThreadJobRunner
 from corral.ha.daemon.watchdog import WatchdogClient, choose_device, start_mux
@@ -88,6 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", choices=sorted(PROFILES))
     parser.add_argument("--watchdog", choices=("auto", "kernel", "fallback"), default="auto")
     parser.add_argument("--run-dir", type=Path, default=Path(DEFAULT_RUN_DIR))
+    parser.add_argument("--agent", choices=("process", "qemu"), default="process",
+                        help="guests: test processes, or QEMU guests through corral.guests")
+    parser.add_argument("--qemu-run-dir", default=None,
+                        help="QEMU run directory (default: corral qm's, /run/corral/qemu-server)")
+    parser.add_argument("--task-dir", default=None, help="task log directory for QEMU jobs")
     parser.add_argument("--event-log", type=Path)
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
@@ -101,16 +107,27 @@ def resolve_identity(args: argparse.Namespace) -> tuple[str, Path]:
     return args.node or identity.name, args.root or Path(identity.mount)
 
 
+def make_agent(args: argparse.Namespace, node: str, root: Path) -> ResourceAgent:
+    guest_dir = args.run_dir / "guests"
+    if args.agent == "process":
+        return ProcessGuestAgent(root, node, guest_dir)
+    from corral.guests.qemu import DEFAULT_RUN_DIR, DEFAULT_TASK_DIR
+    from corral.ha.daemon.qemu_agent import QemuGuestAgent
+    return QemuGuestAgent(root, node, guest_dir, run_dir=args.qemu_run_dir or DEFAULT_RUN_DIR,
+                          task_dir=args.task_dir or DEFAULT_TASK_DIR, state_dir=args.state_dir)
+
+
 class Daemon:
     def __init__(self, node: str, root: Path, timings: HaTimings, run_dir: Path,
-                 members_file: Path | None, event_log: Path | None) -> None:
+                 members_file: Path | None, event_log: Path | None,
+                 agent: ResourceAgent | None = None) -> None:
         self.timings = timings
         tree = Tree(root, members_file, timings.lock_timeout_s)
         self.tree = tree
         self.node = node
         self.fence_published = False
         self.expiry_seen_s = timings.lock_timeout_s
-        agent = ProcessGuestAgent(root, node, run_dir / "guests")
+        agent = agent or ProcessGuestAgent(root, node, run_dir / "guests")
         socket_path = str(run_dir / "watchdog-mux.sock")
         self.jobs = ThreadJobRunner()
         self.lrm = Lrm(FsEnv(tree, node, "lrm", agent, WatchdogClient(socket_path), event_log),
@@ -198,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("node %s, tree %s, watchdog %s (mux %s), rounds crm %d s lrm %d s, "
              "lock timeout %d s", node, root, device, mux_pid or "already running",
              timings.crm_round_s, timings.lrm_round_s, timings.lock_timeout_s)
-    daemon = Daemon(node, root, timings, args.run_dir, args.members_file, args.event_log)
+    daemon = Daemon(node, root, timings, args.run_dir, args.members_file, args.event_log,
+                    make_agent(args, node, root))
     signal.signal(signal.SIGTERM, lambda signum, frame: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda signum, frame: daemon.request_stop())
     clean = daemon.run()
