@@ -40,7 +40,9 @@ from tests.guests.migration_env import (
 
 from corral.guests import storage as storage_mod
 from corral.guests.migrate import MigrateOptions, MigrationError, migrate, request_cancel
+from corral.guests.mtunnel import qmp_call
 from corral.guests.qemu import DEFAULT_TEST_GUEST_DIR, GuestManager
+from corral.guests.qmp import QmpError
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = os.environ.get("CORRAL_TEST_GUEST_DIR", DEFAULT_TEST_GUEST_DIR)
@@ -247,6 +249,13 @@ def _check_rolled_back(cluster: GuestCluster, guest: Guest, config_before: str,
     guest.check(owner=1, moves=0)
 
 
+def _migration_status(manager: GuestManager, vmid: int) -> str:
+    try:
+        return str(asyncio.run(qmp_call(manager.qmp_path(vmid), "query-migrate")).get("status"))
+    except (QmpError, OSError):
+        return "unknown"
+
+
 def test_target_qemu_killed_mid_migration(cluster: GuestCluster, guests: list[Guest]) -> None:
     guest = Guest(cluster, 103, "shared", running=True, dirty_mib=48)
     guests.append(guest)
@@ -254,8 +263,9 @@ def test_target_qemu_killed_mid_migration(cluster: GuestCluster, guests: list[Gu
     errors: list[BaseException] = []
     thread = _slow_migration(cluster, 103, MigrateOptions(online=True, bwlimit_kib=4096), errors)
     target = cluster.manager(2, GUEST_DIR)
-    wait_until(lambda: target.pid(103) is not None, 30.0, "the target QEMU")
-    time.sleep(1.0)                                   # well inside the RAM phase at 4 MiB/s
+    wait_until(lambda: _migration_status(guest.source, 103) == "active", 60.0,
+               "the RAM migration to start")
+    time.sleep(0.5)                                   # well inside the RAM phase at 4 MiB/s
     pid = target.pid(103)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
