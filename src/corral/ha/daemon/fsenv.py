@@ -246,7 +246,9 @@ class Tree:
         try:
             if check_owner and int(os.stat(path).st_mtime) != self.refreshed_s.get(name):
                 return False
-            now_s = max(now_s, self.refreshed_s.get(name, 0))
+            # Read the clock now: the filesystem refuses a refresh older than the lock's mtime,
+            # and a mkdir just before may have stamped the next second.
+            now_s = max(now_s, int(time.time()), self.refreshed_s.get(name, 0))
             os.utime(path, (now_s, now_s))
         except OSError:
             return False
