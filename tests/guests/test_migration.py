@@ -425,3 +425,19 @@ def test_in_network_namespaces_through_the_cli() -> None:
             os.environ.pop("CORRAL_ACCEL", None)
         else:
             os.environ["CORRAL_ACCEL"] = saved
+
+
+@pytest.mark.skipif(os.environ.get("CORRAL_SOAK") != "1", reason="soak: CORRAL_SOAK=1")
+def test_soak_round_trips(cluster: GuestCluster, guests: list[Guest]) -> None:
+    """20 live moves of one guest between the nodes (TLS and insecure alternating, shared
+    storage, dirtying 32 MiB), no failure allowed, checkers after all of them."""
+    guest = Guest(cluster, 110, "shared", running=True, dirty_mib=32)
+    guests.append(guest)
+    rounds = int(os.environ.get("CORRAL_SOAK_ROUNDS", "20"))
+    for index in range(rounds):
+        source, target = (1, 2) if index % 2 == 0 else (2, 1)
+        log = _migrate(cluster, source, 110, target, online=True,
+                       migration_type="secure" if index % 4 < 2 else "insecure")
+        assert log[-1] == "TASK OK", log
+        guest.serial.wait_value(target, max(guest.serial.values(source)), BOOT_TIMEOUT_S)
+    guest.check(owner=1 if rounds % 2 == 0 else 2, moves=rounds)
