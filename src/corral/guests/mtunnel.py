@@ -31,6 +31,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -128,19 +129,41 @@ def pick_address(network: str | None, link_addresses: list[str]) -> str:
     raise MtunnelError(f"this node has no address in the migration network {network}")
 
 
-def cpu_models() -> set[str]:
-    """CPU model names this node's QEMU knows (`-cpu help`, cached)."""
-    if not _CPU_MODELS:
+def cpu_models(cache_dir: str | None = None) -> set[str]:
+    """CPU model names this node's QEMU knows (`-cpu help`), cached in memory and in
+    `<cache_dir>/cpu-models` (keyed by the QEMU binary's size and mtime: the first
+    migration after a daemon restart would otherwise pay for a QEMU start)."""
+    if _CPU_MODELS:
+        return _CPU_MODELS
+    binary = shutil.which(QEMU_BINARY)
+    if binary is None:
+        return set()
+    stat = os.stat(binary)
+    key = f"{binary} {stat.st_size} {stat.st_mtime_ns}"
+    cache = os.path.join(cache_dir, "cpu-models") if cache_dir else None
+    if cache is not None:
         try:
-            output = subprocess.run([QEMU_BINARY, "-cpu", "help"], capture_output=True,
-                                    text=True, timeout=20, check=False).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            return set()
-        for line in output.splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0] == "x86":
-                _CPU_MODELS.add(parts[1])
-        _CPU_MODELS.update({"host", "max"})
+            with open(cache, encoding="utf-8") as handle:
+                first, *names = handle.read().splitlines()
+            if first == key and names:
+                _CPU_MODELS.update(names)
+                return _CPU_MODELS
+        except (OSError, ValueError):
+            pass
+    try:
+        output = subprocess.run([binary, "-cpu", "help"], capture_output=True,
+                                text=True, timeout=20, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "x86":
+            _CPU_MODELS.add(parts[1])
+    _CPU_MODELS.update({"host", "max"})
+    if cache is not None:
+        with open(cache + ".tmp", "w", encoding="utf-8") as handle:
+            handle.write("\n".join([key, *sorted(_CPU_MODELS)]) + "\n")
+        os.replace(cache + ".tmp", cache)
     return _CPU_MODELS
 
 
@@ -338,7 +361,7 @@ class IncomingMigrations:
         model = (config.get("cpu") or "qemu64").split(",")[0]
         if model.startswith("cputype="):
             model = model.removeprefix("cputype=")
-        known = cpu_models()
+        known = cpu_models(self.manager.run_dir)
         if known and model not in known:
             raise MtunnelError(f"CPU model '{model}' is not supported on node "
                                f"'{self.manager.node}'")
