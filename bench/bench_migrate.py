@@ -214,6 +214,21 @@ def load_average() -> str:
 # --- serial counter ------------------------------------------------------------------
 
 
+async def probe_serial(path: str, timeout_s: float = 5.0) -> str:
+    """The first line read on a new connection to a serial socket (diagnostics)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout_s)
+    except (OSError, TimeoutError) as exc:
+        return f"no connection: {exc}"
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout_s)
+        return line.decode(errors="replace").strip() or "EOF"
+    except (OSError, TimeoutError):
+        return f"nothing within {timeout_s} s"
+    finally:
+        writer.close()
+
+
 class CounterWatch:
     """Reads `corral-counter N` lines from the guest's serial socket on every side
     (reconnecting whenever a QEMU appears there) and records (monotonic s, side, N).
@@ -227,6 +242,7 @@ class CounterWatch:
     def __init__(self, paths: dict[str, str]) -> None:
         self.paths = paths
         self.samples: list[tuple[float, str, int]] = []
+        self.connects: dict[str, int] = {}
         self._tasks = [asyncio.create_task(self._watch(side, path)) for side, path in paths.items()]
 
     async def close(self) -> None:
@@ -241,6 +257,7 @@ class CounterWatch:
             except OSError:
                 await asyncio.sleep(0.02)
                 continue
+            self.connects[side] = self.connects.get(side, 0) + 1
             try:
                 while line := await reader.readline():
                     if not line.endswith(b"\n"):
@@ -757,7 +774,10 @@ class CorralBench:
         return run
 
     async def _diagnose(self, source: int, target: int, watch: CounterWatch) -> str:
-        """What each side holds after a failed run (printed, for the report)."""
+        """What each side holds after a failed run (printed, for the report). The watch
+        is closed first, so a fresh connection can tell a silent guest from a reader
+        that missed its socket."""
+        await watch.close()
         lines = []
         for nodeid in (source, target):
             manager = self.managers[nodeid]
@@ -768,9 +788,11 @@ class CorralBench:
                 state = {"error": str(exc)}
             log = Path(manager.run_path(VMID, "log"))
             tail = log.read_text(errors="replace").strip().splitlines()[-2:] if log.exists() else []
+            fresh = await probe_serial(manager.serial_path(VMID))
             lines.append(f"    node {nodeid}: {state}, serial socket "
                          f"{os.path.exists(manager.serial_path(VMID))}, last counter "
-                         f"{watch.latest(str(nodeid))}, QEMU log tail {tail}")
+                         f"{watch.latest(str(nodeid))}, fresh read {fresh!r}, "
+                         f"watch connects {watch.connects.get(str(nodeid))}, QEMU log tail {tail}")
         if self.upids:
             task_log = self.managers[source].tasks.read_log(parse_upid(self.upids[-1]))
             lines.append("    task log tail: " + " | ".join(task_log[-6:]))
