@@ -29,7 +29,7 @@ from pathlib import Path
 
 from corral.errors import ConfigError
 from corral.ha.daemon.agent import ProcessGuestAgent, ResourceAgent
-from corral.ha.daemon.fsenv import FsEnv, Tree
+from corral.ha.daemon.fsenv import CorraldQuorum, FsEnv, Tree
 from corral.ha.daemon.jobs import ThreadJobRunner
 from corral.ha.daemon.watchdog import WatchdogClient, choose_device, start_mux
 from corral.ha.logic.config import parse_datacenter
@@ -117,12 +117,22 @@ def make_agent(args: argparse.Namespace, node: str, root: Path) -> ResourceAgent
                           task_dir=args.task_dir or DEFAULT_TASK_DIR, state_dir=args.state_dir)
 
 
+def quorum_source(args: argparse.Namespace) -> CorraldQuorum | None:
+    """corrald's control socket when the daemon runs from corrald's state directory (not
+    with a members file, which tests use to simulate membership)."""
+    if args.members_file is not None or (args.node and args.root and not args.state_dir):
+        return None
+    from corral.cluster.layout import Layout, default_state_dir
+    return CorraldQuorum(str(Layout(args.state_dir or default_state_dir()).control_socket))
+
+
 class Daemon:
     def __init__(self, node: str, root: Path, timings: HaTimings, run_dir: Path,
                  members_file: Path | None, event_log: Path | None,
-                 agent: ResourceAgent | None = None) -> None:
+                 agent: ResourceAgent | None = None,
+                 quorum: CorraldQuorum | None = None) -> None:
         self.timings = timings
-        tree = Tree(root, members_file, timings.lock_timeout_s)
+        tree = Tree(root, members_file, timings.lock_timeout_s, quorum)
         self.tree = tree
         self.node = node
         self.fence_published = False
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
              "lock timeout %d s", node, root, device, mux_pid or "already running",
              timings.crm_round_s, timings.lrm_round_s, timings.lock_timeout_s)
     daemon = Daemon(node, root, timings, args.run_dir, args.members_file, args.event_log,
-                    make_agent(args, node, root))
+                    make_agent(args, node, root), quorum_source(args))
     signal.signal(signal.SIGTERM, lambda signum, frame: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda signum, frame: daemon.request_stop())
     clean = daemon.run()
