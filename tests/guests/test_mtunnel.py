@@ -38,11 +38,14 @@ def test_request_parsing() -> None:
     assert request.secure is False and request.network == "10.0.0.0/24"
     assert request.disks[0].key == "scsi0" and request.disks[0].size_bytes == 1 << 20
     assert IncomingRequest.parse(100, {"source": "n", "digest": DIGEST}).secure is True
+    assert IncomingRequest.parse(100, {"source": "n", "digest": DIGEST,
+                                       "machine": "pc-i440fx-7.2"}).machine == "pc-i440fx-7.2"
     bad = [({"digest": DIGEST}, "missing parameter 'source'"),
            ({"source": "n", "digest": DIGEST, "accel": "xen"}, "accel must be kvm or tcg"),
            ({"source": "n", "digest": DIGEST, "source_extra": 1, "migration_network": "x" * 65},
             "migration_network too long"),
-           ({"source": 5, "digest": DIGEST}, "'source' must be str")]
+           ({"source": 5, "digest": DIGEST}, "'source' must be str"),
+           ({"source": "n", "digest": DIGEST, "machine": "pc -x"}, "machine: ")]
     for params, message in bad:
         with pytest.raises(MtunnelError, match=message):
             IncomingRequest.parse(100, params)

@@ -512,10 +512,11 @@ def _copy_volume(run: Run, disk: LocalDisk, export: dict[str, Any]) -> None:
 async def _phase2(run: Run, config: VmConfig) -> None:
     assert run.peer is not None
     run.check_cancel()
-    run.say(f"starting VM {run.vmid} on remote node '{run.target}'")
+    machine = await _running_machine(run, config)
+    run.say(f"starting VM {run.vmid} on remote node '{run.target}' (machine {machine})")
     run.target_started = True
     answer = await run.peer.call(
-        run.vmid, "start-incoming", source=run.manager.node,
+        run.vmid, "start-incoming", source=run.manager.node, machine=machine,
         digest=config_digest(write_config(config)), migration_type=run.options.migration_type,
         migration_network=run.options.migration_network or "",
         accel=run.manager.accelerator(), disks=_disk_requests(run.disks))
@@ -535,6 +536,16 @@ async def _phase2(run: Run, config: VmConfig) -> None:
     await _watch_migration(run)
     if run.mirrors:
         await _finish_mirrors(run)
+
+
+async def _running_machine(run: Run, config: VmConfig) -> str:
+    """The machine version the source QEMU really runs (`pc` -> `pc-i440fx-7.2`): the
+    target must emulate exactly the same board, as the reference's forcemachine."""
+    configured = config.get("machine") or "pc"
+    for machine in await qmp_call(run.qmp, "query-machines"):
+        if machine.get("alias") == configured:
+            return str(machine["name"])
+    return configured
 
 
 async def _source_tls(run: Run) -> None:

@@ -6,7 +6,8 @@ corral.daemon.guestapi), so the target QEMU runs under the target's daemon (in i
 network namespace, with its run dir) exactly like any other guest of that node:
 
     precheck        can this node take the guest? (quorate, not here yet, storages, CPU model)
-    start-incoming  QEMU with `-incoming defer -S`, capabilities, TLS credentials, the
+    start-incoming  QEMU with `-incoming defer -S` (and the machine version the source
+                    runs), capabilities, TLS credentials, the
                     listening migration URI and, for local disks, fresh volumes exported
                     over NBD; answers the URIs the source connects to
     disk-import     offline: a fresh volume exported with qemu-nbd for `qemu-img convert`
@@ -237,6 +238,7 @@ class IncomingRequest:
     network: str | None
     accel: str
     disks: list[DiskRequest]
+    machine: str | None = None
 
     @classmethod
     def parse(cls, vmid: int, params: dict[str, Any]) -> IncomingRequest:
@@ -255,8 +257,14 @@ class IncomingRequest:
             raise MtunnelError("accel must be kvm or tcg")
         if network is not None and len(network) > 64:
             raise MtunnelError("migration_network too long")
+        machine = _field(params, "machine", str, required=False) or None
+        if machine is not None:
+            try:
+                VmConfig().set("machine", machine)
+            except ConfigError as exc:
+                raise MtunnelError(str(exc)) from None
         return cls(vmid, source, digest, kind == "secure", network, accel,
-                   parse_disks(params.get("disks")))
+                   parse_disks(params.get("disks")), machine)
 
 
 # --- the target's records -------------------------------------------------------------
@@ -417,6 +425,8 @@ class IncomingMigrations:
             props = dict(next(p for k, p in config.disks() if k == key))
             props.pop("file")
             config.entries[key] = ",".join([volid, *(f"{n}={v}" for n, v in props.items())])
+        if request.machine is not None:
+            config.entries["machine"] = request.machine   # the version the source runs
         command = self.manager.build_command(vmid, config, request.accel)
         command += ["-incoming", "defer", "-S"]
         log.log(f"starting VM {vmid} for incoming migration from node '{request.source}' "
