@@ -31,7 +31,7 @@ from corral.cfs.locks import ExpirySetting, LockTracker
 from corral.cfs.ops import Op
 from corral.cfs.rules import LOCK_EXPIRY_CONFIG
 from corral.cfs.state import Outcome, UnlockRequested
-from corral.cfs.store import Store
+from corral.cfs.store import GroupCommit, Store
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class LocalBackend:
                  monotonic_ns: Callable[[], int] = time.monotonic_ns,
                  wall_clock_s: Callable[[], float] = time.time) -> None:
         self._store = store
+        self._commit = GroupCommit(store)  # one fsync for writers waiting together
         self._nodename = nodename
         self._read_only = read_only
         self._monotonic_ns = monotonic_ns
@@ -83,10 +84,12 @@ class LocalBackend:
         return not self._read_only
 
     async def submit(self, op: Op) -> int:
-        """Apply `op` now (persisted per the store's durability) and return its errno."""
-        outcome = self._store.apply(op, writer=LOCAL_WRITER, quorate=not self._read_only)
+        """Apply `op` now and return its errno once it is persisted per the
+        store's durability (group commit of the fsyncs under FSYNC)."""
+        outcome = self._commit.write(op, writer=LOCAL_WRITER, quorate=not self._read_only)
         self.ops_applied += 1
         self._follow_locks(outcome)
+        await self._commit.durable()
         return outcome.errno
 
     def _follow_locks(self, outcome: Outcome) -> None:

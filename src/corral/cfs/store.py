@@ -19,7 +19,11 @@ Durability (the rule: an acknowledged operation is never lost):
 - Group commit: `apply_group(ops)` writes each op as its own batch without
   a sync and then syncs the WAL once (under FSYNC) before returning; the
   caller acknowledges the ops after that. Same guarantee, one fsync per
-  group instead of one per op.
+  group instead of one per op. `GroupCommit` does the same for callers on
+  an event loop that submit one op at a time (local mode): each op is
+  written at once, a WAL sync runs in a worker thread, and every op applied
+  before that sync began is answered when it returns, while the loop keeps
+  applying the ops that arrive meanwhile for the next sync.
 - WAL recovery mode is point-in-time: a torn tail record after a crash is
   dropped, never half-applied.
 
@@ -30,10 +34,13 @@ level compaction with dynamic level sizes (lowest space amplification).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 import struct
+from collections import deque
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import rocksdict
@@ -131,6 +138,17 @@ class Store:
         outcome = self.state.apply(op, writer=writer, quorate=quorate, reader=self)
         if outcome.mutations:
             self._write(outcome.mutations)
+        return outcome
+
+    def apply_unsynced(self, op: Op, *, writer: int, quorate: bool) -> Outcome:
+        """Apply one operation and write its batch to the WAL without a sync,
+        whatever the durability: acknowledge it only after `sync()` (or a
+        later `apply`) returned (GroupCommit does that)."""
+        if self.failed:
+            raise InvariantError("store failed earlier; restart the daemon")
+        outcome = self.state.apply(op, writer=writer, quorate=quorate, reader=self)
+        if outcome.mutations:
+            self._write(outcome.mutations, self._no_sync)
         return outcome
 
     def apply_group(self, ops: Sequence[tuple[Op, int]], *, quorate: bool) -> list[Outcome]:
@@ -280,6 +298,84 @@ class Store:
         finally:
             db.close()
         return len(pairs)
+
+
+class GroupCommit:
+    """Group commit of WAL syncs for one store, used from one event loop.
+
+    `await commit.apply(op, writer=..., quorate=...)` applies `op` at once
+    (memory and an unsynced WAL write, so later ops see it) and returns its
+    outcome once a WAL sync that began after the write has finished
+    (`write` and `durable` are the two halves, for callers that act on the
+    outcome before waiting). One
+    sync at a time runs in a worker thread (RocksDB releases the GIL while
+    it waits for the disk); ops applied meanwhile wait for the next one, so
+    N writers waiting together cost one fsync, not N. A failed op (no
+    mutation) also waits while earlier ops are unsynced: its errno may rest
+    on them. Under `Durability.PROCESS` it is `store.apply`, answered at once.
+    A failed sync marks the store failed and raises InvariantError in every
+    waiter, as a failed synced write does."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.syncs = 0  # WAL syncs run (tests, benchmarks)
+        self._applied = 0  # ops written to the WAL so far
+        self._synced = 0  # ops covered by a finished sync
+        self._syncing = False
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def write(self, op: Op, *, writer: int, quorate: bool) -> Outcome:
+        """Apply `op` now (memory and an unsynced WAL write under FSYNC; a
+        plain `store.apply` under PROCESS); answer its caller only after
+        `durable()` returned."""
+        store = self.store
+        if store.durability is not Durability.FSYNC:
+            return store.apply(op, writer=writer, quorate=quorate)
+        outcome = store.apply_unsynced(op, writer=writer, quorate=quorate)
+        if outcome.mutations:
+            self._applied += 1
+        return outcome
+
+    async def durable(self) -> None:
+        """Return once everything `write` wrote so far is synced."""
+        covered = self._applied
+        if covered <= self._synced:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((covered, waiter))
+        self._start_sync()
+        await waiter
+
+    async def apply(self, op: Op, *, writer: int, quorate: bool) -> Outcome:
+        """`write` then `durable`."""
+        outcome = self.write(op, writer=writer, quorate=quorate)
+        await self.durable()
+        return outcome
+
+    def _start_sync(self) -> None:
+        if self._syncing or not self._waiters:
+            return
+        self._syncing = True
+        self.syncs += 1
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.store.sync))
+        task.add_done_callback(partial(self._sync_done, self._applied))
+
+    def _sync_done(self, covered: int, task: asyncio.Task[None]) -> None:
+        self._syncing = False
+        error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+        if error is not None:
+            self.store.failed = True
+            while self._waiters:
+                _, waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(InvariantError(f"RocksDB WAL sync failed: {error}"))
+            return
+        self._synced = max(self._synced, covered)
+        while self._waiters and self._waiters[0][0] <= covered:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        self._start_sync()
 
 
 def _raw(value: object) -> bytes:
