@@ -57,9 +57,17 @@ def test_formation_delivery_persist_and_leave(run: Callable[[Any], Any], tmp_pat
         nodes = make_nodes(3, str(tmp_path))
         events: dict[int, list[tuple[Any, ...]]] = {n.nodeid: [] for n in nodes}
         batches: dict[int, list[list[tuple[Any, ...]]]] = {n.nodeid: [] for n in nodes}
+        # Per node: how many events the per-event listener (registered first) had
+        # seen when the batch listener got each run.
+        seen_before: dict[int, list[int]] = {n.nodeid: [] for n in nodes}
         for node in nodes:
             node.add_listener(events[node.nodeid].append)
-            node.add_batch_listener(batches[node.nodeid].append)
+
+            def on_run(run: list[tuple[Any, ...]], nodeid: int = node.nodeid) -> None:
+                batches[nodeid].append(run)
+                seen_before[nodeid].append(len(events[nodeid]))
+
+            node.add_batch_listener(on_run)
             await node.start()
         try:
             await wait_for(lambda: all(n.core.members == (1, 2, 3) for n in nodes))
@@ -83,8 +91,14 @@ def test_formation_delivery_persist_and_leave(run: Callable[[Any], Any], tmp_pat
             for node in nodes:
                 # A batch listener sees the same events in the same order, in
                 # non-empty lists (one per input).
-                assert all(batches[node.nodeid])
-                assert [e for b in batches[node.nodeid] for e in b] == events[node.nodeid]
+                runs = batches[node.nodeid]
+                assert all(runs)
+                assert [e for b in runs for e in b] == events[node.nodeid]
+                # Deliveries come in runs, each configuration event alone, and the
+                # earlier listener has seen exactly the events up to each run's end.
+                assert all(len(b) == 1 for b in runs if any(e[0] != EV_DELIVER for e in b))
+                ends = [sum(len(b) for b in runs[:i + 1]) for i in range(len(runs))]
+                assert seen_before[node.nodeid] == ends
             await nodes[2].stop()
             await wait_for(lambda: nodes[0].core.members == (1, 2), 1.0)
             assert not nodes[2].running

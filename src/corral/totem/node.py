@@ -34,6 +34,8 @@ from typing import Any, Protocol
 from corral.errors import InvariantError, UsageError
 from corral.totem.config import TotemTimers
 
+# The core's delivery event kind (corral.totem._core.EV_DELIVER, fixed by its contract).
+EV_DELIVER = 1
 LAG_PROBE_INTERVAL_S = 0.1
 LEAVE_DRAIN_S = 0.05
 
@@ -144,8 +146,8 @@ class TotemNode:
         self.clock_ns = clock_ns
         os.makedirs(state_dir, exist_ok=True)
         self.core = core_factory(nodeid, timers, load_ring_seq(state_dir, nodeid))
-        self._listeners: list[Listener] = []
-        self._batch_listeners: list[BatchListener] = []
+        # In registration order: (True, batch listener) or (False, per-event listener).
+        self._listeners: list[tuple[bool, Any]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline_ns = -1
         self._flush_scheduled = False
@@ -210,11 +212,17 @@ class TotemNode:
     # ---- application API -----------------------------------------------------
 
     def add_listener(self, listener: Listener) -> None:
-        self._listeners.append(listener)
+        self._listeners.append((False, listener))
 
     def add_batch_listener(self, listener: BatchListener) -> None:
-        """`listener(events)` with the (non-empty) list of events of each input, in order."""
-        self._batch_listeners.append(listener)
+        """`listener(events)` with the (non-empty) lists of events of each input, in order.
+
+        An input's events come as runs of deliveries, each configuration event in
+        a list of its own, and every listener (batch or not) gets each such run
+        in registration order: so, as with per-event listeners only, a listener
+        registered earlier has seen every configuration change up to the events
+        a later one is handed, and none after them."""
+        self._listeners.append((True, listener))
 
     def submit(self, payload: bytes) -> bool:
         if not self.running:
@@ -314,11 +322,24 @@ class TotemNode:
         if not events:
             return
         self.counters["events"] += len(events)
-        for batch_listener in self._batch_listeners:
-            batch_listener(events)
-        for listener in self._listeners:
-            for event in events:
-                listener(event)
+        start = 0
+        for index, event in enumerate(events):
+            if event[0] != EV_DELIVER:
+                if index > start:
+                    self._dispatch_run(events[start:index] if start or index < len(events)
+                                       else events)
+                self._dispatch_run([event])
+                start = index + 1
+        if start < len(events):
+            self._dispatch_run(events[start:] if start else events)
+
+    def _dispatch_run(self, events: list[tuple[object, ...]]) -> None:
+        for batch, listener in self._listeners:
+            if batch:
+                listener(events)
+            else:
+                for event in events:
+                    listener(event)
 
     def _arm_timer(self) -> None:
         deadline_ns = self.core.next_deadline_ns()
