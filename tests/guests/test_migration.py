@@ -16,9 +16,12 @@ across each live move."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -26,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.cluster.conftest import wait_until
@@ -38,6 +42,7 @@ from tests.guests.migration_env import (
     guest_settings,
 )
 
+from corral.daemon.demo import DEMO_PASSWORD
 from corral.guests import storage as storage_mod
 from corral.guests.migrate import MigrateOptions, MigrationError, migrate, request_cancel
 from corral.guests.mtunnel import qmp_call
@@ -367,6 +372,14 @@ def test_mtunnel_api_auth_and_validation(cluster: GuestCluster) -> None:
         asyncio.run(forged.call(990, "status"))
     assert asyncio.run(peer.call(990, "status")) == {
         "state": "none", "running": False, "config_here": False, "volumes": []}
+    ticket = _https(cluster, 2, "/api2/json/access/ticket",
+                    {"username": "root@pam", "password": DEMO_PASSWORD})[1]["data"]
+    path = "/api2/json/nodes/node2/qemu/990/mtunnel"
+    status, reply = _https(cluster, 2, path, {"cmd": "status"}, {
+        "Authorization": f"PVEAuthCookie={ticket['ticket']}",
+        "CSRFPreventionToken": ticket["CSRFPreventionToken"]})
+    assert status == 200 and reply["data"]["state"] == "none"
+    assert _https(cluster, 2, path, {"cmd": "status"})[0] == 401        # no credentials
     owned = cluster.config_path(2, 991, via=2)
     owned.parent.mkdir(parents=True, exist_ok=True)
     owned.write_text("memory: 64\n")
@@ -376,6 +389,25 @@ def test_mtunnel_api_auth_and_validation(cluster: GuestCluster) -> None:
             asyncio.run(peer.call(991, "stop"))
     finally:
         owned.unlink()
+
+
+def _https(cluster: GuestCluster, nodeid: int, path: str, body: dict[str, str],
+           headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """One POST to a node's API (TLS checked against the cluster CA)."""
+    context = ssl.create_default_context(cafile=str(cluster.layout(nodeid).ca_cert))
+    context.check_hostname = False
+    payload = json.dumps(body).encode()
+    lines = [f"POST {path} HTTP/1.1", f"Host: {cluster.address(nodeid)}",
+             "Content-Type: application/json", f"Content-Length: {len(payload)}",
+             "Connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    with socket.create_connection((cluster.address(nodeid), cluster.api_port), 10) as raw, \
+            context.wrap_socket(raw) as sock:
+        sock.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + payload)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, reply = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(reply)
 
 
 def test_in_network_namespaces_through_the_cli() -> None:

@@ -20,9 +20,11 @@ Public API (stable; the HA resource agent and the benchmark call it):
   HA resource agent itself passes.
 
 The task log carries the reference's lines (timestamped), progress, and two timing lines
-for the benchmark: `timing: command to QEMU migration start N ms` and `timing: QEMU
-completion to hand-over done N ms` (config moved, target resumed, source stopped),
-written right before `migration finished successfully` and `TASK OK`.
+for the benchmark: `timing: command to QEMU migration start N ms`, `timing: QEMU
+completion to target resumed N ms` (config moved and `cont` done on the target: what
+the guest's pause lasts beyond QEMU's own downtime, up to one poll of query-migrate
+included) and `timing: QEMU completion to hand-over done N ms` (also source stopped,
+lock cleared), written right before `migration finished successfully` and `TASK OK`.
 
 Phases: prepare (checks, no side effects: lock, HA, quorum, target online, storages,
 running needs --online, CPU model; target `precheck`) -> phase1 (`lock: migrate`; offline
@@ -802,6 +804,7 @@ async def _finish_on_target(run: Run, config: VmConfig, target_path: str) -> Non
     try:
         if run.running or run.disks:
             answer = await run.peer.call(run.vmid, "resume")
+            run.timings_ms["resumed_at"] = run.elapsed_ms()
             if run.running:
                 run.say(f"VM {run.vmid} resumed on node '{run.target}' "
                         f"({answer.get('status')})")
@@ -826,6 +829,9 @@ async def _finish_on_target(run: Run, config: VmConfig, target_path: str) -> Non
     if "completed_at" in run.timings_ms:
         run.say(f"timing: command to QEMU migration start "
                 f"{run.timings_ms['command_to_migration_start']:.0f} ms")
+        if "resumed_at" in run.timings_ms:
+            run.say(f"timing: QEMU completion to target resumed "
+                    f"{run.timings_ms['resumed_at'] - run.timings_ms['completed_at']:.0f} ms")
         run.say(f"timing: QEMU completion to hand-over done "
                 f"{run.elapsed_ms() - run.timings_ms['completed_at']:.0f} ms")
     run.say(f"migration finished successfully (duration {_duration(run)})")

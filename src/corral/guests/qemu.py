@@ -354,7 +354,7 @@ class GuestManager:
         while time.monotonic() < deadline:
             if self.pid(vmid) != pid:
                 return True
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
         return False
 
     async def stop(self, vmid: int, skiplock: bool = False) -> Upid:
