@@ -35,6 +35,7 @@ operation much less.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -156,9 +157,10 @@ def overwrite_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def run_clients(jobs: Sequence[Sequence[Callable[[], None]]]) -> tuple[float, int]:
-    """Run each list of calls in its own thread, all at once; (seconds, errors)."""
-    errors = [0] * len(jobs)
+def run_clients(jobs: Sequence[Sequence[Callable[[], None]]]) -> tuple[float, dict[str, int]]:
+    """Run each list of calls in its own thread, all at once; (seconds, errors by
+    errno name)."""
+    errors: list[dict[str, int]] = [{} for _ in jobs]
     start = threading.Barrier(len(jobs) + 1)
 
     def client(index: int) -> None:
@@ -166,8 +168,9 @@ def run_clients(jobs: Sequence[Sequence[Callable[[], None]]]) -> tuple[float, in
         for call in jobs[index]:
             try:
                 call()
-            except OSError:
-                errors[index] += 1
+            except OSError as error:
+                name = errno.errorcode.get(error.errno or 0, str(error.errno))
+                errors[index][name] = errors[index].get(name, 0) + 1
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(jobs))]
     for thread in threads:
@@ -176,7 +179,11 @@ def run_clients(jobs: Sequence[Sequence[Callable[[], None]]]) -> tuple[float, in
     began = time.perf_counter()
     for thread in threads:
         thread.join()
-    return time.perf_counter() - began, sum(errors)
+    total: dict[str, int] = {}
+    for found in errors:
+        for name, count in found.items():
+            total[name] = total.get(name, 0) + count
+    return time.perf_counter() - began, total
 
 
 def split(items: list[Any], parts: int) -> list[list[Any]]:
@@ -233,6 +240,11 @@ class Bench:
         while not predicate():
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            for nodeid, process in self.cluster.processes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"corrald of node {nodeid} exited ({process.returncode}) "
+                                       f"while waiting for {what}; see "
+                                       f"{self.cluster.log_path(nodeid)}")
             time.sleep(0.02)
 
     def measure(self, name: str, unit: str, jobs: Sequence[Sequence[Callable[[], None]]],
@@ -243,14 +255,16 @@ class Bench:
         seconds, errors = run_clients(jobs)
         spent = read_counters(self.pids()) - before
         row = Row(name, ops / seconds if seconds > 0 else 0.0, unit, ops,
-                  spent.cpu_s * 1e6 / ops, spent.wchar / ops, errors=errors)
+                  spent.cpu_s * 1e6 / ops, spent.wchar / ops, errors=sum(errors.values()))
+        if errors:
+            row.extra["errors_by_errno"] = errors
         if reference is not None:
             label, value = REFERENCE[reference]
             row.reference = label
             row.ratio = row.value / value
         self.rows.append(row)
-        print(f"  {name}: {row.value:,.0f} {unit} ({ops} ops, {seconds:.2f} s, {errors} errors)",
-              flush=True)
+        print(f"  {name}: {row.value:,.0f} {unit} ({ops} ops, {seconds:.2f} s, "
+              f"errors {errors or 0})", flush=True)
         return row
 
     # -- phases
@@ -366,7 +380,10 @@ class Bench:
         self.cluster.stop(3)
         self.wait(lambda: sorted(self.fs_status(1).get("members", [])) == [1, 2], 60,
                   "nodes 1 and 2 without node 3")
-        run_clients([[partial(overwrite_file, self.mount(1) / p, NEW_PAYLOAD) for p in changed]])
+        _, errors = run_clients([[partial(overwrite_file, self.mount(1) / p, NEW_PAYLOAD)
+                                  for p in changed]])
+        if errors:
+            raise RuntimeError(f"overwrites while node 3 was down failed: {errors}")
         self._restart_and_time(f"resync after {len(changed)} of {files} files changed",
                                len(changed))
 
@@ -393,9 +410,11 @@ class Bench:
         print(f"  {name}: in sync {synced_s:.2f} s after the start (quorate {quorate_s:.2f} s), "
               f"{sent:,} bytes sent, {last.get('fetched')} entries fetched", flush=True)
 
-    def close(self) -> None:
+    def close(self, keep: bool = False) -> None:
         self.cluster.close()
-        if not self.settings.workdir:
+        if keep:
+            print(f"daemon logs kept in {self.tmp}", file=sys.stderr)
+        elif not self.settings.workdir:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -480,6 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, json_path = parse_args(sys.argv[1:] if argv is None else argv)
     bench = Bench(settings)
     began = time.monotonic()
+    failed = True
     try:
         bench.start()
         print(f"3-node cluster ready in {bench.info['cluster_ready_s']} s "
@@ -489,8 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.latency()
         for files in settings.resync_files:
             bench.resync(files)
+        failed = False
     finally:
-        bench.close()
+        bench.close(keep=failed or any(row.errors for row in bench.rows))
     bench.info["total_s"] = round(time.monotonic() - began, 1)
     print()
     print(render_table(bench.rows))
