@@ -15,7 +15,8 @@ local mode on this kind of machine; its figures are quoted, not re-run).
 
 Workloads: create 10,000 files of 200 B under nodes/<node>/qemu-server/
 (open O_CREAT|O_EXCL, one write, close); read them all; overwrite each
-(O_TRUNC); rename 1,000 between two nodes' directories; delete all; 1,000
+(O_TRUNC); rename 1,000 between two nodes' directories; delete all; the
+same number of creates from 8 client threads at once; 1,000
 lock cycles (mkdir + rmdir priv/lock/x); 1,000 atomic replaces (write a temp
 file, rename over the target); 512 KiB files in one write() and in 4 KiB
 writes; listing 10,000 entries (and, with --big-listing, 270,000 from a
@@ -36,6 +37,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ OTHER_DIR = "nodes/bench2/qemu-server"
 PAYLOAD = b"#" * 199 + b"\n"
 BIG_FILE_BYTES = 512 * 1024
 BIG_FILES = 20
+PARALLEL_CLIENTS = 8
 
 # Reference figures (pmxcfs local mode, anchors section 18: runs A / B).
 REFERENCE = {
@@ -179,6 +182,37 @@ def small_file_rows(daemon: Daemon, count: int) -> list[Row]:
             measure(daemon, "delete", count, delete)]
 
 
+def parallel_create_row(daemon: Daemon, count: int) -> Row:
+    """`count` creates (O_CREAT|O_EXCL, one write, close) from PARALLEL_CLIENTS
+    threads at once, each in its own directory (the writers that group
+    commit lets share one fsync under --durability fsync)."""
+    dirs = [f"par/{client}" for client in range(PARALLEL_CLIENTS)]
+    for rel in dirs:
+        os.makedirs(daemon.path(rel), exist_ok=True)
+    per_client = count // PARALLEL_CLIENTS
+    errors: list[BaseException] = []
+
+    def client(rel: str) -> None:
+        try:
+            for index in range(per_client):
+                write_file(daemon.path(f"{rel}/{index}.conf"), PAYLOAD,
+                           os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except BaseException as error:  # reported after the join
+            errors.append(error)
+
+    def body() -> None:
+        threads = [threading.Thread(target=client, args=(rel,)) for rel in dirs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    return measure(daemon, f"create, {PARALLEL_CLIENTS} clients", per_client * PARALLEL_CLIENTS,
+                   body)
+
+
 def pattern_rows(daemon: Daemon) -> list[Row]:
     lock = daemon.path("priv/lock/bench")
     target = daemon.path("storage.cfg")
@@ -303,6 +337,7 @@ def file_rows(base: Path, args: argparse.Namespace) -> list[Row]:
     daemon = Daemon(base, args.durability)
     try:
         rows += small_file_rows(daemon, args.count)
+        rows.append(parallel_create_row(daemon, args.count))
         rows += pattern_rows(daemon)
         rows += big_file_rows(daemon)
         os.makedirs(daemon.path("list10k"))
