@@ -83,6 +83,7 @@ def test_tls_dir_from_state_dir(tmp_path: Path) -> None:
         (tmp_path / "state" / name).write_text(text)
     directory = prepare_tls_dir(str(tmp_path / "state"), str(tmp_path / "run"))
     files = {name: Path(directory, name).read_text() for name in os.listdir(directory)}
+    assert files.pop("dh-params.pem").startswith("-----BEGIN DH PARAMETERS-----")
     assert files == {"ca-cert.pem": "CA", "server-cert.pem": "CERT", "client-cert.pem": "CERT",
                      "server-key.pem": "KEY", "client-key.pem": "KEY"}
     assert os.stat(Path(directory, "server-key.pem")).st_mode & 0o777 == 0o600

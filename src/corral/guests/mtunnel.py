@@ -58,6 +58,18 @@ _NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
 _DISK_KEY_RE = re.compile(r"^(scsi|virtio|ide|sata)\d{1,2}$")
 _STORAGE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 _CPU_MODELS: set[str] = set()
+# RFC 7919's ffdhe2048 group (a published constant). Without dh-params.pem a QEMU server
+# endpoint generates DH parameters when the credentials are created: ~0.6 s per start.
+FFDHE2048_PEM = """\
+-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
 
 
 class MtunnelError(ValueError):
@@ -80,9 +92,12 @@ def prepare_tls_dir(state_dir: str, run_dir: str) -> str:
     sources = {"ca-cert.pem": "ca.pem", "server-cert.pem": "node.pem",
                "client-cert.pem": "node.pem", "server-key.pem": "priv/node.key",
                "client-key.pem": "priv/node.key"}
-    for name, source in sources.items():
-        with open(os.path.join(state_dir, source), "rb") as handle:
-            data = handle.read()
+    for name, source in [*sources.items(), ("dh-params.pem", None)]:
+        if source is None:
+            data = FFDHE2048_PEM.encode()
+        else:
+            with open(os.path.join(state_dir, source), "rb") as handle:
+                data = handle.read()
         path = os.path.join(directory, name)
         fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
