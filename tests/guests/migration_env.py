@@ -89,6 +89,7 @@ class SerialWatch:
         self.cluster = cluster
         self.vmid = vmid
         self.samples: list[tuple[float, int, int]] = []
+        self.connections: dict[int, list[str]] = {n: [] for n in cluster.nodeids}
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._watch, args=(n,), daemon=True)
@@ -101,21 +102,27 @@ class SerialWatch:
         while not self.stop.is_set():
             try:
                 with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(1.0)
                     sock.connect(path)
                     sock.settimeout(0.1)
-                    self._read(sock, nodeid)
+                    started = time.monotonic()
+                    received = self._read(sock, nodeid)
+                    self.connections[nodeid].append(
+                        f"{started:.1f}-{time.monotonic():.1f}: {received} bytes")
             except OSError:
                 time.sleep(0.05)
 
-    def _read(self, sock: socket.socket, nodeid: int) -> None:
+    def _read(self, sock: socket.socket, nodeid: int) -> int:
         buffer = b""
+        received = 0
         while not self.stop.is_set():
             try:
                 data = sock.recv(4096)
             except TimeoutError:
                 continue
             if not data:
-                return
+                return received
+            received += len(data)
             buffer += data
             *lines, buffer = buffer.split(b"\n")
             now = time.monotonic()
@@ -124,6 +131,7 @@ class SerialWatch:
                 if text.startswith("corral-counter "):
                     with self.lock:
                         self.samples.append((now, nodeid, int(text.split()[1])))
+        return received
 
     def close(self) -> None:
         self.stop.set()
@@ -141,7 +149,9 @@ class SerialWatch:
             if values and max(values) > above:
                 return max(values)
             time.sleep(0.1)
-        raise AssertionError(f"no counter above {above} from node {nodeid} within {timeout_s} s")
+        raise AssertionError(f"no counter above {above} from node {nodeid} within {timeout_s} s "
+                             f"(now {time.monotonic():.1f}; serial connections: "
+                             f"{self.connections[nodeid][-4:]})")
 
     def check_single_runner(self, moves: int) -> None:
         """The guest never ran on two nodes at once: in time order the counter strictly
