@@ -105,10 +105,10 @@ class SerialWatch:
                     sock.settimeout(1.0)
                     sock.connect(path)
                     sock.settimeout(0.1)
-                    started = time.monotonic()
+                    self.connections[nodeid].append(f"connected {time.monotonic():.1f}")
                     received = self._read(sock, nodeid)
                     self.connections[nodeid].append(
-                        f"{started:.1f}-{time.monotonic():.1f}: {received} bytes")
+                        f"closed {time.monotonic():.1f} after {received} bytes")
             except OSError:
                 time.sleep(0.05)
 
