@@ -109,6 +109,10 @@ class Run:
     mirror_ms: float = 0.0
     syncs: int = 0
     downtime_raised_ms: int = 0
+    # QEMU completed (as seen by the poll) -> `cont` done on the target: what the guest's
+    # pause lasts beyond QEMU's downtime; downtime + this = the effective downtime.
+    resume_ms: float | None = None
+    effective_downtime_ms: float | None = None
     pause_ms: float | None = None   # guest-visible pause: serial counter silence around the move
     wall_ms: float = 0.0          # command (or first QMP step) to the guest running on the target
     # Corral: command -> QEMU migration start, and QEMU completed -> hand-over done (config
@@ -477,6 +481,7 @@ async def plain_migrate(source: Side, target: Side, target_config: str, case: Ca
     if case.storage == "local":
         disk_bytes = max(disk_bytes, await finish_mirror(source, target))
     await target.cmd("cont")
+    resumed_at = time.monotonic()
     status = (await target.cmd("query-status")).get("status")
     if status != "running":
         raise BenchError(f"target is {status} after cont")
@@ -490,7 +495,9 @@ async def plain_migrate(source: Side, target: Side, target_config: str, case: Ca
                syncs=int(ram.get("dirty-sync-count", 0)), downtime_raised_ms=raised_ms,
                wall_ms=(done_at - started) * 1000,
                start_overhead_ms=(migrate_at - started) * 1000,
-               finish_overhead_ms=(done_at - completed_at) * 1000)
+               finish_overhead_ms=(done_at - completed_at) * 1000,
+               resume_ms=(resumed_at - completed_at) * 1000,
+               effective_downtime_ms=float(info.get("downtime", 0)) + (resumed_at - completed_at) * 1000)
 
 
 # --- plain QEMU: one guest, migrated back and forth ------------------------------------
@@ -596,7 +603,7 @@ class PlainBench:
 
 def print_run(system: str, case: Case, run: Run, extra: str = "") -> None:
     print(f"  {system:<6} {case.label:<40} total {run.total_ms:6.0f} ms  downtime "
-          f"{run.downtime_ms:4.0f} ms  pause {_fmt(run.pause_ms)} ms  RAM "
+          f"{run.downtime_ms:4.0f}+{_fmt(run.resume_ms)} ms  pause {_fmt(run.pause_ms)} ms  RAM "
           f"{run.ram_bytes / 2**20:6.1f} MiB  disk {run.disk_bytes / 2**20:5.0f} MiB  "
           f"wall {run.wall_ms:6.0f} ms  {extra}", flush=True)
 
@@ -646,6 +653,7 @@ class TaskFigures:
     total_ms: float
     start_overhead_ms: float
     finish_overhead_ms: float
+    resume_ms: float | None
 
 
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
@@ -665,6 +673,7 @@ def parse_task_log(lines: list[str]) -> TaskFigures:
         "ram": r"migration completed, transferred ([\d.]+) (\w+) VM-state",
         "start": r"timing: command to QEMU migration start (\d+) ms",
         "finish": r"timing: QEMU completion to hand-over done (\d+) ms",
+        "resume": r"timing: QEMU completion to target resumed (\d+) ms",
     }
     for line in lines:
         for name, pattern in patterns.items():
@@ -683,7 +692,8 @@ def parse_task_log(lines: list[str]) -> TaskFigures:
         raise BenchError(f"task log lacks {sorted(missing) or 'TASK OK'}: {lines[-3:]}")
     return TaskFigures(downtime_ms=found["downtime"], ram_bytes=int(found["ram"]),
                        total_ms=found["ram"] / max(found["speed"], 1.0) * 1000,
-                       start_overhead_ms=found["start"], finish_overhead_ms=found["finish"])
+                       start_overhead_ms=found["start"], finish_overhead_ms=found["finish"],
+                       resume_ms=found.get("resume"))
 
 
 class CorralBench:
@@ -768,7 +778,9 @@ class CorralBench:
                   disk_bytes=disk_mib(self.quick) << 20 if local else 0,
                   pause_ms=watch.pause_ms(str(source), str(target), since_s), wall_ms=wall_ms,
                   start_overhead_ms=figures.start_overhead_ms,
-                  finish_overhead_ms=figures.finish_overhead_ms)
+                  finish_overhead_ms=figures.finish_overhead_ms, resume_ms=figures.resume_ms,
+                  effective_downtime_ms=None if figures.resume_ms is None
+                  else figures.downtime_ms + figures.resume_ms)
         print_run("corral", case, run, f"overhead {figures.start_overhead_ms:.0f}+"
                   f"{figures.finish_overhead_ms:.0f} ms  counter {before}->{after}")
         return run
@@ -900,7 +912,8 @@ def summarize(result: CaseResult) -> dict[str, Any]:
             "runs": len(result.runs), "failed": len(result.runs) - len(runs),
             "errors": sorted({run.error for run in result.runs if not run.ok}),
             "total_ms": med("total_ms"), "downtime_ms": med("downtime_ms"),
-            "pause_ms": med("pause_ms"),
+            "pause_ms": med("pause_ms"), "resume_ms": med("resume_ms"),
+            "effective_downtime_ms": med("effective_downtime_ms"),
             "downtime_ms_max": max((run.downtime_ms for run in runs), default=None),
             "ram_mib": (med("ram_bytes") or 0) / 2**20, "disk_mib": (med("disk_bytes") or 0) / 2**20,
             "mirror_ms": med("mirror_ms"), "wall_ms": med("wall_ms"),
@@ -967,15 +980,16 @@ def table(summaries: list[dict[str, Any]]) -> str:
     by_label: dict[str, dict[str, dict[str, Any]]] = {}
     for summary in summaries:
         by_label.setdefault(summary["label"], {})[summary["system"]] = summary
-    lines = ["| Case | total ms | QEMU downtime ms | guest pause ms | RAM sent MiB | "
-             "disk mirrored MiB | command to migrate ms | completed to done ms | wall ms | "
-             "runs (failed) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| Case | total ms | QEMU downtime ms | downtime + resume ms | guest pause ms | "
+             "RAM sent MiB | disk mirrored MiB | command to migrate ms | completed to done ms | "
+             "wall ms | runs (failed) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, systems in by_label.items():
         plain, corral = systems.get("plain", {}), systems.get("corral", {})
         lines.append(
             f"| {label} | {_pair(plain, corral, 'total_ms')} | "
-            f"{_pair(plain, corral, 'downtime_ms')} | {_pair(plain, corral, 'pause_ms')} | "
+            f"{_pair(plain, corral, 'downtime_ms')} | "
+            f"{_pair(plain, corral, 'effective_downtime_ms')} | {_pair(plain, corral, 'pause_ms')} | "
             f"{_pair(plain, corral, 'ram_mib', 1, ratio=False)} | "
             f"{_pair(plain, corral, 'disk_mib', 0, ratio=False)} | "
             f"{_pair(plain, corral, 'start_overhead_ms')} | "

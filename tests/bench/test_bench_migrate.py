@@ -54,6 +54,7 @@ TASK_LOG = [
     "2026-11-26 23:10:02 average migration speed: 200.0 MiB/s - downtime 12 ms",
     "2026-11-26 23:10:02 migration completed, transferred 100.0 MiB VM-state",
     "2026-11-26 23:10:02 timing: command to QEMU migration start 321 ms",
+    "2026-11-26 23:10:02 timing: QEMU completion to target resumed 41 ms",
     "2026-11-26 23:10:02 timing: QEMU completion to hand-over done 87 ms",
     "2026-11-26 23:10:02 migration finished successfully (duration 00:00:01)",
     "TASK OK",
@@ -71,6 +72,9 @@ def test_task_log_figures() -> None:
     assert figures.downtime_ms == 12 and figures.ram_bytes == 100 << 20
     assert figures.total_ms == pytest.approx(500.0)
     assert (figures.start_overhead_ms, figures.finish_overhead_ms) == (321, 87)
+    assert figures.resume_ms == 41
+    older = parse_task_log([line for line in TASK_LOG if "target resumed" not in line])
+    assert older.resume_ms is None
     with pytest.raises(BenchError, match="timing"):
         parse_task_log([line for line in TASK_LOG if "timing: command" not in line])
     with pytest.raises(BenchError, match="TASK OK"):
@@ -100,7 +104,7 @@ def test_table_and_arguments() -> None:
              "failed": 0, "total_ms": 400.0, "downtime_ms": 10.0, "pause_ms": 100.0,
              "ram_mib": 91.0, "disk_mib": 0.0, "wall_ms": 800.0}
     text = table([plain])
-    assert "| 256 MiB, idle, shared, tls | 400 / n/a (n/a) | 10 / n/a (n/a) |" in text
+    assert "| 256 MiB, idle, shared, tls | 400 / n/a (n/a) | 10 / n/a (n/a) | n/a / n/a (n/a) |" in text
     corral = {**plain, "system": "corral", "total_ms": 600.0, "start_overhead_ms": 300.0,
               "finish_overhead_ms": 100.0}
     assert "400 / 600 (1.50)" in table([plain, corral])
@@ -157,3 +161,4 @@ def test_one_plain_and_one_corral_migration(tmp_path: Path,
         assert 50 < summary["ram_mib"] < 256     # an idle guest: mostly zero pages
     for summary in by_system.values():
         assert summary["start_overhead_ms"] > 0 and summary["finish_overhead_ms"] > 0
+        assert summary["effective_downtime_ms"] >= summary["downtime_ms"]
