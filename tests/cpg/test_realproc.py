@@ -98,7 +98,17 @@ def test_cpg_across_real_engines(cluster: Any) -> None:
             await handles[1 + i % 3].mcast(b"msg-%d" % i)
         orders = []
         for handle in handles.values():
-            got = await until(handle, lambda e: isinstance(e, Deliver) and e.payload == b"msg-29")
+            # Until all 30: an mcast returns once its node accepted it, so msg-28
+            # (node 2) may be ordered after msg-29 (node 3) if the token reaches
+            # node 3 first. The order must only be the same everywhere.
+            delivered: set[bytes] = set()
+
+            def all_in(event: CpgEvent, delivered: set[bytes] = delivered) -> bool:
+                if isinstance(event, Deliver):
+                    delivered.add(event.payload)
+                return len(delivered) == 30
+
+            got = await until(handle, all_in)
             seen = [e.payload for e in got if isinstance(e, Deliver)]
             assert len(seen) == len(set(seen))
             orders.append(seen)

@@ -743,14 +743,78 @@ class CpgClientHandle:
             raise CpgError(ErrorCode.BAD_HANDLE, "handle is closed")
 
 
+class _ClientConnection(asyncio.Protocol):
+    """The client's end of the socket: hands what arrives to its CpgClient at once
+    (no reader task to wake per read) and offers the writer side it uses."""
+
+    def __init__(self) -> None:
+        self.client: CpgClient | None = None
+        self.transport: asyncio.WriteTransport | None = None
+        self._early = bytearray()  # data before the client was attached (none in practice)
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.WriteTransport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.client is None:
+            self._early += data
+        else:
+            self.client._on_data(data)
+
+    def eof_received(self) -> bool:
+        if self.client is not None:
+            self.client._on_lost(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._wake_drain()
+        if self.client is not None:
+            self.client._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain()
+
+    def _wake_drain(self) -> None:
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def attach(self, client: CpgClient) -> None:
+        self.client = client
+        if self._early:
+            early, self._early = bytes(self._early), bytearray()
+            client._on_data(early)
+
+    # The writer side (what the client used of asyncio.StreamWriter).
+
+    def writelines(self, frames: list[bytes]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(frames))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def drain(self) -> None:
+        if self.lost:
+            raise ConnectionResetError("connection to the node lost")
+        while self._write_paused and not self.lost:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+
+
 class CpgClient:
     """Async client of a node's CPG IPC socket."""
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, queue_limit: int
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, connection: _ClientConnection, queue_limit: int) -> None:
+        self._writer = connection
         self.queue_limit = queue_limit
         self.nodeid = 0
         self.pid = 0
@@ -760,17 +824,20 @@ class CpgClient:
         # mcast_nowait requests waiting for their REPLY or MCAST_ACK.
         self._pending_mcasts: dict[int, asyncio.Future[None]] = {}
         self._loop = asyncio.get_running_loop()
-        self._task = self._loop.create_task(self._read_loop())
         self._unsent: list[bytes] = []
+        self._inbound = bytearray()
+        # A handle's full queue: reading is paused until this future is done.
+        self._blocked: asyncio.Future[None] | None = None
         self.closed = False
+        connection.attach(self)
 
     @classmethod
     async def connect(
         cls, path: str | os.PathLike[str], *, queue_limit: int = DEFAULT_CLIENT_EVENT_LIMIT
     ) -> CpgClient:
-        reader, writer = await asyncio.open_unix_connection(os.fspath(path),
-                                                            limit=MAX_FRAME_BYTES)
-        client = cls(reader, writer, queue_limit)
+        _transport, connection = await asyncio.get_running_loop().create_unix_connection(
+            _ClientConnection, os.fspath(path))
+        client = cls(connection, queue_limit)
         client.nodeid, client.pid = await client.local_get_with_pid()
         return client
 
@@ -815,9 +882,6 @@ class CpgClient:
         self.closed = True
         self._flush_requests()
         self._writer.close()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await self._task
         self._fail_all(CpgError(ErrorCode.BAD_HANDLE, "client closed"))
 
     def _send_request(self, msg_type: MsgType,
@@ -884,34 +948,52 @@ class CpgClient:
     def _flush_requests(self) -> None:
         if self._unsent:
             frames, self._unsent = self._unsent, []
-            if not self._writer.transport.is_closing():
-                self._writer.writelines(frames)
+            self._writer.writelines(frames)  # dropped if the connection is closing
 
-    async def _read_loop(self) -> None:
-        buf = bytearray()
-        error = CpgError(ErrorCode.LIBRARY, "connection to the node closed")
+    def _on_data(self, data: bytes) -> None:
+        """Everything the node sent, as it arrives: handled at once, in order."""
+        self._inbound += data
+        if self._blocked is None and not self.closed:
+            self._consume()
+
+    def _consume(self) -> None:
+        buf = self._inbound
         try:
-            while True:
-                data = await self._reader.read(_READ_CHUNK_BYTES)
-                if not data:
-                    break
-                buf += data
-                pos = 0
-                try:
-                    while True:
-                        pos, blocked = self._on_frames(buf, pos)
-                        if blocked is None:
-                            break
-                        # A handle's queue is full: stop reading until it has room.
-                        await blocked
-                finally:
-                    del buf[:pos]
-        except (DecodeError, ConnectionError) as exc:
+            pos, blocked = self._on_frames(buf, 0)
+        except DecodeError as exc:
+            self._on_lost(exc)
+            return
+        del buf[:pos]
+        if blocked is not None:
+            # A handle's queue is full: stop reading until it has room, which
+            # pushes the pressure back to the server's bounded queue.
+            self._blocked = blocked
+            if self._writer.transport is not None:
+                self._writer.transport.pause_reading()  # type: ignore[attr-defined]
+            blocked.add_done_callback(self._unblock)
+
+    def _unblock(self, _future: asyncio.Future[None]) -> None:
+        self._blocked = None
+        if self.closed:
+            return
+        transport = self._writer.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()  # type: ignore[attr-defined]
+        self._consume()
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        if self.closed and not self._pending and not self._pending_mcasts \
+                and not self._handles:
+            return
+        if isinstance(exc, DecodeError):
             error = CpgError(ErrorCode.LIBRARY, f"connection to the node broken: {exc}")
-        finally:
-            self.closed = True
-            self._writer.close()
-            self._fail_all(error)
+        elif exc is not None:
+            error = CpgError(ErrorCode.LIBRARY, f"connection to the node broken: {exc}")
+        else:
+            error = CpgError(ErrorCode.LIBRARY, "connection to the node closed")
+        self.closed = True
+        self._writer.close()
+        self._fail_all(error)
 
     def _on_frames(self, buf: bytearray, pos: int) -> tuple[int, asyncio.Future[None] | None]:
         """Handle the complete frames in buf from pos on; the position reached and,
