@@ -56,6 +56,7 @@ from corral.cluster import pki
 from corral.daemon.demo import DemoCluster
 from corral.guests import storage as storage_mod
 from corral.guests.config import parse_config
+from corral.guests.mtunnel import FFDHE2048_PEM
 from corral.guests.qemu import DEFAULT_TEST_GUEST_DIR, GuestManager
 from corral.guests.qmp import QmpClient, QmpError
 from corral.guests.tasks import parse_upid
@@ -155,6 +156,8 @@ def write_tls_dirs(workdir: Path, sides: tuple[str, str]) -> dict[str, Path]:
         directory = workdir / f"tls-{side}"
         directory.mkdir(parents=True)
         (directory / "ca-cert.pem").write_bytes(ca_cert)
+        # As Corral's target: fixed DH parameters, else QEMU generates them per start.
+        (directory / "dh-params.pem").write_text(FFDHE2048_PEM)
         for role in ("server", "client"):
             (directory / f"{role}-cert.pem").write_bytes(cert)
             (directory / f"{role}-key.pem").write_bytes(key)
