@@ -22,9 +22,11 @@ client. Workloads:
   of the resync messages (walk, fetch, patch) as counted by the joining node;
   then the same with 100 of those files overwritten while it was down.
 
-Reported per row (after the daemons' idle CPU over 5 s): rate, the three daemons' CPU time per operation (all their
-threads, /proc/<pid>/stat) and bytes they passed to write() per operation
-(/proc/<pid>/io wchar: RocksDB WAL, flush, compaction), and the ratio to the
+Reported per row (after the daemons' idle CPU over 5 s): rate, the three
+daemons' CPU time per operation (all their threads, /proc/<pid>/stat) and bytes
+they passed to write() per operation (/proc/<pid>/io wchar: RocksDB WAL, flush,
+compaction; for the resync rows both cover node 3's start-up and are divided by
+the changed files), and the ratio to the
 reference where one exists (pmxcfs in local mode, one node, shared/anchors/
 pmxcfs.md section 18: there is no published cluster figure). `--quick`: N=1,000,
 R=10,000 (about 2 minutes); default N=10,000 (the reference's count); `--full`
@@ -461,7 +463,8 @@ def render_table(rows: list[Row]) -> str:
             value = f"{_fmt(row.value)} {row.unit}"
         cpu = "-" if row.cpu_us_per_op is None else f"{row.cpu_us_per_op:,.0f} us"
         written = "-" if row.written_per_op is None else f"{row.written_per_op / 1024:,.1f} KB"
-        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}"
+        ratio = "-" if row.ratio is None else f"{row.ratio:.3f}" if row.ratio < 0.1 \
+            else f"{row.ratio:.2f}"
         lines.append(f"| {row.name} | {value} | {row.reference or '-'} | {ratio} | {cpu} "
                      f"| {written} | {row.errors} |")
     return "\n".join(lines)
