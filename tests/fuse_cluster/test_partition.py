@@ -7,7 +7,9 @@ stat shows the read-only modes (0440 files, 0555 directories, `local` without th
 owner write bit). Meanwhile the majority (nodes 1, 2) keeps writing. After the cut
 heals node 3 catches up (same version and digest, the majority's changes visible
 through its mount, read-write modes again) and accepts writes that reach the others.
-Needs root and nftables.
+A second test cuts node 3 while writers stream creates through nodes 1 and 3:
+no write returns success without quorum, and after the heal every acknowledged
+write is on all nodes with no half-applied file. Needs root and nftables.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tests.fuse_cluster.conftest import (
     wait_in_sync,
     wait_until,
 )
+from tests.fuse_cluster.writers import Writer
 
 from corral.daemon.demo import DemoCluster
 
@@ -132,3 +135,61 @@ def test_minority_turns_read_only_and_catches_up(cluster: DemoCluster) -> None:
     last_sync = fs_status(cluster, MINORITY).get("last_sync")
     print(f"partition: node 3 in sync {caught_up_s:.1f} s after the heal; last resync "
           f"{last_sync}")
+
+
+def test_partition_during_write_streams(cluster: DemoCluster) -> None:
+    """Writers stream creates through node 1 (majority) and node 3 (minority) while
+    node 3 is cut off and later healed: the minority's writes fail during the cut
+    (EACCES, or EIO for one in flight: outcome unknown) and never return success
+    without quorum; afterwards every acknowledged write of both writers is on all
+    three nodes, no file is half-applied, and the digests are equal."""
+    mounts = {n: cluster.mount(n) for n in cluster.nodeids}
+    for directory in ("p-major", "p-minor"):
+        (mounts[1] / directory).mkdir()
+    wait_in_sync(cluster, cluster.nodeids)
+    major = Writer("major", mounts[1] / "p-major")
+    minor = Writer("minor", mounts[MINORITY] / "p-minor")
+    writers = [major, minor]
+    for writer in writers:
+        writer.start()
+    try:
+        wait_until(lambda: len(major.acked) >= 20 and len(minor.acked) >= 20, 30,
+                   "20 acknowledged writes per writer")
+        partition(cluster, MINORITY, cut=True)
+        wait_until(lambda: fs_status(cluster, MINORITY).get("quorate") is False
+                   and in_sync(cluster, [1, 2]), 60,
+                   lambda: "the cut to take effect\n" + describe(cluster, [1, 2, 3]))
+        acked_at_cut = len(minor.acked)
+        errors_at_cut = len(minor.errors)
+        wait_until(lambda: len(minor.errors) >= errors_at_cut + 3, 30,
+                   "the minority's writes to fail")
+        assert len(minor.acked) == acked_at_cut, "a write succeeded without quorum"
+        refused = {code for _, code in minor.errors}
+        assert refused <= {errno.EACCES, errno.EIO}, refused
+        majority_before = len(major.acked)
+        wait_until(lambda: len(major.acked) >= majority_before + 20, 30,
+                   "the majority to keep writing")
+        partition(cluster, MINORITY, cut=False)
+        wait_in_sync(cluster, cluster.nodeids)
+        wait_until(lambda: len(minor.acked) > acked_at_cut, 30,
+                   "the minority writing again after the heal")
+    finally:
+        partition(cluster, MINORITY, cut=False)
+        for writer in writers:
+            writer.finish()
+    wait_in_sync(cluster, cluster.nodeids)
+    for nodeid in cluster.nodeids:
+        for writer in writers:
+            folder = mounts[nodeid] / writer.directory.name
+            listed = set(os.listdir(folder))
+            missing = set(writer.acked) - listed
+            assert not missing, f"node{nodeid} lost {len(missing)} acknowledged writes"
+            assert listed <= set(writer.attempted)
+            for name in listed:
+                body = (folder / name).read_bytes()
+                assert body in (b"", writer.attempted[name]), \
+                    f"node{nodeid}: {name} half-applied: {body[:40]!r}"
+                if name in writer.acked:
+                    assert body == writer.acked[name]
+    print(f"partition under load: {len(major.acked)} + {len(minor.acked)} acknowledged, "
+          f"minority refusals {sorted(errno.errorcode[c] for c in refused)}")
