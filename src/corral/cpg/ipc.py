@@ -32,9 +32,15 @@ does not parse, or that the core refuses, gets an error reply and changes
 nothing; a frame over the size bound is skipped and answered with TOO_BIG.
 The client's pid comes from SO_PEERCRED, not from the client. Each connection's
 outbound queue is bounded in bytes (frames queued in one loop iteration go out
-in one write; a slow client's socket is drained by a writer task), and a
-client that lets the queue exceed its bound is disconnected (its groups see
-PROCDOWN) with a logged error.
+in one write; what a slow client's socket does not take waits in the
+transport), and a client that lets the queue exceed its bound is disconnected
+(its groups see PROCDOWN) with a logged error.
+
+Both ends are asyncio Protocols: what arrives is parsed and handled in
+`data_received` (tens of thousands of small messages per second make a task
+wake-up and a copy per read count), and a side that must wait (a MCAST with
+WAIT and no room on the server; a full event queue in the client) pauses
+reading until it can go on.
 """
 
 from __future__ import annotations
@@ -74,7 +80,6 @@ FLAG_WAIT = 1
 FLAG_ACK_BATCH = 2
 # How long a closing connection may take to flush what is queued for it.
 FLUSH_GRACE_S = 1.0
-_READ_CHUNK_BYTES = 256 * 1024
 
 _LENGTH = struct.Struct(">I")
 _HEADER = struct.Struct(">BBI")
