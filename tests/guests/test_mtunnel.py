@@ -20,6 +20,7 @@ from corral.guests.mtunnel import (
     Incoming,
     IncomingMigrations,
     IncomingRequest,
+    IncomingState,
     MtunnelError,
     parse_disks,
     pick_address,
@@ -97,7 +98,7 @@ def test_silent_source_expires(tmp_path: Path) -> None:
     manager = GuestManager(str(tmp_path / "tree"), "node2", str(tmp_path / "run"),
                            str(tmp_path / "tasks"))
     incoming = IncomingMigrations(manager, str(tmp_path / "state"), ["127.0.0.1"])
-    record = Incoming(100, "node1", "listening", time.monotonic_ns())
+    record = Incoming(100, "node1", IncomingState.LISTENING, time.monotonic_ns())
     incoming.records[100] = record
     disk = parse_disks([{"key": "scsi0", "storage": "local2", "size": 1 << 20, "format": "raw"}])
     volid = incoming._allocate(record, disk, mtunnel._NullLog())["scsi0"]
@@ -111,7 +112,7 @@ def test_silent_source_expires(tmp_path: Path) -> None:
     stop_task = manager.tasks.list_tasks(1)[0]
     assert stop_task["type"] == "qmstop" and stop_task["status"] == "OK"
 
-    kept = Incoming(101, "node1", "listening", 0)       # config already here: never expired
+    kept = Incoming(101, "node1", IncomingState.LISTENING, 0)       # config already here: never expired
     incoming.records[101] = kept
     os.makedirs(manager.config_dir())
     Path(manager.config_path(101)).write_text("memory: 64\n")

@@ -256,7 +256,7 @@ class Run:
     nbd_nodes: list[str] = field(default_factory=list)
     disks: list[LocalDisk] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
-    last_keepalive: float = field(default_factory=time.monotonic)
+    last_keepalive_s: float = field(default_factory=time.monotonic)
 
     def say(self, line: str) -> None:
         self.log.log(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
@@ -269,9 +269,9 @@ class Run:
     async def keepalive(self) -> None:
         """Tell the target we are alive (it stops a silent incoming migration)."""
         now = time.monotonic()
-        if self.peer is None or not self.target_started or now - self.last_keepalive < KEEPALIVE_S:
+        if self.peer is None or not self.target_started or now - self.last_keepalive_s < KEEPALIVE_S:
             return
-        self.last_keepalive = now
+        self.last_keepalive_s = now
         with contextlib.suppress(MigrationError):
             await self.peer.call(self.vmid, "status", timeout_s=5.0)
 
@@ -587,7 +587,7 @@ async def _mirror_disks(run: Run, exports: dict[str, Any], hostname: str, secure
 
 async def _wait_mirrors_ready(run: Run) -> None:
     started = time.monotonic()
-    last_log = 0.0
+    last_log_s = 0.0
     while True:
         run.check_cancel()
         await run.keepalive()
@@ -596,8 +596,8 @@ async def _wait_mirrors_ready(run: Run) -> None:
         if missing:
             raise MigrationError(f"mirror job {missing[0]} disappeared (target gone?)")
         now = time.monotonic()
-        if now - last_log >= PROGRESS_EVERY_S:
-            last_log = now
+        if now - last_log_s >= PROGRESS_EVERY_S:
+            last_log_s = now
             for name in run.mirrors:
                 job = jobs[name]
                 total, done = int(job.get("len", 0)), int(job.get("offset", 0))
@@ -655,7 +655,7 @@ def _bandwidth_bytes(options: MigrateOptions, config: VmConfig) -> int:
 async def _watch_migration(run: Run) -> None:
     """Poll query-migrate to the end, log progress, double the downtime limit when the
     remaining RAM keeps growing (as the reference)."""
-    last_log = 0.0
+    last_log_s = 0.0
     last_remaining: int | None = None
     growing = failures = 0
     downtime_ms: int | None = None
@@ -684,8 +684,8 @@ async def _watch_migration(run: Run) -> None:
         if state in ("active", "device", "pre-switchover"):
             remaining = int(ram.get("remaining", 0))
             now = time.monotonic()
-            if now - last_log >= PROGRESS_EVERY_S:
-                last_log = now
+            if now - last_log_s >= PROGRESS_EVERY_S:
+                last_log_s = now
                 _log_progress(run, info)
             if last_remaining is not None and (remaining > last_remaining or remaining == 0):
                 growing += 1

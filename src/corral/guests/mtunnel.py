@@ -27,6 +27,7 @@ lags behind waits for the right text instead of starting a different guest.
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import ipaddress
 import json
@@ -285,11 +286,18 @@ class IncomingRequest:
 # --- the target's records -------------------------------------------------------------
 
 
+class IncomingState(enum.Enum):
+    STARTING = "starting"        # QEMU being started; not expired (the request is running)
+    LISTENING = "listening"      # QEMU waits for the RAM stream (and NBD writes)
+    IMPORTING = "importing"      # offline: volumes being copied through qemu-nbd
+    RESUMED = "resumed"          # handed over: the guest runs here, record dropped
+
+
 @dataclass
 class Incoming:
     vmid: int
     source: str
-    state: str                          # starting, listening, importing, resumed
+    state: IncomingState
     started_ns: int
     volumes: list[str] = field(default_factory=list)
     nbd_server: bool = False
@@ -410,7 +418,7 @@ class IncomingMigrations:
         started_ns = time.monotonic_ns()
         request = IncomingRequest.parse(vmid, params)
         self._check_free(vmid)
-        record = Incoming(vmid, request.source, "starting", started_ns)
+        record = Incoming(vmid, request.source, IncomingState.STARTING, started_ns)
         self.records[vmid] = record
         try:
             config = await self._source_config(vmid, request.source, request.digest)
@@ -469,7 +477,7 @@ class IncomingMigrations:
         log.log(f"migration listens on {uri}")
         nbd = await self._export_disks(record, new_volumes, address, tls_dir, log) \
             if new_volumes else {}
-        record.state = "listening"
+        record.state = IncomingState.LISTENING
         log.log(f"incoming migration ready after {_ms_since(record.started_ns)} ms")
         return {"uri": uri, "nbd": nbd, "tls_hostname": self.manager.node,
                 "address": address}
@@ -524,9 +532,9 @@ class IncomingMigrations:
             raise MtunnelError(f"VM {vmid} already has a config on node '{self.manager.node}'")
         record = self.records.get(vmid)
         if record is None:
-            record = Incoming(vmid, source, "importing", time.monotonic_ns())
+            record = Incoming(vmid, source, IncomingState.IMPORTING, time.monotonic_ns())
             self.records[vmid] = record
-        elif record.state != "importing" or record.source != source:
+        elif record.state != IncomingState.IMPORTING or record.source != source:
             raise MtunnelError(f"a migration of VM {vmid} to this node is already in progress")
         self._reap_nbd(record)
         address = pick_address(network, self.link_addresses)
@@ -549,12 +557,13 @@ class IncomingMigrations:
 
     async def resume(self, vmid: int, params: dict[str, Any]) -> dict[str, Any]:
         record = self.records.get(vmid)
-        if record is None or record.state not in ("listening", "importing"):
+        if record is None or record.state not in (IncomingState.LISTENING,
+                                                  IncomingState.IMPORTING):
             raise MtunnelError(f"no incoming migration of VM {vmid} on this node")
         if not os.path.exists(self._here(vmid)):
             raise MtunnelError(f"the config of VM {vmid} is not on node '{self.manager.node}' "
                                "yet; not resuming")
-        if record.state == "importing":
+        if record.state == IncomingState.IMPORTING:
             self._reap_nbd(record)
             del self.records[vmid]
             return {"status": "stopped"}
@@ -563,7 +572,7 @@ class IncomingMigrations:
             await qmp_call(qmp, "nbd-server-stop")
             record.nbd_server = False
         await qmp_call(qmp, "cont")
-        record.state = "resumed"
+        record.state = IncomingState.RESUMED
         del self.records[vmid]
         status = await qmp_call(qmp, "query-status")
         return {"status": status.get("status")}
@@ -582,7 +591,7 @@ class IncomingMigrations:
 
     async def status(self, vmid: int, params: dict[str, Any]) -> dict[str, Any]:
         record = self.records.get(vmid)
-        return {"state": record.state if record else "none",
+        return {"state": record.state.value if record else "none",
                 "running": self.manager.pid(vmid) is not None,
                 "config_here": os.path.exists(self._here(vmid)),
                 "volumes": list(record.volumes) if record else []}
@@ -597,7 +606,7 @@ class IncomingMigrations:
         for record in list(self.records.values()):
             last = max(record.contact_ns, record.started_ns)
             copying = any(_is_qemu_nbd(pid) for pid in record.nbd_pids)
-            if record.state != "starting" and not copying and \
+            if record.state != IncomingState.STARTING and not copying and \
                     now_ns - last > INCOMING_SILENCE_S * 1e9 and \
                     not os.path.exists(self._here(record.vmid)):
                 upid, log = self.manager.tasks.begin("qmstop", str(record.vmid))
