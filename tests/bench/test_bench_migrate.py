@@ -89,9 +89,12 @@ def test_counter_watch_pause_and_double_runner() -> None:
         assert watch.pause_ms("a", "b", since_s=1.05) == pytest.approx(350.0)
         assert watch.pause_ms("a", "b", since_s=1.70) is None
         assert watch.latest("a") == 3 and watch.latest("b", since_s=1.58) == 5
-        watch.check_single_runner()
-        watch.samples.append((1.65, "a", 5))          # the source printed after the move
-        with pytest.raises(BenchError, match="ran twice"):
+        late = CounterWatch({})                       # the source's last line read late
+        late.samples = [(1.0, "a", 1), (1.2, "b", 3), (1.21, "a", 2)]
+        late.check_single_runner()
+        await late.close()
+        watch.samples.append((1.65, "a", 5))          # the source went on after the move
+        with pytest.raises(BenchError, match=r"values \[5\] printed on two sides"):
             watch.check_single_runner()
         await watch.close()
 
