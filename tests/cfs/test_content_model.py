@@ -1,6 +1,6 @@
 """File content through chunked writes and truncates matches a plain
 bytearray model (hypothesis): offsets across chunk boundaries, writes past
-EOF (zero fill), shrink and grow, ranged reads; after every step the index
+EOF (zero fill), shrink and grow, ranged reads, appends resolved at apply; after every step the index
 digests and the stored chunks agree (Tree.check, reload), and the content
 digest equals that of the same bytes written in one go."""
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corral.cfs.ops import Op
-from corral.cfs.rules import CHUNK_SIZE
+from corral.cfs.rules import CHUNK_SIZE, Limits
 
 from .helpers import MemNode
 
@@ -63,3 +63,29 @@ def test_content_matches_bytearray_model(steps: list[tuple[str, int, bytes]]) ->
     assert same is not None and fresh is not None and same.digest == fresh.digest
     assert node.state.tree.check()
     assert node.reload().state.tree.digest == node.state.tree.digest
+
+
+def test_appends_land_at_the_end_as_applied() -> None:
+    # Two nodes append "at once": both ops are built before either is applied,
+    # so a sender-chosen offset would make the second overwrite the first.
+    node = MemNode()
+    assert node.ap(Op.create("log", 1)) == 0
+    assert node.ap(Op.write("log", 0, b"head\n", 1)) == 0
+    first, second = Op.append("log", b"from n1\n", 2), Op.append("log", b"from n2\n", 2)
+    assert node.ap(first, writer=1) == 0
+    assert node.ap(second, writer=2) == 0
+    assert node.read("log") == b"head\nfrom n1\nfrom n2\n"
+    across = b"x" * (CHUNK_SIZE + 7)  # an append that crosses a chunk boundary
+    assert node.ap(Op.append("log", across, 3)) == 0
+    assert node.read("log") == b"head\nfrom n1\nfrom n2\n" + across
+    assert node.state.tree.check()
+    assert node.reload().read("log") == node.read("log")
+
+
+def test_append_past_the_size_limit_changes_nothing() -> None:
+    node = MemNode(Limits(file_size_max_bytes=10))
+    assert node.ap(Op.create("f", 1)) == 0
+    assert node.ap(Op.append("f", b"12345678", 1)) == 0
+    assert node.ap(Op.append("f", b"abc", 1)) == 27  # EFBIG: rejected whole
+    assert node.read("f") == b"12345678"
+    assert node.ap(Op.append("missing", b"x", 1)) == 2  # ENOENT

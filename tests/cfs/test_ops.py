@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral.cfs.ops import HEADER, Op, OpKind, decode, encode
+from corral.cfs.ops import FLAG_APPEND, HEADER, Op, OpKind, decode, encode
 from corral.errors import DecodeError, UsageError
 
 paths = st.text(min_size=0, max_size=40)
@@ -77,6 +77,21 @@ def test_hostile_headers() -> None:
     lying = HEADER.pack(1, 2, 0, 0, 0, 0, 0, 0, 2**32 - 1)
     with pytest.raises(DecodeError):
         decode(lying)
+
+
+def test_append_flag() -> None:
+    op = decode(encode(Op.append("log", b"line\n", 5)))
+    assert op.appends and op.kind == OpKind.WRITE and op.arg == 0 and op.data == b"line\n"
+    assert not Op.write("log", 0, b"x", 5).appends
+    # The flag only means something on a write whose offset is left to the apply step.
+    for bad in (Op(OpKind.WRITE, "log", arg=4, flags=FLAG_APPEND),
+                Op(OpKind.MKDIR, "d", flags=FLAG_APPEND)):
+        with pytest.raises(UsageError, match="append"):
+            encode(bad)
+        wire = bytearray(encode(Op(bad.kind, bad.path, arg=bad.arg)))
+        wire[2] = FLAG_APPEND
+        with pytest.raises(DecodeError, match="append"):
+            decode(bytes(wire))
 
 
 def test_encode_refuses_out_of_bounds() -> None:

@@ -11,6 +11,7 @@ variable parts:
 
     u8  format version (1)         u8  kind            u8 flags   u8 reserved (0)
     u64 mtime (seconds)            u64 argument (offset / size / lock checksum)
+    (flags: 0x01 EXCL on a create, 0x02 APPEND on a write)
     u16 path length  u16 second path length (rename)   u32 data length (write)
     path bytes, second path bytes, data bytes
 
@@ -35,7 +36,11 @@ PATH_MAX_BYTES = 4096
 # the file size limit (which is a configurable Limits value no larger than this).
 DATA_MAX_BYTES = 16 * 1024 * 1024
 FLAG_EXCL = 0x01
-KNOWN_FLAGS = FLAG_EXCL
+# A write at the end of the file as it is when the op is applied (O_APPEND).
+# The offset cannot be chosen by the sender: another node's append may be
+# ordered first. The argument must be 0.
+FLAG_APPEND = 0x02
+KNOWN_FLAGS = FLAG_EXCL | FLAG_APPEND
 
 
 class OpKind(enum.IntEnum):
@@ -73,6 +78,10 @@ class Op:
         return cls(OpKind.WRITE, path, mtime, arg=offset, data=bytes(data))
 
     @classmethod
+    def append(cls, path: str, data: bytes, mtime: int) -> Op:
+        return cls(OpKind.WRITE, path, mtime, data=bytes(data), flags=FLAG_APPEND)
+
+    @classmethod
     def truncate(cls, path: str, size: int, mtime: int) -> Op:
         return cls(OpKind.TRUNCATE, path, mtime, arg=size)
 
@@ -108,6 +117,10 @@ class Op:
     def excl(self) -> bool:
         return bool(self.flags & FLAG_EXCL)
 
+    @property
+    def appends(self) -> bool:
+        return bool(self.flags & FLAG_APPEND)
+
 
 def encode(op: Op) -> bytes:
     """The wire form of `op`; raises UsageError for values out of bounds."""
@@ -121,6 +134,8 @@ def encode(op: Op) -> bytes:
         raise UsageError("mtime or argument out of range")
     if op.flags & ~KNOWN_FLAGS:
         raise UsageError("unknown flags")
+    if op.flags & FLAG_APPEND and (op.kind != OpKind.WRITE or op.arg):
+        raise UsageError("append flag on an operation that is not a write at offset 0")
     header = HEADER.pack(
         FORMAT_VERSION, int(op.kind), op.flags, 0, op.mtime, op.arg,
         len(path), len(path2), len(op.data),
@@ -144,6 +159,8 @@ def decode(buffer: bytes | bytearray | memoryview) -> Op:
         raise DecodeError(f"unknown operation kind {kind}") from None
     if flags & ~KNOWN_FLAGS or reserved:
         raise DecodeError("unknown flags")
+    if flags & FLAG_APPEND and (op_kind != OpKind.WRITE or arg):
+        raise DecodeError("append flag on an operation that is not a write at offset 0")
     if path_len > PATH_MAX_BYTES or path2_len > PATH_MAX_BYTES or data_len > DATA_MAX_BYTES:
         raise DecodeError("length field over its bound")
     end = HEADER.size + path_len + path2_len + data_len

@@ -369,6 +369,9 @@ class CfsState:
         code, entry = self._file_for_update(op.path)
         if entry is None:
             return _fail(code)
+        if op.appends:
+            # Resolved here, in the total order, so every node picks the same end.
+            op = Op.write(op.path, entry.size, op.data, op.mtime)
         end = op.arg + len(op.data)
         if end > self.limits.file_size_max_bytes:
             return _fail(errno.EFBIG)
