@@ -188,6 +188,9 @@ class UdpTransport:
             self._add_link_peers(link)
         self.counters: collections.Counter[str] = collections.Counter()
         self._sockets: dict[int, asyncio.DatagramTransport] = {}
+        # nodeid -> (link number, address) of its best UP link; cleared whenever
+        # a link goes up or down, so each packet need not choose again.
+        self._routes: dict[int, tuple[int, tuple[str, int]]] = {}
         self._received: collections.deque[tuple[int, bytes]] = collections.deque()
         self._batch_scheduled = False
         self._ping_timers: dict[int, asyncio.TimerHandle] = {}
@@ -254,7 +257,15 @@ class UdpTransport:
             self._send_to_node(dest, packet)
 
     def _send_to_node(self, nodeid: int, packet: bytes) -> None:
+        route = self._routes.get(nodeid)
+        if route is not None:
+            linknumber, address = route
+            self.counters[_TX_TOTEM_LINK_COUNTER[linknumber]] += 1
+            self._sendto(linknumber, packet, address)
+            return
         peer = self.monitor.best_link(nodeid, self.links)
+        if peer is not None:
+            self._routes[nodeid] = (peer.linknumber, peer.address)
         if peer is None:
             # Every link to this node looks down. Unlike knet we still send, on the
             # best link: the link check only chooses among links, and Totem's own
@@ -296,6 +307,7 @@ class UdpTransport:
             self.counters["health_checks_skipped_stall"] += 1
         else:
             for peer in self.monitor.check(now_ns):
+                self._routes.clear()
                 self.on_link_change(peer)
         packet = self.auth.seal(KIND_PING, PING.pack(linknumber, now_ns))
         for nodeid in self.other_nodeids:
@@ -321,6 +333,7 @@ class UdpTransport:
             self._sendto(linknumber, reply, self.monitor.peers[(sender, linknumber)].address)
             return
         if self.monitor.on_pong(self.clock_ns(), sender, linknumber, sent_ns):
+            self._routes.clear()
             self.on_link_change(self.monitor.peers[(sender, linknumber)])
 
     # ---- receiving -----------------------------------------------------------
