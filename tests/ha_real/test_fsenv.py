@@ -2,7 +2,8 @@
 refresh, unlock request refused before expiry, release; status files round trip;
 crm_commands read-and-clear; relocation by renaming a guest config) and against a plain
 directory shared by two nodes (mutual exclusion, expiry by mtime, a re-taken lock is lost
-by its old holder, no lock and no write without quorum)."""
+by its old holder, no lock and no write without quorum, a short quorum loss does not make a
+holder forget its lock)."""
 
 from __future__ import annotations
 
@@ -153,3 +154,24 @@ def test_plain_directory_two_nodes(tmp_path: Path) -> None:
     assert not lock.exists()
     a.release_manager_lock()
     assert not (root / "priv/lock/ha_manager_lock").exists()
+
+
+def test_short_quorum_loss_keeps_a_held_lock(tmp_path: Path) -> None:
+    """A holder that cannot refresh for a round (no quorum, a resync) refreshes again at the
+    next round instead of waiting for its own lock to expire; past lock_timeout_s it is
+    lost for good."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    members = tmp_path / "m1"
+    write_members(members, True, {"n1": True, "n2": True})
+    env = _env(root, "n1", tmp_path, members, lock_timeout_s=14)
+    assert env.get_agent_lock("n1")
+    write_members(members, False, {"n1": True, "n2": False})
+    assert not env.get_agent_lock("n1")
+    assert "ha_agent_n1_lock" in env.held_locks            # not forgotten
+    write_members(members, True, {"n1": True, "n2": True})
+    time.sleep(1.1)
+    assert env.get_agent_lock("n1")                          # refreshed, no takeover wait
+    env.held_locks["ha_agent_n1_lock"] -= 15 * 1_000_000_000  # last success 15 s ago
+    assert not env.get_agent_lock("n1")
+    assert "ha_agent_n1_lock" not in env.held_locks

@@ -62,6 +62,8 @@ from corral.ha.logic.types import SAFE_LEFTOVER_LOCKS
 
 _log = logging.getLogger("corral.ha")
 MANAGER_LOCK = "ha_manager_lock"
+# Refresh failures that do not mean somebody else has the lock (resync in progress, I/O).
+TRANSIENT = frozenset({errno.EAGAIN, errno.EIO, errno.EINTR, errno.ETIMEDOUT, errno.EBUSY})
 NS_PER_S = 1_000_000_000
 # Fence time assumed for a node that published none: the reference timings (60 + 10 + 10 s).
 UNPUBLISHED_FENCE_S = 80
@@ -111,6 +113,7 @@ class Tree:
         # lock -> (mtime, monotonic ns first seen with it): the runtime guard's observations.
         self.observed: dict[str, tuple[float, int]] = {}
         self._expiry_problem: str | None = None
+        self.refresh_errno: int | None = None  # of the last failed refresh
         self._guard_logged: set[str] = set()
 
     def path(self, rel: str) -> Path:
@@ -281,8 +284,12 @@ class Tree:
             # and a mkdir just before may have stamped the next second.
             now_s = max(now_s, int(time.time()), self.refreshed_s.get(name, 0))
             os.utime(path, (now_s, now_s))
-        except OSError:
+        except OSError as error:
+            self.refresh_errno = error.errno
+            if name in self.refreshed_s:
+                _log.warning("refresh of lock %s failed: %s", name, error)
             return False
+        self.refresh_errno = None
         self.refreshed_s[name] = now_s
         return True
 
@@ -463,9 +470,15 @@ class FsEnv:
             return False
         # The filesystem refuses every change without quorum; checking here as well gives a
         # plain directory (with a members file) the same semantics.
-        ok = self.quorate() and self.tree.try_lock(name, last_ns is not None)
+        quorate = self.quorate()
+        ok = quorate and self.tree.try_lock(name, last_ns is not None)
         if ok:
             self.held_locks[name] = now_ns
+        elif last_ns is not None and (not quorate or self.tree.refresh_errno in TRANSIENT):
+            # Not lost (yet): nobody can take it before lock_timeout_s after our last
+            # success (checked above), so the next round refreshes it again instead of
+            # waiting for it to expire - a resync or a short quorum loss costs one round.
+            pass
         else:
             self.held_locks.pop(name, None)
         return ok
