@@ -471,3 +471,33 @@ def test_queue_mode_handle_throttles_reading_without_losing_events(
         await shutdown(network, servers)
 
     run(main)
+
+
+def test_requests_split_at_every_byte_are_answered(run: Runner, sock_dir: str) -> None:
+    """The server parses what arrives and keeps incomplete tails: requests sent a
+    byte at a time (each byte its own read) are answered exactly as whole ones."""
+
+    async def main() -> None:
+        network, _services, servers, paths = await make_node(sock_dir, 1)
+        reader, writer = await asyncio.open_unix_connection(paths[0])
+        stream = b"".join([
+            encode_frame(MsgType.JOIN, 1, b"\x03grp"),
+            encode_frame(MsgType.MCAST, 2, bytes((FLAG_WAIT | FLAG_ACK_BATCH,)) + b"\x03grp" + b"a"),
+            encode_frame(MsgType.LOCAL_GET, 3),
+        ])
+        for index in range(len(stream)):
+            writer.write(stream[index:index + 1])
+            await writer.drain()
+            await asyncio.sleep(0)
+        decoder = FrameDecoder()
+        answers: list[tuple[int, int]] = []
+        while len(answers) < 3:
+            data = await reader.read(65536)
+            assert data, "server closed early"
+            answers += [(f.type, f.request_id) for f in decoder.feed(data)
+                        if isinstance(f, Frame) and f.type in (MsgType.REPLY, MsgType.MCAST_ACK)]
+        assert answers == [(MsgType.REPLY, 1), (MsgType.MCAST_ACK, 0), (MsgType.REPLY, 3)]
+        writer.close()
+        await shutdown(network, servers)
+
+    run(main)

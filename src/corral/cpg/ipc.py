@@ -338,6 +338,13 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._waiting is None and not self._inbound:
+            # The usual case: parse the chunk itself (request bodies are then
+            # sliced once, from bytes) and keep only an incomplete tail.
+            pos = self._process_buffer(data)
+            if pos < len(data) and not self.closed:
+                self._inbound += data[pos:]
+            return
         self._inbound += data
         if self._waiting is None:
             self._process()
@@ -372,8 +379,14 @@ class _Connection(asyncio.Protocol):
 
     def _process(self) -> None:
         """Answer every complete request in the inbound buffer, in order."""
-        buf = self._inbound
+        pos = self._process_buffer(self._inbound)
+        del self._inbound[:pos]
+
+    def _process_buffer(self, buf: bytes | bytearray) -> int:
+        """Answer the complete requests in buf, in order; how many bytes were used
+        (all of them after a protocol error, which drops the client)."""
         pos = 0
+        mcast = MsgType.MCAST
         service = self.service
         service.begin_batch()
         try:
@@ -398,21 +411,21 @@ class _Connection(asyncio.Protocol):
                 end = pos + _LENGTH.size + length
                 if len(buf) < end:
                     break
-                body = bytes(buf[pos + _FRAME_HEAD.size:end])
+                body = bytes(buf[pos + _FRAME_HEAD.size:end])  # one copy if buf is bytes
                 pos = end
-                if msg_type == MsgType.MCAST:
+                if msg_type == mcast:
                     if not self._mcast(request_id, body):
                         break  # waiting for room: reading is paused
                 else:
                     self._request(Frame(msg_type, request_id, body))
         except DecodeError as exc:
             log.warning("CPG IPC: dropping client pid %d: %s", self.pid, exc)
-            self.abort()
-            return
-        finally:
-            del buf[:pos]
             service.end_batch()
+            self.abort()
+            return len(buf)
+        service.end_batch()
         self._flush_ack()
+        return pos
 
     def _mcast(self, request_id: int, body: bytes) -> bool:
         """One MCAST request; False when it waits for room (reading paused)."""
@@ -957,6 +970,19 @@ class CpgClient:
 
     def _on_data(self, data: bytes) -> None:
         """Everything the node sent, as it arrives: handled at once, in order."""
+        if self._blocked is None and not self.closed and not self._inbound:
+            # The usual case: parse the chunk itself (payloads are then sliced
+            # once, from bytes) and keep only an incomplete tail.
+            try:
+                pos, blocked = self._on_frames(data, 0)
+            except DecodeError as exc:
+                self._on_lost(exc)
+                return
+            if pos < len(data):
+                self._inbound += data[pos:]
+            if blocked is not None:
+                self._block(blocked)
+            return
         self._inbound += data
         if self._blocked is None and not self.closed:
             self._consume()
@@ -970,12 +996,15 @@ class CpgClient:
             return
         del buf[:pos]
         if blocked is not None:
-            # A handle's queue is full: stop reading until it has room, which
-            # pushes the pressure back to the server's bounded queue.
-            self._blocked = blocked
-            if self._writer.transport is not None:
-                self._writer.transport.pause_reading()  # type: ignore[attr-defined]
-            blocked.add_done_callback(self._unblock)
+            self._block(blocked)
+
+    def _block(self, blocked: asyncio.Future[None]) -> None:
+        # A handle's queue is full: stop reading until it has room, which
+        # pushes the pressure back to the server's bounded queue.
+        self._blocked = blocked
+        if self._writer.transport is not None:
+            self._writer.transport.pause_reading()  # type: ignore[attr-defined]
+        blocked.add_done_callback(self._unblock)
 
     def _unblock(self, _future: asyncio.Future[None]) -> None:
         self._blocked = None
@@ -1000,7 +1029,8 @@ class CpgClient:
         self._writer.close()
         self._fail_all(error)
 
-    def _on_frames(self, buf: bytearray, pos: int) -> tuple[int, asyncio.Future[None] | None]:
+    def _on_frames(self, buf: bytes | bytearray,
+                   pos: int) -> tuple[int, asyncio.Future[None] | None]:
         """Handle the complete frames in buf from pos on; the position reached and,
         if a handle's queue is full, the future to await before going on."""
         end_of_data = len(buf)
