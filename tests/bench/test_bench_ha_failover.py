@@ -1,6 +1,7 @@
 """Checks the HA failover benchmark's pure parts (bench/bench_ha_failover.py): the figures
-table (min/median/max, the ratio against the reference's 135 s, safety samples and
-violations, n/a without repeats), the command line, and that a run with a safety violation
+table (min/median/max, the ratio against the reference's 135 s, medians of the repeats
+that killed the guest's node only or the master with it, safety samples and violations,
+n/a without repeats), the command line, and that a run with a safety violation
 or missing repeats is a failure. The real run needs root and ~1 min per repeat:
 `python -m bench ha_failover` (docs/ha-daemon.md)."""
 
@@ -17,11 +18,13 @@ from bench.bench_ha_failover import Run, exit_status, parse_args, table  # noqa:
 
 
 def test_table_figures() -> None:
-    run = Run("fast", failover_s=[18.0, 27.0, 20.0], samples=900)
+    run = Run("fast", failover_s=[18.0, 27.0, 20.0], samples=900,
+              master_killed=[False, True, False])
     lines = table([run, Run("reference", samples=10, violations=["x"])]).splitlines()
     assert lines[0].startswith("| profile | repeats | min s | median s | max s |")
-    assert lines[2] == "| fast | 3 | 18.0 | 20.0 | 27.0 | 6.8x faster | 900 | 0 |"
-    assert lines[3] == "| reference | 0 | n/a | n/a | n/a | n/a | 10 | 1 |"
+    assert lines[2] == ("| fast | 3 | 18.0 | 20.0 | 27.0 | 6.8x | 19.0 (2) | 27.0 (1) | 900 "
+                        "| 0 |")
+    assert lines[3] == "| reference | 0 | n/a | n/a | n/a | n/a | n/a | n/a | 10 | 1 |"
 
 
 def test_command_line() -> None:
