@@ -460,8 +460,13 @@ class Multicast:
 
 @dataclass(frozen=True, slots=True)
 class Complete:
+    """Answer the submitter with `errno` once the store is durable up to the
+    `applied_seq`-th change this core made (the op's own apply for a
+    confirmed op, everything applied so far otherwise)."""
+
     request_id: int
     errno: int
+    applied_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -629,7 +634,12 @@ class ReplicaCore:
         self._position = 0
         self._acks: dict[int, int] = {}
         self.ack_due = False
-        self._unconfirmed: dict[int, tuple[int, int]] = {}
+        self._unconfirmed: dict[int, tuple[int, int, int]] = {}
+        # Store changes made so far (applies and patches), and the count at
+        # the newest apply of an own op: the shell starts its WAL sync then,
+        # overlapping the ACK round, instead of once the op is confirmed.
+        self.applied_seq = 0
+        self.durable_wanted = 0
         self._unsure: dict[int, int] = {}
         self._out: list[Action] = []
 
@@ -773,10 +783,11 @@ class ReplicaCore:
     def _log(self, level: str, text: str) -> None:
         self._out.append(LogLine(level, text))
 
-    def _complete(self, request_id: int, code: int) -> None:
+    def _complete(self, request_id: int, code: int, applied_seq: int | None = None) -> None:
         if code == errno.EACCES:
             self.counters["eacces"] += 1
-        self._out.append(Complete(request_id, code))
+        self._out.append(Complete(request_id, code,
+                                  self.applied_seq if applied_seq is None else applied_seq))
 
     def _lock_expiry_ns(self) -> int:
         """The cluster-wide expiry as the tree says now (re-read on change)."""
@@ -906,6 +917,7 @@ class ReplicaCore:
                 self._complete(message.request_id, errno.EINVAL)
             return
         (outcome,) = self.store.apply_group([(op, sender)], quorate=self.quorate)
+        self.applied_seq += 1
         if not self.quorate:
             self.counters["ops_refused_inquorate"] += 1
         elif outcome.ok:
@@ -918,7 +930,9 @@ class ReplicaCore:
         if own and outcome.ok and outcome.mutations:
             # Answer once every member has applied it (then any later quorate
             # partition holds a node that has it), not at the local apply.
-            self._unconfirmed[message.request_id] = (self._position, outcome.errno)
+            self.durable_wanted = self.applied_seq
+            self._unconfirmed[message.request_id] = (self._position, outcome.errno,
+                                                     self.applied_seq)
             self._confirm()
         elif own:
             self._complete(message.request_id, outcome.errno)
@@ -944,15 +958,15 @@ class ReplicaCore:
             return
         stable = min([self._acks.get(n, 0) for n in self.members if n != self.nodeid],
                      default=self._position)
-        for request_id, (position, code) in list(self._unconfirmed.items()):
+        for request_id, (position, code, applied_seq) in list(self._unconfirmed.items()):
             if position <= stable:
                 del self._unconfirmed[request_id]
-                self._complete(request_id, code)
+                self._complete(request_id, code, applied_seq)
 
     def _end_period(self) -> None:
         """The synced period ends (membership change, repair, leaving): own ops
         not yet confirmed by every member are decided at the next resync."""
-        for request_id, (_position, code) in self._unconfirmed.items():
+        for request_id, (_position, code, _seq) in self._unconfirmed.items():
             self._unsure[request_id] = code
         self._unconfirmed.clear()
         self._period = None
@@ -1130,6 +1144,7 @@ class ReplicaCore:
         sync.patch_started = True
         touch = walk.touch_dirs if last else []
         self.store.apply_patch(delete, items, touch)
+        self.applied_seq += 1
         self._out += [Applied(Op.unlink(path)) for path in delete]
         self._out += [Applied(Op.set_mtime(item.path, item.mtime) if item.is_dir else
                               Op.truncate(item.path, len(item.content or b""), item.mtime))
@@ -1165,6 +1180,7 @@ class ReplicaCore:
                                      f"to {version}")
             state.version = version
             self.store.apply_patch((), ())  # persists the head with the version
+            self.applied_seq += 1
         if adopt and self.store.dirty:
             self.store.set_dirty(False)
         sync = self.sync

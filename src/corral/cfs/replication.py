@@ -11,10 +11,13 @@
 It runs one `ReplicaCore` (corral.cfs.replica_core) on a CPG handle. Events
 are fed synchronously from the CPG callback, so the store is changed at the
 exact point of the delivery order the core sees. Multicasts go out in order
-through one sender task (CPG may push back). Completions are released after
-one `store.sync()` per loop iteration (group commit): open the store with
-`Durability.PROCESS` so the per-op writes skip their fsync and this sync
-makes them durable before any writer is answered. A failure of the store or
+through one sender task (CPG may push back). Durability is a group commit:
+open the store with `Durability.PROCESS` so the per-op writes skip their
+fsync. Once per loop iteration in which this node applied one of its own
+ops, one `store.sync()` starts in a worker thread, while the ACK round of
+those ops runs; a completion is released only when the core confirmed it
+(every member applied the op) and a sync covering the op's apply finished,
+whichever comes last. A failure of the store or
 of the core stops the backend: every pending and later submit gets EIO and
 the node leaves the group (the others see it go); restart the daemon.
 """
@@ -25,6 +28,8 @@ import asyncio
 import errno
 import logging
 import os
+import statistics
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +61,11 @@ GROUP = "corral-cfs"
 MARKER_SUFFIX = ".resync"
 TERM_SUFFIX = ".term"
 _NS_PER_S = 1_000_000_000
+# An own OP's request id sits after the 4-byte header and the origin (replica_core's wire).
+_OP_TYPE_BYTE = 1
+_OP_REQUEST = struct.Struct("<4xIQ")
+STAGE_SAMPLES = 2048
+STAGES = ("queue", "order", "apply", "acks", "durable_wait", "answer", "total")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -75,6 +85,60 @@ def _read_term(path: Path) -> int:
         return int(text)
     except ValueError:
         raise UsageError(f"{path}: not a number ({text[:20]!r}); delete it to reset") from None
+
+
+class SubmitTimings:
+    """Where a replicated submit spends its time, on this node's clock (the
+    newest `STAGE_SAMPLES` submits that changed the tree), in `status()`:
+
+    - queue: submit to the multicast handed to CPG (the send task's turn);
+    - order: handed to CPG to its delivery here (Totem ordering);
+    - apply: the core handling that delivery (store apply included);
+    - acks: delivered to confirmed (the other members' ACKs arrived);
+    - durable_wait: confirmed to the covering WAL sync done (0 when the
+      sync, started at the apply, ended before the ACK round did);
+    - answer: total minus the rest (loop turns until the waiter is resolved);
+    - total: submit to answer. `fsync` is each WAL sync's own duration."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, list[int]] = {}
+        self._durable_ns = 0  # when the newest WAL sync finished
+        self.samples: dict[str, deque[int]] = {
+            name: deque(maxlen=STAGE_SAMPLES) for name in (*STAGES, "fsync")}
+
+    def begin(self, request_id: int, now_ns: int) -> None:
+        if len(self._open) < 2 * STAGE_SAMPLES:
+            self._open[request_id] = [now_ns, 0, 0, 0, 0]
+
+    def mark(self, request_id: int, index: int, now_ns: int) -> None:
+        marks = self._open.get(request_id)
+        if marks is not None and not marks[index]:
+            marks[index] = now_ns
+
+    def end(self, request_id: int, code: int, now_ns: int) -> None:
+        marks = self._open.pop(request_id, None)
+        if marks is None or code or not all(marks):
+            return  # refused or failed ops skip some stages
+        submit_ns, sent_ns, delivered_ns, applied_ns, confirmed_ns = marks
+        stages = (sent_ns - submit_ns, delivered_ns - sent_ns, applied_ns - delivered_ns,
+                  confirmed_ns - applied_ns)
+        for name, value in zip(STAGES, stages, strict=False):
+            self.samples[name].append(value)
+        durable_ns = max(self._durable_ns, confirmed_ns)
+        self.samples["durable_wait"].append(durable_ns - confirmed_ns)
+        self.samples["answer"].append(now_ns - durable_ns)
+        self.samples["total"].append(now_ns - submit_ns)
+
+    def durable(self, now_ns: int) -> None:
+        self._durable_ns = now_ns
+
+    def summary(self) -> dict[str, object]:
+        """p50 per stage in microseconds and the number of samples."""
+        out: dict[str, object] = {"count": len(self.samples["total"])}
+        for name, values in self.samples.items():
+            if values:
+                out[f"{name}_p50_us"] = round(statistics.median(values) / 1000, 1)
+        return out
 
 
 class ReplicatedStore:
@@ -180,11 +244,12 @@ class ReplicatedBackend:
         self._outbox_ready = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._completions: list[Complete] = []
-        self._flush_scheduled = False
+        self._completions: list[Complete] = []  # confirmed, waiting for a covering sync
+        self._sync_scheduled = False
         self._syncing = False
+        self._synced_seq = 0  # the core's applied_seq covered by the last finished sync
         self._acks_scheduled = False
-        self._applied_at_sync = 0
+        self.timings = SubmitTimings()
         self._unsubscribe: Callable[[], None] | None = None
         self._listeners: list[Callable[[Op], None]] = []
         self.failed: BaseException | None = None
@@ -212,6 +277,7 @@ class ReplicatedBackend:
         request_id = self._next_request
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._futures[request_id] = future
+        self.timings.begin(request_id, self._clock_ns())
         self._guarded(lambda now: self._quorum_input(now)
                       + self.core.submit(op, request_id, now))
         return await future
@@ -279,6 +345,7 @@ class ReplicatedBackend:
         completions, self._completions = self._completions, []
         if self.failed is None and self._store.durability is Durability.PROCESS:
             self._store.sync()
+            self._synced_seq = self.core.applied_seq
         self._resolve(completions)
         if self._sender is not None:
             self._sender.cancel()
@@ -299,6 +366,7 @@ class ReplicatedBackend:
             "version": self._store.state.version,
             "digest": f"{self._store.state.tree.digest:016x}",
             "counters": dict(self.core.counters),
+            "submit_stages": self.timings.summary(),
             "last_sync": None if report is None else {
                 "leader": report.leader, "followers": list(report.followers),
                 "bytes": report.wire_bytes, "fetched": report.fetched,
@@ -334,11 +402,23 @@ class ReplicatedBackend:
             self.clinfo_version += 1
             self._guarded(self._quorum_input)
         elif isinstance(event, Deliver):
+            request_id = self._own_op(event.nodeid, event.payload)
+            if request_id:
+                self.timings.mark(request_id, 2, self._clock_ns())
             self._guarded(lambda now: self._quorum_input(now)
                           + self.core.deliver(event.nodeid, event.payload, now))
+            if request_id:
+                self.timings.mark(request_id, 3, self._clock_ns())
         elif isinstance(event, ConfChg):
             members = [m.nodeid for m in event.members]
             self._guarded(lambda now: self._quorum_input(now) + self.core.confchg(members, now))
+
+    def _own_op(self, sender: int, payload: bytes) -> int:
+        """The request id of this node's own OP message, else 0 (timings only)."""
+        if sender != self.cpg.nodeid or len(payload) < _OP_REQUEST.size \
+                or payload[3] != _OP_TYPE_BYTE:
+            return 0
+        return int(_OP_REQUEST.unpack_from(payload)[1])
 
     def _guarded(self, step: Callable[[int], list[Action]]) -> None:
         if self.failed is not None:
@@ -364,6 +444,7 @@ class ReplicatedBackend:
                 self._outbox.append(action.payload)
                 self._outbox_ready.set()
             elif isinstance(action, Complete):
+                self.timings.mark(action.request_id, 4, self._clock_ns())
                 self._completions.append(action)
             elif isinstance(action, LogLine):
                 self._log_line(action)
@@ -373,9 +454,8 @@ class ReplicatedBackend:
                         listener(action.op)
                     except Exception:
                         log.exception("cfs: a change listener raised")
-        if self._completions and not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_completions)
+        if self._completions or self.core.durable_wanted > self._synced_seq:
+            self._schedule_sync()
         if self.core.ack_due and not self._acks_scheduled:
             self._acks_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_acks)
@@ -396,40 +476,55 @@ class ReplicatedBackend:
                 if isinstance(a, Multicast))
             self._outbox_ready.set()
 
-    def _flush_completions(self) -> None:
-        """Group commit: one WAL fsync (in a worker thread, while the loop
-        keeps applying deliveries) covers every op applied before it began;
-        their submitters are answered when it returns, never before."""
-        self._flush_scheduled = False
-        if self._syncing or not self._completions:
-            return
-        completions, self._completions = self._completions, []
-        applied = self.core.counters["ops_applied"]
-        if applied == self._applied_at_sync or self._store.durability is not Durability.PROCESS:
-            self._resolve(completions)
-            return
-        self._syncing = True
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._store.sync))
-        task.add_done_callback(lambda done: self._synced(done, completions, applied))
+    def _schedule_sync(self) -> None:
+        if not self._sync_scheduled and not self._syncing:
+            self._sync_scheduled = True
+            asyncio.get_running_loop().call_soon(self._sync_step)
 
-    def _synced(self, done: asyncio.Task[None], completions: list[Complete],
-                applied: int) -> None:
+    def _sync_step(self) -> None:
+        """Group commit, once per loop iteration: release the completions a
+        finished sync already covers; if any completion or any own op applied
+        since (still in its ACK round) is not covered, start one WAL sync in a
+        worker thread (the loop keeps applying deliveries meanwhile). It
+        covers every change applied before it began."""
+        self._sync_scheduled = False
+        if self._syncing or self.failed is not None:
+            return
+        if self._store.durability is not Durability.PROCESS:
+            self._synced_seq = self.core.applied_seq  # every apply was synced itself
+        ready = [c for c in self._completions if c.applied_seq <= self._synced_seq]
+        if ready:
+            self._completions = [c for c in self._completions
+                                 if c.applied_seq > self._synced_seq]
+            self._resolve(ready)
+        wanted = max([self.core.durable_wanted, *(c.applied_seq for c in self._completions)])
+        if wanted <= self._synced_seq:
+            return
+        covered = self.core.applied_seq
+        self._syncing = True
+        began_ns = self._clock_ns()
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._store.sync))
+        task.add_done_callback(lambda done: self._synced(done, covered, began_ns))
+
+    def _synced(self, done: asyncio.Task[None], covered: int, began_ns: int) -> None:
         self._syncing = False
         error = done.exception() if not done.cancelled() else asyncio.CancelledError()
         if error is not None:
             self._fail(error)
             return
-        self._applied_at_sync = applied
-        self._resolve(completions)
-        if self._completions and not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_completions)
+        now_ns = self._clock_ns()
+        self.timings.samples["fsync"].append(now_ns - began_ns)
+        self.timings.durable(now_ns)
+        self._synced_seq = max(self._synced_seq, covered)
+        self._sync_scheduled = False
+        self._sync_step()
 
     def _resolve(self, completions: list[Complete]) -> None:
         for completion in completions:
             future = self._futures.pop(completion.request_id, None)
             if future is not None and not future.done():
                 future.set_result(completion.errno)
+            self.timings.end(completion.request_id, completion.errno, self._clock_ns())
 
     def _arm_timer(self) -> None:
         deadline = self.core.next_deadline_ns()
@@ -453,6 +548,9 @@ class ReplicatedBackend:
                 except Exception as error:
                     self._fail(error)
                     return
+                request_id = self._own_op(self.cpg.nodeid, payload)
+                if request_id:
+                    self.timings.mark(request_id, 1, self._clock_ns())
 
     async def _drain_outbox(self, timeout_s: float = 5) -> None:
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,160 @@
+"""When ReplicatedBackend answers a submit (three backends on the fake
+asyncio Totem of the CPG tests, real stores with Durability.PROCESS): the
+submitter's WAL sync starts at the local apply, while the other members'
+ACKs are still outstanding (the overlap), yet the answer waits for both
+halves: not before every member's ACK even when the sync is done, not
+before the sync even when every ACK is in. A held sync or a held ACK is
+released by the test, so each assertion would fail if the backend
+answered early."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from tests.cfs_repl.test_backend import _fakenode
+
+from corral.cfs.ops import Op
+from corral.cfs.replica_core import Action
+from corral.cfs.replication import ReplicatedBackend
+from corral.cfs.store import Durability, Store
+from corral.cpg.service import CpgService
+
+T = 1795720870
+
+
+class HeldSync:
+    """Wraps store.sync: records when it starts and blocks (in the worker
+    thread) until released."""
+
+    def __init__(self, store: Store) -> None:
+        self.real = store.sync
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = 0
+        self.finished = 0
+        store.sync = self  # type: ignore[method-assign]
+
+    def __call__(self) -> None:
+        self.started += 1
+        assert self.gate.wait(10), "sync held too long"
+        self.real()
+        self.finished += 1
+
+
+class HeldAcks:
+    """Withholds one backend's ACKs until released."""
+
+    def __init__(self, backend: ReplicatedBackend) -> None:
+        self.backend = backend
+        self.real: Callable[[int], list[Action]] = backend.core.flush_acks
+        self.held = False
+        backend.core.flush_acks = self  # type: ignore[method-assign]
+
+    def __call__(self, now_ns: int) -> list[Action]:
+        return [] if self.held else self.real(now_ns)
+
+    def release(self) -> None:
+        self.held = False
+        self.backend._flush_acks()
+
+
+@asynccontextmanager
+async def cluster(tmp_path: pathlib.Path) -> AsyncIterator[tuple[Any, dict[int, Store],
+                                                                 dict[int, ReplicatedBackend]]]:
+    network = _fakenode().FakeNetwork([1, 2, 3])
+    stores = {n: Store(tmp_path / f"n{n}", durability=Durability.PROCESS) for n in (1, 2, 3)}
+    backends = {n: ReplicatedBackend(stores[n], CpgService(network.nodes[n]), lambda: True,
+                                     f"node{n}") for n in (1, 2, 3)}
+    network.start()
+    network.configure([[1, 2, 3]])
+    try:
+        for backend in backends.values():
+            await backend.start()
+        for backend in backends.values():
+            await backend.wait_synced()
+        assert await backends[1].submit(Op.mkdir("d", T)) == 0
+        yield network, stores, backends
+    finally:
+        for backend in backends.values():
+            await backend.stop()
+        await network.stop()
+        for store in stores.values():
+            store.close()
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    for _ in range(2000):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def stays_pending(future: asyncio.Future[int], seconds: float = 0.2) -> None:
+    await asyncio.sleep(seconds)
+    assert not future.done(), "answered early"
+
+
+def test_sync_overlaps_acks_but_answer_waits_for_all_acks(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        async with cluster(tmp_path) as (_network, stores, backends):
+            sync = HeldSync(stores[1])
+            acks = HeldAcks(backends[2])
+            sync.gate.clear()
+            acks.held = True
+            before = sync.started
+            answer = asyncio.ensure_future(backends[1].submit(Op.create("d/a", T)))
+            await until(lambda: stores[3].state.tree.lookup("d/a") is not None, "the apply")
+            # the sync began while node 2's ACK is still missing
+            await until(lambda: sync.started > before, "the WAL sync to start")
+            assert backends[1].core._unconfirmed, "confirmed without node 2's ACK"
+            sync.gate.set()
+            await until(lambda: sync.finished > before, "the WAL sync to finish")
+            # durable here, but node 2 has not confirmed: no answer yet
+            await stays_pending(answer)
+            acks.release()
+            assert await asyncio.wait_for(answer, 10) == 0
+            assert sync.started == before + 1, "one sync covered the op"
+
+    asyncio.run(main())
+
+
+def test_answer_waits_for_the_sync_after_every_ack(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        async with cluster(tmp_path) as (_network, stores, backends):
+            sync = HeldSync(stores[1])
+            sync.gate.clear()
+            answer = asyncio.ensure_future(backends[1].submit(Op.create("d/b", T)))
+            # every member applied it and ACKed: the core has confirmed it
+            await until(lambda: stores[1].state.tree.lookup("d/b") is not None
+                        and not backends[1].core._unconfirmed, "the confirmation")
+            await stays_pending(answer)
+            sync.gate.set()
+            assert await asyncio.wait_for(answer, 10) == 0
+            assert sync.finished >= 1
+            stages = backends[1].status()["submit_stages"]
+            assert isinstance(stages, dict) and stages["count"] >= 1
+            assert stages["durable_wait_p50_us"] > 0  # type: ignore[operator]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("count", [20])
+def test_concurrent_submits_share_syncs(tmp_path: pathlib.Path, count: int) -> None:
+    """Many submits in flight: every one answered 0, all durable, fewer syncs than ops."""
+    async def main() -> None:
+        async with cluster(tmp_path) as (_network, stores, backends):
+            sync = HeldSync(stores[1])
+            before = sync.started
+            codes = await asyncio.gather(*(backends[1].submit(Op.create(f"d/c{i}", T))
+                                           for i in range(count)))
+            assert codes == [0] * count
+            assert sync.finished - before < count
+
+    asyncio.run(main())
