@@ -126,6 +126,8 @@ class LocalState(enum.Enum):
 _LEAVING = LocalState.LEAVING
 _OPERATIONAL = SyncState.OPERATIONAL
 _SYNC = SyncState.SYNC
+_MAX_GROUP_NAME_BYTES = wire.MAX_GROUP_NAME_BYTES
+_MAX_PAYLOAD_BYTES = wire.MAX_PAYLOAD_BYTES
 
 
 @dataclass(slots=True)
@@ -150,6 +152,9 @@ class CpgCore:
         self._clients: dict[int, _Client] = {}
         # group -> pid -> client id, for this node's processes (routing of events).
         self._local: dict[bytes, dict[int, int]] = {}
+        # group -> client ids a delivery goes to (local pids in the view, by pid):
+        # derived from _local and _view, dropped whenever either changes.
+        self._recipients: dict[bytes, tuple[int, ...]] = {}
         # (group, pid) whose LEAVE is queued or in flight after the client went away.
         self._orphan_leaves: set[tuple[bytes, int]] = set()
         # Own entries implied by every JOIN/LEAVE submitted so far: the joinlist.
@@ -256,6 +261,7 @@ class CpgCore:
         if self._own_entry_count() >= wire.MAX_ENTRIES_PER_NODE:
             raise CpgError(ErrorCode.NO_SPACE, "too many group memberships on this node")
         self._local.setdefault(group, {})[pid] = client_id
+        self._recipients.clear()
         self._clients[client_id].groups[group] = LocalState.JOINING
         self._send(wire.Kind.JOIN, group, pid, wire.encode_join(group, pid))
 
@@ -299,6 +305,7 @@ class CpgCore:
         client = self._clients.pop(client_id, None)
         if client is None:
             return
+        self._recipients.clear()
         for group, state in sorted(client.groups.items()):
             self._local[group].pop(client.pid, None)
             if not self._local[group]:
@@ -351,15 +358,14 @@ class CpgCore:
 
     def deliver(self, sender: int, payload: bytes) -> None:
         """One Totem delivery; malformed payloads are counted and dropped."""
-        if self._state is not _SYNC and payload[:4] == _MCAST_PREFIX and len(payload) > 4:
+        if self._state is not _SYNC and payload.startswith(_MCAST_PREFIX) and len(payload) > 4:
             # Hot path: an application message outside a sync, decoded in place
             # with the same checks as wire.decode (a test compares the two).
             name_bytes = payload[4]
             group_end = 5 + name_bytes
             if (
-                1 <= name_bytes <= wire.MAX_GROUP_NAME_BYTES
-                and group_end + 4 <= len(payload)
-                and len(payload) - group_end - 4 <= wire.MAX_PAYLOAD_BYTES
+                1 <= name_bytes <= _MAX_GROUP_NAME_BYTES
+                and group_end + 4 <= len(payload) <= group_end + 4 + _MAX_PAYLOAD_BYTES
             ):
                 (pid,) = _PID.unpack_from(payload, group_end)
                 self._deliver(sender, payload[5:group_end], pid, payload[group_end + 4:])
@@ -580,15 +586,22 @@ class CpgCore:
         self._deliver(sender, message.group, message.pid, message.payload)
 
     def _deliver(self, sender: int, group: bytes, pid: int, payload: bytes) -> None:
-        local = self._local.get(group)
-        if not local:
+        recipients = self._recipients.get(group)
+        if recipients is None:
+            recipients = self._recipients[group] = self._recipients_of(group)
+        if not recipients:
             return
-        members = self._view.get(group, ())
         event = Deliver(group, sender, pid, payload)
-        for local_pid in sorted(local) if len(local) > 1 else local:
-            if (self.nodeid, local_pid) in members:
-                self._events.append((local[local_pid], event))
-                self._stats["delivered"] += 1
+        events = self._events
+        for client_id in recipients:
+            events.append((client_id, event))
+        self._stats["delivered"] += len(recipients)
+
+    def _recipients_of(self, group: bytes) -> tuple[int, ...]:
+        """This node's clients that receive the group's messages, in pid order."""
+        local = self._local.get(group, {})
+        members = self._view.get(group, ())
+        return tuple(local[pid] for pid in sorted(local) if (self.nodeid, pid) in members)
 
     def _node_entry_count(self, nodeid: int) -> int:
         return sum(1 for members in self._view.values() for n, _ in members if n == nodeid)
@@ -602,6 +615,7 @@ class CpgCore:
     ) -> None:
         """Install `new` as the group's view and tell local processes in old or new."""
         old = self._view.get(group, set())
+        self._recipients.clear()
         if new:
             self._view[group] = new
         else:
@@ -627,5 +641,6 @@ class CpgCore:
         if client is not None and client.groups.get(group) == LocalState.LEAVING:
             del client.groups[group]
             del local[pid]
+            self._recipients.clear()
             if not local:
                 del self._local[group]
