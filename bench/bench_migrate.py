@@ -308,7 +308,15 @@ class CounterWatch:
         twice = sorted(value for value, where in sides.items() if len(where) > 1)
         if twice:
             raise BenchError(f"guest counter values {twice[:5]} printed on two sides: "
-                             "the guest ran twice")
+                             f"the guest ran twice; lines around them: {self.around(twice[0])}")
+
+    def around(self, value: int, width: int = 4) -> str:
+        """The lines (ms since the first, side, value) near `value`, in arrival order."""
+        ordered = sorted(self.samples)
+        start = ordered[0][0] if ordered else 0.0
+        near = [f"{(t - start) * 1000:.0f}:{s}:{v}" for t, s, v in ordered
+                if abs(v - value) <= width]
+        return " ".join(near)
 
 
 # --- plain QEMU side ------------------------------------------------------------------
