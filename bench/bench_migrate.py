@@ -235,6 +235,33 @@ async def probe_serial(path: str, timeout_s: float = 5.0) -> str:
         writer.close()
 
 
+async def cpu_share(pid: int | None, interval_s: float = 1.0) -> str:
+    """CPU used by a process over one second (a spinning guest vs an idle one)."""
+    def ticks() -> int:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    if pid is None:
+        return "no process"
+    try:
+        before = ticks()
+        await asyncio.sleep(interval_s)
+        used = (ticks() - before) / os.sysconf("SC_CLK_TCK")
+    except OSError as exc:
+        return f"unknown ({exc})"
+    return f"{100 * used / interval_s:.0f}% of a core"
+
+
+async def silence_length(path: str, limit_s: float = 60.0) -> str:
+    """How long a silent guest stays silent (a stall that ends, or a hang)."""
+    started = time.monotonic()
+    line = await probe_serial(path, limit_s)
+    if line.startswith(("nothing within", "no connection", "EOF")):
+        return f"still silent after {limit_s:.0f} more s ({line})"
+    return f"printed {line!r} after {time.monotonic() - started:.1f} more s"
+
+
 class CounterWatch:
     """Reads `corral-counter N` lines from the guest's serial socket on every side
     (reconnecting whenever a QEMU appears there) and records (monotonic s, side, N).
@@ -826,10 +853,14 @@ class CorralBench:
             log = Path(manager.run_path(VMID, "log"))
             tail = log.read_text(errors="replace").strip().splitlines()[-2:] if log.exists() else []
             fresh = await probe_serial(manager.serial_path(VMID))
-            lines.append(f"    node {nodeid}: {state}, serial socket "
+            busy = await cpu_share(manager.pid(VMID))
+            lines.append(f"    node {nodeid}: {state}, QEMU CPU {busy}, serial socket "
                          f"{os.path.exists(manager.serial_path(VMID))}, last counter "
                          f"{watch.latest(str(nodeid))}, fresh read {fresh!r}, "
                          f"watch connects {watch.connects.get(str(nodeid))}, QEMU log tail {tail}")
+            if nodeid == target and "nothing within" in fresh:
+                lines.append(f"    node {nodeid}: silent guest "
+                             f"{await silence_length(manager.serial_path(VMID))}")
         if self.upids:
             task_log = self.managers[source].tasks.read_log(parse_upid(self.upids[-1]))
             lines.append("    task log tail: " + " | ".join(task_log[-6:]))

@@ -39,9 +39,11 @@ if str(ROOT) not in sys.path:
 from bench.bench_migrate import (  # noqa: E402
     BenchError,
     CounterWatch,
+    cpu_share,
     main,
     parse_args,
     parse_task_log,
+    probe_serial,
     table,
     xbzrle_cache_bytes,
 )
@@ -99,6 +101,12 @@ def test_counter_watch_pause_and_double_runner() -> None:
         await watch.close()
 
     asyncio.run(check())
+
+
+def test_diagnostic_helpers(tmp_path: Path) -> None:
+    assert asyncio.run(cpu_share(None)) == "no process"
+    assert asyncio.run(cpu_share(os.getpid(), 0.05)).endswith("% of a core")
+    assert asyncio.run(probe_serial(str(tmp_path / "none"), 0.1)).startswith("no connection")
 
 
 def test_table_and_arguments() -> None:
