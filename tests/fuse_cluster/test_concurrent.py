@@ -1,8 +1,7 @@
 """Concurrent calls from two nodes' mounts on a real 3-node cluster.
 
 Checks: O_APPEND writes from nodes 1 and 2 to one file at the same time leave
-every record in the file exactly once, whole, on every node (known to fail, marked
-xfail strict: see the test); `mkdir priv/lock/<x>`
+every record in the file exactly once, whole, on every node; `mkdir priv/lock/<x>`
 issued on two nodes at the same moment (a barrier) succeeds on exactly one, the
 other gets EEXIST, and every node then holds the lock directory.
 """
@@ -14,7 +13,6 @@ import os
 import threading
 from pathlib import Path
 
-import pytest
 from tests.fuse_cluster.conftest import wait_in_sync, wait_until
 
 from corral.daemon.demo import DemoCluster
@@ -38,13 +36,9 @@ def _append_records(path: Path, tag: str, start: threading.Barrier,
         failures.append(error)
 
 
-# The FUSE front resolves an O_APPEND write's offset from this node's tree when it
-# submits it (cfs/fuse.py), and the op format has no "append at the end" kind, so two
-# nodes' appends in flight together both land at the same offset and one overwrites
-# the other. Fixing it needs an op whose offset is resolved when it is applied
-# (cfs/ops.py, the apply step, cfs/fuse.py), none of which this suite's owner may edit.
-@pytest.mark.xfail(strict=True, reason="O_APPEND from two nodes at once loses records: "
-                   "offset resolved at submit, not at apply (cfs/fuse.py, cfs/ops.py)")
+# Two nodes' appends in flight together: with an offset chosen by the sender both would
+# land at the same place and one would overwrite the other (66 of 300 records lost before
+# the append op); the apply step resolves the end of the file in the total order.
 def test_o_append_from_two_nodes_keeps_every_record_once(cluster: DemoCluster) -> None:
     mounts = {n: cluster.mount(n) for n in cluster.nodeids}
     (mounts[1] / "shared.log").write_bytes(b"")

@@ -11,11 +11,11 @@ Choices (see docs/fuse.md for the reasons):
   libfuse 3 negotiates max_write = 1 MiB (256 pages), so a write() of up to
   that size is one operation (rejected whole on EFBIG/ENOSPC); larger ones
   are split by the kernel.
-- O_APPEND: the offset is resolved at submit time from this node's tree (the
-  kernel's offset comes from its cached size, which another node's append
-  can make stale), under a per-inode lock, so appends from this node never
-  overwrite each other. Two nodes appending to one file at the same moment
-  can still collide (the op format has no "append" kind).
+- O_APPEND: a write through an append handle is an append op (`Op.append`):
+  its offset is the end of the file when the op is applied, in the total
+  order, so appends from any number of nodes at once each land whole, once.
+  The kernel's offset is ignored (it comes from a cached size that another
+  node's append can make stale).
 - Content is never cached by the kernel (`direct_io`, as the reference):
   every read asks the store, so other nodes' writes are seen at once.
   Names and attributes are cached for `cache_timeout_s`: by default 10 s
@@ -33,7 +33,6 @@ Choices (see docs/fuse.md for the reasons):
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import grp
 import logging
@@ -150,8 +149,6 @@ class CfsOperations(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
-        # Per-file append lock and the number of appends using it.
-        self._append_locks: dict[int, tuple[asyncio.Lock, int]] = {}
         self._recent: OrderedDict[int, tuple[int, str]] = OrderedDict()
         self._mode_cache: dict[tuple[str, bool], tuple[int, int]] = {}
         node_dir = f"nodes/{backend.nodename}"
@@ -595,25 +592,12 @@ class CfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if handle.content is not None:
             raise pyfuse3.FUSEError(errno.EIO)
-        if not handle.append:
-            await self._submit(Op.write(self._path(handle.ino), off, buf, int(time.time())))
-            return len(buf)
-        lock, users = self._append_locks.get(handle.ino) or (asyncio.Lock(), 0)
-        self._append_locks[handle.ino] = (lock, users + 1)
-        try:
-            async with lock:
-                # Resolve the end of file now, after earlier appends from
-                # this node were applied (see the module doc).
-                entry = self._entry(handle.ino)
-                path = self.tree.path_of(entry)
-                await self._submit(Op.write(path, entry.size, buf, int(time.time())))
-        finally:
-            # Drop the lock only when no other append waits on it.
-            lock, users = self._append_locks[handle.ino]
-            if users == 1:
-                del self._append_locks[handle.ino]
-            else:
-                self._append_locks[handle.ino] = (lock, users - 1)
+        path = self._path(handle.ino)
+        now_s = int(time.time())
+        # O_APPEND: the kernel's offset comes from its cached size, which another
+        # node's append can make stale; the apply step puts the data at the end.
+        op = Op.append(path, buf, now_s) if handle.append else Op.write(path, off, buf, now_s)
+        await self._submit(op)
         return len(buf)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
