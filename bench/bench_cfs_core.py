@@ -18,6 +18,12 @@ run in the same process, so its figures are quoted, not re-measured):
 - store load time with 100,000 guest configs;
 - create and readdir of 270,000 entries in one directory.
 
+`--apply-cpu` measures only the apply step instead: CPU microseconds per
+operation of CfsState.apply (against a dict, MemoryKV) and of Store.apply
+(PROCESS durability: apply + RocksDB batch, no fsync) for create, 200-byte
+write, overwrite (truncate + write), rename, unlink and a lock's
+mkdir + rmdir; median of `--runs` runs.
+
 The box is shared: wall-clock figures swing; bytes per op do not.
 """
 
@@ -32,7 +38,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from corral.cfs.memkv import MemoryKV
 from corral.cfs.ops import Op
+from corral.cfs.state import CfsState, Outcome
 from corral.cfs.store import Durability, Store
 
 _RNG = random.Random(20261126)
@@ -246,13 +254,85 @@ def bench_readdir(root: Path, count: int) -> None:
     store.close()
 
 
+class _StateTarget:
+    """CfsState + MemoryKV with the store's apply signature."""
+
+    def __init__(self) -> None:
+        self.state = CfsState()
+        self.kv = MemoryKV()
+
+    def apply(self, op: Op, *, writer: int, quorate: bool) -> Outcome:
+        outcome = self.state.apply(op, writer=writer, quorate=quorate, reader=self.kv)
+        self.kv.apply_batch(outcome.mutations)
+        return outcome
+
+
+def _apply_phases(count: int) -> list[tuple[str, list[Op]]]:
+    paths = [f"{GUEST_DIR}/{100 + i}.conf" for i in range(count)]
+    moved = [path.replace("nodes/vm/", "nodes/vm2/") for path in paths]
+    locks = [f"priv/lock/lock-{i}" for i in range(count)]
+    return [
+        ("create", [Op.create(path, 1, excl=True) for path in paths]),
+        ("write 200 B", [Op.write(path, 0, config_for(1), 1) for path in paths]),
+        ("truncate", [Op.truncate(path, 0, 2) for path in paths]),
+        ("write 200 B (after truncate)", [Op.write(path, 0, config_for(2), 2) for path in paths]),
+        ("rename (other node)", [Op.rename(a, b, 3) for a, b in zip(paths, moved, strict=True)]),
+        ("unlink", [Op.unlink(path) for path in moved]),
+        ("lock mkdir", [Op.mkdir(path, 4) for path in locks]),
+        ("lock rmdir", [Op.rmdir(path) for path in locks]),
+    ]
+
+
+def _apply_run(target: _StateTarget | Store, count: int) -> dict[str, float]:
+    for path in ("nodes", "nodes/vm", GUEST_DIR, "nodes/vm2", "nodes/vm2/qemu-server",
+                 "priv", "priv/lock"):
+        outcome = target.apply(Op.mkdir(path, 1), writer=1, quorate=True)
+        assert outcome.errno == 0
+    out = {}
+    for label, ops in _apply_phases(count):
+        started = time.process_time()
+        for op in ops:
+            outcome = target.apply(op, writer=1, quorate=True)
+            if outcome.errno:
+                raise RuntimeError(f"{label}: errno {outcome.errno}")
+        out[label] = (time.process_time() - started) / count * 1e6
+    return out
+
+
+def bench_apply_cpu(root: Path, count: int, runs: int) -> None:
+    print(f"\nApply step CPU per op, us (median of {runs} runs, {count:,} files)")
+    for name in ("CfsState+MemoryKV", "Store (PROCESS)"):
+        results = []
+        for run in range(runs):
+            if name.startswith("Store"):
+                store = Store(root / f"apply-{run}", durability=Durability.PROCESS)
+                results.append(_apply_run(store, count))
+                store.close()
+            else:
+                results.append(_apply_run(_StateTarget(), count))
+        print(f"  {name}")
+        for label in results[0]:
+            values = sorted(result[label] for result in results)
+            print(f"    {label:<30} {values[len(values) // 2]:7.1f} us "
+                  f"(runs: {', '.join(f'{v:.1f}' for v in values)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts (smoke run)")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument("--apply-cpu", action="store_true",
+                        help="only the apply step's CPU per op (see the module doc)")
+    parser.add_argument("--runs", type=int, default=3, help="runs for --apply-cpu (median)")
     args = parser.parse_args()
     scale = 10 if args.quick else 1
     root = Path(tempfile.mkdtemp(prefix="corral-cfs-bench-", dir=args.dir))
+    if args.apply_cpu:
+        try:
+            bench_apply_cpu(root, 10_000 // scale, args.runs)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return
     try:
         for durability in (Durability.FSYNC, Durability.PROCESS):
             bench_small_files(root, durability, 10_000 // scale)

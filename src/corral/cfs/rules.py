@@ -9,6 +9,7 @@ so they are the host's numbers and match what FUSE returns to callers.
 from __future__ import annotations
 
 import errno
+import functools
 import re
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ ROOT_SYMLINKS = frozenset({"local", "qemu-server", "lxc", "openvz"})
 ROOT_VIRTUAL = GENERATED_FILES | ROOT_SYMLINKS
 
 LOCK_DIR = "priv/lock"
+_LOCK_PREFIX = LOCK_DIR + "/"
 # Lock expiry: the default (the reference's fixed 120 s) and the bounds of the
 # cluster-wide setting read from LOCK_EXPIRY_CONFIG (see locks.py).
 LOCK_EXPIRY_NS = 120 * 1_000_000_000
@@ -85,6 +87,17 @@ def path_error(path: str) -> int:
     """0 if `path` is a well-formed tree path, else the errno to return."""
     if not path:
         return 0
+    # Fast accept for the common case (runs on every operation): a short
+    # ASCII path with no NUL, no empty name and no name starting with a dot
+    # is well-formed. Anything else takes the full check below.
+    if len(path) <= NAME_MAX_BYTES and path.isascii() and "\0" not in path \
+            and path[0] != "/" and path[-1] != "/" and path[0] != "." \
+            and "//" not in path and "/." not in path:
+        return 0
+    return _path_error_full(path)
+
+
+def _path_error_full(path: str) -> int:
     if len(path.encode("utf-8", "surrogateescape")) > PATH_MAX_BYTES:
         return errno.ENAMETOOLONG
     for name in path.split("/"):
@@ -113,19 +126,31 @@ def is_generated_file(path: str) -> bool:
 
 def is_lock_path(path: str) -> bool:
     """A lock is a direct child directory of priv/lock."""
+    if not path.startswith(_LOCK_PREFIX):
+        return False
     head, name = split_parent(path)
     return head == LOCK_DIR and bool(name)
 
 
 def guest_config(path: str) -> GuestConfig | None:
     """The guest config `path` names, if it matches the reference's pattern."""
+    if not path.startswith("nodes/") or not path.endswith(".conf"):
+        return None
+    return _guest_config_match(path)
+
+
+# The apply step asks about one path several times per operation (conflict
+# check, registration); GuestConfig is immutable, so answers can be shared.
+@functools.lru_cache(maxsize=4096)
+def _guest_config_match(path: str) -> GuestConfig | None:
     match = _GUEST_CONFIG.fullmatch(path)
     if match is None:
         return None
-    vmid = int(match.group(3))
+    node, kind_dir, digits = match.groups()
+    vmid = int(digits)
     if vmid > VMID_MAX:
         return None
-    return GuestConfig(match.group(1), GUEST_TYPES[match.group(2)], vmid)
+    return GuestConfig(node, GUEST_TYPES[kind_dir], vmid)
 
 
 def is_node_name(name: str) -> bool:
