@@ -199,12 +199,13 @@ class CfsState:
         """Apply one operation delivered in total order; see the module doc."""
         if not quorate:
             return _fail(errno.EACCES)
-        for path in (op.path, op.path2) if op.kind == OpKind.RENAME else (op.path,):
-            code = rules.path_error(path)
-            if code:
-                return _fail(code)
-        handler = _HANDLERS[op.kind]
-        outcome = handler(self, op, writer, reader)
+        kind = op.kind
+        code = _path_error(op.path)
+        if not code and kind == _RENAME:
+            code = _path_error(op.path2)
+        if code:
+            return _fail(code)
+        outcome = _HANDLERS[kind](self, op, writer, reader)
         if self.debug_checks and outcome.mutations and not self.tree.check():
             raise InvariantError(f"tree digests wrong after {op.kind.name} {op.path!r}")
         return outcome
@@ -226,17 +227,20 @@ class CfsState:
         return self.version
 
     def _head(self) -> Mutation:
-        return records.HEAD_KEY, records.Head(self.version, self.writer, self.mtime).pack()
+        # records.Head(...).pack() without the intermediate object (every op).
+        return _HEAD_KEY, _pack_head(self.version, self.writer, self.mtime, _STORE_FORMAT)
 
     @staticmethod
     def _meta(entry: Entry) -> Mutation:
+        # records.meta_key + records.pack_meta, inlined: this runs for
+        # nearly every op; test_records_pinned holds the bytes equal.
         parent = entry.parent
         if parent is None:
             raise InvariantError("the root has no stored record")
-        return records.meta_key(entry.ino), records.pack_meta(
+        return _pack_meta_key(_META_PREFIX, entry.ino), _pack_meta(
             parent.ino, entry.version, entry.writer, entry.mtime, entry.size,
-            entry.content_sum, entry.is_dir, entry.name,
-        )
+            entry.content_sum, entry.is_dir,
+        ) + entry.name.encode("utf-8", "surrogateescape")
 
     def _touch_observed(self, *paths: str) -> None:
         for path in paths:
@@ -398,23 +402,27 @@ class CfsState:
                  new_size: int, low: int, high: int) -> Outcome:
         """Rebuild the chunks overlapping bytes [low, high) of the new layout
         and drop the chunks past the new end; only those are read or written."""
+        ino = entry.ino
         old_count = -(-entry.size // CHUNK_SIZE)
         new_count = -(-new_size // CHUNK_SIZE)
-        rebuild = range(low // CHUNK_SIZE, min((high - 1) // CHUNK_SIZE + 1, new_count))
-        dropped = range(new_count, old_count)
-        old_indexes = [i for i in rebuild if i < old_count] + list(dropped)
-        old_chunks = dict(zip(old_indexes, self._chunks_at(reader, entry, old_indexes),
-                              strict=True))
+        first = low // CHUNK_SIZE
+        stop = min((high - 1) // CHUNK_SIZE + 1, new_count)
+        # The old chunks the rebuild overlaps, then the ones past the new end.
+        old_indexes = [*range(first, min(stop, old_count)), *range(new_count, old_count)]
         total = entry.content_sum
-        for index, chunk in old_chunks.items():
-            total -= records.chunk_digest(index, chunk)
+        old_chunks: dict[int, bytes] = {}
+        if old_indexes:
+            for index, chunk in zip(old_indexes, self._chunks_at(reader, entry, old_indexes),
+                                    strict=True):
+                old_chunks[index] = chunk
+                total -= _chunk_digest(chunk, index)
         mutations: list[Mutation] = []
-        for index in rebuild:
+        for index in range(first, stop):
             chunk = _build_chunk(old_chunks.get(index, b""), index, new_size, op)
-            total += records.chunk_digest(index, chunk)
-            mutations.append((records.chunk_key(entry.ino, index), chunk))
-        for index in dropped:
-            mutations.append((records.chunk_key(entry.ino, index), None))
+            total += _chunk_digest(chunk, index)
+            mutations.append((_pack_chunk_key(_CHUNK_PREFIX, ino, index), chunk))
+        for index in range(new_count, old_count):
+            mutations.append((_pack_chunk_key(_CHUNK_PREFIX, ino, index), None))
         version = self._next_version(writer, op.mtime)
         self.tree.set_content(entry, new_size, total & _MASK64, op.mtime, version, writer)
         mutations += [self._meta(entry), self._head()]
@@ -691,7 +699,7 @@ def _build_chunk(old: bytes, index: int, new_size: int, op: Op) -> bytes:
     the new length, with the write's data laid over them."""
     start = index * CHUNK_SIZE
     length = min(CHUNK_SIZE, new_size - start)
-    if op.kind == OpKind.WRITE:
+    if op.kind == _WRITE:
         low, high = max(op.arg, start), min(op.arg + len(op.data), start + length)
         if low == start and high == start + length:
             return op.data[low - op.arg:high - op.arg]
@@ -706,6 +714,20 @@ def _build_chunk(old: bytes, index: int, new_size: int, op: Op) -> bytes:
 
 
 _OBSERVED = frozenset(rules.OBSERVED_PATHS)
+_RENAME = OpKind.RENAME
+_WRITE = OpKind.WRITE
+# records.chunk_digest and records.chunk_key, inlined (same bytes, see
+# test_records_pinned): the content path runs them once per chunk.
+_chunk_digest = xxhash.xxh3_64_intdigest
+_CHUNK_PREFIX = records.CHUNK_PREFIX
+_pack_chunk_key = struct.Struct(">cQI").pack
+_path_error = rules.path_error
+_HEAD_KEY = records.HEAD_KEY
+_STORE_FORMAT = records.STORE_FORMAT
+_pack_head = records.HEAD.pack
+_META_PREFIX = records.META_PREFIX
+_pack_meta_key = struct.Struct(">cQ").pack
+_pack_meta = records.META.pack
 _HANDLERS = {
     OpKind.CREATE: CfsState._create,
     OpKind.WRITE: CfsState._write,
