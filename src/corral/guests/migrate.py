@@ -30,7 +30,7 @@ Phases: prepare (checks, no side effects: lock, HA, quorum, target online, stora
 running needs --online, CPU model; target `precheck`) -> phase1 (`lock: migrate`; offline
 copy of local volumes through qemu-nbd on the target) -> phase2 (target QEMU with
 `-incoming defer -S` started by the target's corrald; local disks mirrored to its NBD
-exports until ready; RAM migration with xbzrle + auto-converge, downtime limit doubled
+exports until ready; RAM migration with xbzrle + auto-converge (KVM only), downtime limit doubled
 when it does not converge) -> phase3 (config rewritten and renamed into the target's
 directory only after QEMU reports `completed`, target resumed, source stopped, source
 volumes freed, lock cleared). A failure before the rename cancels the migration,
@@ -58,6 +58,7 @@ from corral.guests.mtunnel import (
     KEEPALIVE_S,
     TLS_OBJECT_ID,
     config_digest,
+    migration_capabilities,
     prepare_tls_dir,
     qmp_call,
 )
@@ -615,10 +616,12 @@ async def _wait_mirrors_ready(run: Run) -> None:
 
 async def _set_migration_parameters(run: Run, config: VmConfig, hostname: str,
                                     secure: bool) -> None:
+    capabilities = migration_capabilities(run.manager.accelerator())
     await qmp_call(run.qmp, "migrate-set-capabilities", capabilities=[
-        {"capability": "xbzrle", "state": True}, {"capability": "auto-converge", "state": True},
-        {"capability": "postcopy-ram", "state": False}, {"capability": "multifd", "state": False}])
+        {"capability": name, "state": state} for name, state in capabilities.items()])
     run.say("set migration capabilities")
+    if not capabilities["auto-converge"]:
+        run.say("auto-converge off: TCG guest (QEMU's throttling corrupts TCG guests)")
     downtime_ms = _downtime_ms(config)
     bandwidth = _bandwidth_bytes(run.options, config)
     memory_bytes = config.int_value("memory", 512) << 20
