@@ -407,15 +407,27 @@ class CfsState:
         new_count = -(-new_size // CHUNK_SIZE)
         first = low // CHUNK_SIZE
         stop = min((high - 1) // CHUNK_SIZE + 1, new_count)
-        # The old chunks the rebuild overlaps, then the ones past the new end.
-        old_indexes = [*range(first, min(stop, old_count)), *range(new_count, old_count)]
-        total = entry.content_sum
+        if first == 0 and stop == new_count:
+            # Every chunk of the new content is rebuilt (O_TRUNC, a write
+            # from 0 over the whole file): the digest is the sum over the
+            # new chunks, so old chunks are read only where some of their
+            # bytes stay, and dropped ones not at all.
+            old_indexes = [i for i in range(min(stop, old_count))
+                           if not _overwrites(op, i, new_size)]
+            total = 0
+            subtract = False
+        else:
+            # The old chunks the rebuild overlaps, then the ones past the new end.
+            old_indexes = [*range(first, min(stop, old_count)), *range(new_count, old_count)]
+            total = entry.content_sum
+            subtract = True
         old_chunks: dict[int, bytes] = {}
         if old_indexes:
             for index, chunk in zip(old_indexes, self._chunks_at(reader, entry, old_indexes),
                                     strict=True):
                 old_chunks[index] = chunk
-                total -= _chunk_digest(chunk, index)
+                if subtract:
+                    total -= _chunk_digest(chunk, index)
         mutations: list[Mutation] = []
         for index in range(first, stop):
             chunk = _build_chunk(old_chunks.get(index, b""), index, new_size, op)
@@ -692,6 +704,14 @@ class CfsState:
                               item.writer)
         mutations.append(self._meta(existing))
         return mutations
+
+
+def _overwrites(op: Op, index: int, new_size: int) -> bool:
+    """True if `op` is a write that replaces every byte of new chunk `index`."""
+    if op.kind != _WRITE:
+        return False
+    start = index * CHUNK_SIZE
+    return op.arg <= start and op.arg + len(op.data) >= min(start + CHUNK_SIZE, new_size)
 
 
 def _build_chunk(old: bytes, index: int, new_size: int, op: Op) -> bytes:
