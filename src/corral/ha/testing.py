@@ -129,9 +129,28 @@ class HaNode:
         mux = self.mux_pid()
         if mux is not None and _is_python_module(mux, "corral.ha.daemon.watchdog"):
             _kill_pid(mux)
+        # A daemon killed while starting its mux never wrote the pid file: find this node's
+        # mux by its socket path (unique to this run directory).
+        for pid in _pids_with_argument(str(self.run_dir / "watchdog-mux.sock")):
+            if _is_python_module(pid, "corral.ha.daemon.watchdog"):
+                _kill_pid(pid)
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
+
+
+def _pids_with_argument(argument: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                if argument.encode() in handle.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
 
 
 def _is_python_module(pid: int, module: str) -> bool:
