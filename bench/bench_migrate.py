@@ -629,19 +629,37 @@ class PlainBench:
             await target.kill()
             print(f"  plain  {case.label:<36} FAILED: {exc}", flush=True)
             return Run(ok=False, error=str(exc))
-        after = await watch.wait(target.name, before, COUNTER_TIMEOUT_S, since_s)
-        if case.storage == "local":
-            volid = parse_config(target_config).get("virtio0") or ""
-            try:
+        try:
+            after = await watch.wait(target.name, before, COUNTER_TIMEOUT_S, since_s)
+            if case.storage == "local":
+                volid = parse_config(target_config).get("virtio0") or ""
                 await check_disk(storage_mod.volume_path(self.storages, volid.split(",")[0]),
                                  self.disk_sum)
-            except BenchError as exc:
-                print(f"  plain  {case.label:<36} FAILED: {exc}", flush=True)
-                return Run(ok=False, error=str(exc))
+        except BenchError as exc:
+            print(f"  plain  {case.label:<36} FAILED: {exc}", flush=True)
+            print(await self._diagnose(target, watch), flush=True)
+            return Run(ok=False, error=str(exc))
         run.pause_ms = watch.pause_ms(source.name, target.name, since_s)
         print_run("plain", case, run, f"steps {run.start_overhead_ms:.0f}+"
                   f"{run.finish_overhead_ms:.0f} ms  counter {before}->{after}")
         return run
+
+
+    async def _diagnose(self, target: Side, watch: CounterWatch) -> str:
+        """The target's state after a failed run (the source has quit already)."""
+        await watch.close()
+        path = target.manager.serial_path(VMID)
+        try:
+            status = (await target.cmd("query-status")).get("status")
+        except (BenchError, QmpError) as exc:
+            status = f"unknown ({exc})"
+        fresh = await probe_serial(path)
+        line = f"    target {target.name}: {status}, QEMU CPU " \
+               f"{await cpu_share(target.manager.pid(VMID))}, last counter " \
+               f"{watch.latest(target.name)}, fresh read {fresh!r}"
+        if "nothing within" in fresh:
+            line += f", silent guest {await silence_length(path)}"
+        return line
 
 
 def check_single_runner(watch: CounterWatch, result: CaseResult, system: str) -> None:
