@@ -621,7 +621,7 @@ async def _set_migration_parameters(run: Run, config: VmConfig, hostname: str,
         {"capability": name, "state": state} for name, state in capabilities.items()])
     run.say("set migration capabilities")
     if not capabilities["auto-converge"]:
-        run.say("auto-converge off: TCG guest (QEMU's throttling corrupts TCG guests)")
+        run.say("xbzrle and auto-converge off: TCG guest (QEMU corrupts TCG guests with them)")
     downtime_ms = _downtime_ms(config)
     bandwidth = _bandwidth_bytes(run.options, config)
     memory_bytes = config.int_value("memory", 512) << 20
