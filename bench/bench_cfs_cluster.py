@@ -295,8 +295,15 @@ class Bench:
         count = self.settings.count
         print(f"throughput ({count} files of 200 B per workload)", flush=True)
         one = [self.guest_dir(1, 1) / f"{100000 + i}.conf" for i in range(count)]
-        self.measure("create, node 1, 1 client", "ops/s",
-                     [[partial(create_file, p, PAYLOAD) for p in one]], "create")
+        row = self.measure("create, node 1, 1 client", "ops/s",
+                           [[partial(create_file, p, PAYLOAD) for p in one]], "create")
+        # node 1's own breakdown of its newest replicated submits (p50 per stage, us)
+        stages = self.fs_status(1).get("submit_stages")
+        if stages:
+            row.extra["submit_stages_node1"] = stages
+            print("  submit stages on node 1 (p50 us): " + ", ".join(
+                f"{k.removesuffix('_p50_us')} {v}" for k, v in stages.items()
+                if k.endswith("_p50_us")), flush=True)
         self.measure("read, node 1, 1 client", "ops/s",
                      [[partial(read_file, p, PAYLOAD) for p in one]], "read")
         self.measure("overwrite, node 1, 1 client", "ops/s",

@@ -192,7 +192,7 @@ class ReplicatedStore:
         return self.store.apply_group(ops, quorate=quorate)
 
     def apply_patch(self, delete: Sequence[str], items: Sequence[PatchItem],
-                    touch_dirs: Sequence[tuple[str, int]] = ()) -> None:
+                    touch_dirs: Sequence[tuple[str, int, int]] = ()) -> None:
         self.store.apply_patch(delete, items, touch_dirs)
 
     def read_file(self, path: str) -> bytes:
@@ -248,7 +248,8 @@ class ReplicatedBackend:
         self._sync_scheduled = False
         self._syncing = False
         self._synced_seq = 0  # the core's applied_seq covered by the last finished sync
-        self._acks_scheduled = False
+        self._ack_turn = False  # an ACK went out in this loop turn
+        self._sending = False  # the send task is inside mcast (pushed back)
         self.timings = SubmitTimings()
         self._unsubscribe: Callable[[], None] | None = None
         self._listeners: list[Callable[[Op], None]] = []
@@ -441,8 +442,7 @@ class ReplicatedBackend:
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Multicast):
-                self._outbox.append(action.payload)
-                self._outbox_ready.set()
+                self._multicast(action.payload)
             elif isinstance(action, Complete):
                 self.timings.mark(action.request_id, 4, self._clock_ns())
                 self._completions.append(action)
@@ -456,14 +456,33 @@ class ReplicatedBackend:
                         log.exception("cfs: a change listener raised")
         if self._completions or self.core.durable_wanted > self._synced_seq:
             self._schedule_sync()
-        if self.core.ack_due and not self._acks_scheduled:
-            self._acks_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_acks)
+        if self.core.ack_due and not self._ack_turn:
+            # The first ACK of a loop turn goes out now, inside the delivery
+            # callback, so it can leave with this node's next token visit;
+            # ops delivered later in the same turn get one cumulative ACK at
+            # its end (_end_ack_turn): at most two per turn, not one per op.
+            self._ack_turn = True
+            asyncio.get_running_loop().call_soon(self._end_ack_turn)
+            self._apply(self.core.flush_acks(self._clock_ns()))
         self._arm_timer()
 
-    def _flush_acks(self) -> None:
-        self._acks_scheduled = False
+    def _end_ack_turn(self) -> None:
+        self._ack_turn = False
         self._guarded(self.core.flush_acks)
+
+    def _multicast(self, payload: bytes) -> None:
+        """Hand `payload` to CPG now if nothing is queued before it (saves the
+        send task's loop turn); else queue it behind the others, in order."""
+        handle = self._handle
+        if not self._outbox and not self._sending and handle is not None \
+                and self.failed is None \
+                and handle.service.client_try_mcast(handle.client_id, handle.group, payload):
+            request_id = self._own_op(self.cpg.nodeid, payload)
+            if request_id:
+                self.timings.mark(request_id, 1, self._clock_ns())
+            return
+        self._outbox.append(payload)
+        self._outbox_ready.set()
 
     def _log_line(self, line: LogLine) -> None:
         level = {"info": logging.INFO, "warning": logging.WARNING}.get(line.level, logging.ERROR)
@@ -543,11 +562,14 @@ class ReplicatedBackend:
             self._outbox_ready.clear()
             while self._outbox and self._handle is not None and self.failed is None:
                 payload = self._outbox.popleft()
+                self._sending = True
                 try:
                     await self._handle.mcast(payload)
                 except Exception as error:
                     self._fail(error)
                     return
+                finally:
+                    self._sending = False
                 request_id = self._own_op(self.cpg.nodeid, payload)
                 if request_id:
                     self.timings.mark(request_id, 1, self._clock_ns())
