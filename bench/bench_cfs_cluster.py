@@ -301,9 +301,10 @@ class Bench:
         stages = self.fs_status(1).get("submit_stages")
         if stages:
             row.extra["submit_stages_node1"] = stages
-            print("  submit stages on node 1 (p50 us): " + ", ".join(
-                f"{k.removesuffix('_p50_us')} {v}" for k, v in stages.items()
-                if k.endswith("_p50_us")), flush=True)
+            for kind in ("p50", "mean"):
+                print(f"  submit stages on node 1 ({kind} us): " + ", ".join(
+                    f"{k.removesuffix(f'_{kind}_us')} {v}" for k, v in stages.items()
+                    if k.endswith(f"_{kind}_us")), flush=True)
         self.measure("read, node 1, 1 client", "ops/s",
                      [[partial(read_file, p, PAYLOAD) for p in one]], "read")
         self.measure("overwrite, node 1, 1 client", "ops/s",

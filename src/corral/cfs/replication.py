@@ -133,11 +133,13 @@ class SubmitTimings:
         self._durable_ns = now_ns
 
     def summary(self) -> dict[str, object]:
-        """p50 per stage in microseconds and the number of samples."""
+        """p50 and mean per stage in microseconds (the means add up to the
+        total's; the medians need not), and the number of samples."""
         out: dict[str, object] = {"count": len(self.samples["total"])}
         for name, values in self.samples.items():
             if values:
                 out[f"{name}_p50_us"] = round(statistics.median(values) / 1000, 1)
+                out[f"{name}_mean_us"] = round(statistics.fmean(values) / 1000, 1)
         return out
 
 
