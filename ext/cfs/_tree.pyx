@@ -11,8 +11,11 @@
 #   with xxh3_64 when an entry is created or renamed. Neither is cryptographic:
 #   the digests detect divergence between honest nodes, they do not defend
 #   against an adversary who can write files.
-# - Versions and writers are deliberately not part of the digest: two nodes that
-#   reached the same content through different operation orders compare equal.
+# - Versions are deliberately not part of the digest: two nodes that reached the
+#   same content through different operation orders compare equal. A directory's
+#   writer is: a lock directory's writer is its holder (only the holder may
+#   refresh it, and the lock's checksum names it), so two nodes that disagree on
+#   it must compare unequal and be repaired by a resync.
 # - readdir keeps a sorted name list per directory, built lazily once
 #   (O(n log n)) and then kept by binary insertion, so a listing of 270,000
 #   entries is one sort plus paging, never the quadratic append of the reference.
@@ -35,6 +38,7 @@ cdef uint64_t K_SIZE = <uint64_t>0xC2B2AE3D27D4EB4FULL
 cdef uint64_t K_COUNT = <uint64_t>0x165667B19E3779F9ULL
 cdef uint64_t TAG_FILE = <uint64_t>0x46494C45ULL
 cdef uint64_t TAG_DIR = <uint64_t>0x44495245ULL
+cdef uint64_t K_WRITER = <uint64_t>0xD6E8FEB86659FD93ULL
 
 ROOT_INO = 1
 NIBBLES_MAX = 16
@@ -62,7 +66,7 @@ cdef uint64_t _hash_entry(Entry entry):
     cdef uint64_t h = entry.name_hash ^ (TAG_DIR if entry.is_dir else TAG_FILE)
     h = _fmix64(h + entry.mtime * K_MTIME)
     if entry.is_dir:
-        h = _fmix64(h ^ _dir_digest(entry))
+        h = _fmix64(h ^ _dir_digest(entry) ^ ((<uint64_t>entry.writer + 1) * K_WRITER))
     else:
         h = _fmix64(h ^ _file_digest(entry.size, entry.content_sum))
     return h

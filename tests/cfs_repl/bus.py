@@ -50,7 +50,7 @@ class MemStore:
         return outcomes
 
     def apply_patch(self, delete: Sequence[str], items: Sequence[PatchItem],
-                    touch_dirs: Sequence[tuple[str, int]] = ()) -> None:
+                    touch_dirs: Sequence[tuple[str, int, int]] = ()) -> None:
         self.kv.apply_batch(self.state.apply_patch(delete, items, touch_dirs))
 
     def read_file(self, path: str) -> bytes:

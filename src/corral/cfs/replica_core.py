@@ -534,7 +534,7 @@ class ReplicaStore(Protocol):
     def apply_group(self, ops: Sequence[tuple[Op, int]], *, quorate: bool) -> list[Outcome]: ...
 
     def apply_patch(self, delete: Sequence[str], items: Sequence[PatchItem],
-                    touch_dirs: Sequence[tuple[str, int]] = ()) -> None: ...
+                    touch_dirs: Sequence[tuple[str, int, int]] = ()) -> None: ...
 
     def read_file(self, path: str) -> bytes: ...
 
@@ -1149,7 +1149,7 @@ class ReplicaCore:
         self._out += [Applied(Op.set_mtime(item.path, item.mtime) if item.is_dir else
                               Op.truncate(item.path, len(item.content or b""), item.mtime))
                       for item in items]
-        self._out += [Applied(Op.set_mtime(path, mtime)) for path, mtime in touch]
+        self._out += [Applied(Op.set_mtime(path, mtime)) for path, mtime, _ in touch]
         sync.report.fetched += len(items)
         sync.report.deleted += len(delete)
         if last:

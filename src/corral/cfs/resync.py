@@ -15,8 +15,9 @@ Protocol (sans-I/O; the caller carries the messages):
      whose type or file content differs, and descends into directories on
      both sides whose hashes differ.
    - `Missing`: the source has no directory there (it changed meanwhile).
-   Every answer carries the queried directory's mtime, so a directory that
-   differs only in its own mtime is fixed too.
+   Every answer carries the queried directory's mtime and writer, so a
+   directory that differs only in its own metadata is fixed too (a lock
+   directory's writer is its holder).
 3. The source sends `PatchItem`s for the fetched paths (a whole subtree for
    a directory the requester lacks); the requester applies deletions, then
    items, with `CfsState.apply_patch`, as one atomic batch.
@@ -56,6 +57,7 @@ class Buckets:
     depth: int
     prefix: int
     dir_mtime: int
+    dir_writer: int
     sums: tuple[int, ...]
 
 
@@ -65,6 +67,7 @@ class Entries:
     depth: int
     prefix: int
     dir_mtime: int
+    dir_writer: int
     entries: tuple[tuple[str, bool, int], ...]
 
 
@@ -99,21 +102,24 @@ def answer(tree: Tree, query: Query, leaf_max: int = LEAF_MAX) -> Answer:
     count = tree.range_count(directory, query.depth, query.prefix)
     if count > leaf_max and query.depth < NIBBLES_MAX:
         sums, _ = tree.bucket_sums(directory, query.depth, query.prefix)
-        return Buckets(query.path, query.depth, query.prefix, directory.mtime, tuple(sums))
+        return Buckets(query.path, query.depth, query.prefix, directory.mtime,
+                       directory.writer, tuple(sums))
     entries = tuple(tree.range_entries(directory, query.depth, query.prefix))
-    return Entries(query.path, query.depth, query.prefix, directory.mtime, entries)
+    return Entries(query.path, query.depth, query.prefix, directory.mtime, directory.writer,
+                   entries)
 
 
 @dataclass(slots=True)
 class ResyncWalk:
     """The requester side. Feed each round's answers; collect `fetch`
     (source paths to copy, directories as whole subtrees), `delete` (local
-    paths to remove) and `touch_dirs` (directories whose own mtime differs)."""
+    paths to remove) and `touch_dirs` (directories whose own mtime or writer
+    differs, with the source's values)."""
 
     tree: Tree
     fetch: list[str] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
-    touch_dirs: list[tuple[str, int]] = field(default_factory=list)
+    touch_dirs: list[tuple[str, int, int]] = field(default_factory=list)
     queries_sent: int = 0
 
     def start(self, source_digest: int) -> list[Query]:
@@ -136,8 +142,9 @@ class ResyncWalk:
                 # Cannot happen for queries we made; refetch the directory whole.
                 self.fetch.append(item.path)
                 continue
-            if item.depth == 0 and item.path and item.dir_mtime != local.mtime:
-                self.touch_dirs.append((item.path, item.dir_mtime))
+            if item.depth == 0 and item.path and \
+                    (item.dir_mtime, item.dir_writer) != (local.mtime, local.writer):
+                self.touch_dirs.append((item.path, item.dir_mtime, item.dir_writer))
             if isinstance(item, Buckets):
                 queries += self._compare_buckets(local, item)
             else:
@@ -225,7 +232,7 @@ _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_ANSWER_HEAD = struct.Struct("<BBQQ")
+_ANSWER_HEAD = struct.Struct("<BBQQI")
 _ITEM_HEAD = struct.Struct("<BQI")
 _KIND_MISSING, _KIND_BUCKETS, _KIND_ENTRIES = 0, 1, 2
 
@@ -294,12 +301,14 @@ def encode_answers(answers: Sequence[Answer]) -> bytes:
     parts = [_U32.pack(len(answers))]
     for item in answers:
         if isinstance(item, Missing):
-            parts += [_ANSWER_HEAD.pack(_KIND_MISSING, 0, 0, 0), _text(item.path)]
+            parts += [_ANSWER_HEAD.pack(_KIND_MISSING, 0, 0, 0, 0), _text(item.path)]
         elif isinstance(item, Buckets):
-            parts += [_ANSWER_HEAD.pack(_KIND_BUCKETS, item.depth, item.prefix, item.dir_mtime),
+            parts += [_ANSWER_HEAD.pack(_KIND_BUCKETS, item.depth, item.prefix, item.dir_mtime,
+                                        item.dir_writer),
                       _text(item.path), struct.pack("<16Q", *item.sums)]
         else:
-            parts += [_ANSWER_HEAD.pack(_KIND_ENTRIES, item.depth, item.prefix, item.dir_mtime),
+            parts += [_ANSWER_HEAD.pack(_KIND_ENTRIES, item.depth, item.prefix, item.dir_mtime,
+                                        item.dir_writer),
                       _text(item.path), _U32.pack(len(item.entries))]
             for name, is_dir, digest in item.entries:
                 parts += [_text(name), _U8.pack(is_dir), _U64.pack(digest)]
@@ -310,7 +319,7 @@ def decode_answers(data: bytes) -> list[Answer]:
     reader = _Reader(data)
     out: list[Answer] = []
     for _ in range(reader.count(ENTRIES_MAX)):
-        kind, depth, prefix, dir_mtime = reader.unpack(_ANSWER_HEAD)
+        kind, depth, prefix, dir_mtime, dir_writer = reader.unpack(_ANSWER_HEAD)
         path = reader.text()
         if depth > NIBBLES_MAX:
             raise DecodeError("walk depth over its bound")
@@ -318,7 +327,7 @@ def decode_answers(data: bytes) -> list[Answer]:
             out.append(Missing(path))
         elif kind == _KIND_BUCKETS:
             sums = struct.unpack("<16Q", reader.take(128))
-            out.append(Buckets(path, depth, prefix, dir_mtime, sums))
+            out.append(Buckets(path, depth, prefix, dir_mtime, dir_writer, sums))
         elif kind == _KIND_ENTRIES:
             entries = []
             for _ in range(reader.count(ENTRIES_MAX)):
@@ -326,7 +335,7 @@ def decode_answers(data: bytes) -> list[Answer]:
                 (is_dir,) = reader.unpack(_U8)
                 (digest,) = reader.unpack(_U64)
                 entries.append((name, bool(is_dir), digest))
-            out.append(Entries(path, depth, prefix, dir_mtime, tuple(entries)))
+            out.append(Entries(path, depth, prefix, dir_mtime, dir_writer, tuple(entries)))
         else:
             raise DecodeError(f"unknown walk answer kind {kind}")
     reader.finish()

@@ -631,7 +631,7 @@ class CfsState:
         return out
 
     def apply_patch(self, delete: Sequence[str], items: Sequence[PatchItem],
-                    touch_dirs: Sequence[tuple[str, int]] = ()) -> list[Mutation]:
+                    touch_dirs: Sequence[tuple[str, int, int]] = ()) -> list[Mutation]:
         """Make this tree equal the source's where the digest walk found
         differences; bypasses the rules (the source already applied them).
         Returns the mutations, to be written as one atomic batch."""
@@ -640,11 +640,11 @@ class CfsState:
             mutations += self._sync_delete(path)
         for item in items:
             mutations += self._sync_put(item)
-        for path, mtime in touch_dirs:
+        for path, mtime, writer in touch_dirs:
             entry = self.tree.lookup(path)
             if entry is not None and entry.is_dir and entry.parent is not None:
-                version = self._next_version(entry.writer, mtime)
-                self.tree.set_meta(entry, mtime, version, entry.writer)
+                version = self._next_version(writer, mtime)
+                self.tree.set_meta(entry, mtime, version, writer)
                 mutations.append(self._meta(entry))
         mutations.append(self._head())
         self.rebuild_guests()

@@ -168,7 +168,7 @@ class Store:
         return outcomes
 
     def apply_patch(self, delete: Sequence[str], items: Sequence[PatchItem],
-                    touch_dirs: Sequence[tuple[str, int]] = ()) -> None:
+                    touch_dirs: Sequence[tuple[str, int, int]] = ()) -> None:
         """Persist a resync patch as one atomic batch."""
         self._write(self.state.apply_patch(delete, items, touch_dirs))
 
