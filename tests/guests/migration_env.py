@@ -89,6 +89,7 @@ class SerialWatch:
         self.vmid = vmid
         self.samples: list[tuple[float, int, int]] = []
         self.connections: dict[int, list[str]] = {n: [] for n in cluster.nodeids}
+        self.other_lines: list[tuple[float, int, str]] = []    # bounded, for diagnostics
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._watch, args=(n,), daemon=True)
@@ -130,6 +131,8 @@ class SerialWatch:
                 if text.startswith("corral-counter "):
                     with self.lock:
                         self.samples.append((now, nodeid, int(text.split()[1])))
+                elif text and len(self.other_lines) < 200:
+                    self.other_lines.append((now, nodeid, text[:200]))
         return received
 
     def close(self) -> None:
@@ -150,7 +153,8 @@ class SerialWatch:
             time.sleep(0.1)
         raise AssertionError(f"no counter above {above} from node {nodeid} within {timeout_s} s "
                              f"(now {time.monotonic():.1f}; serial connections: "
-                             f"{self.connections[nodeid][-4:]})")
+                             f"{self.connections[nodeid][-4:]}; other lines: "
+                             f"{self.other_lines[-30:]})")
 
     def check_single_runner(self, moves: int) -> None:
         """The guest never ran on two nodes at once. Two running copies would both go on
@@ -163,7 +167,8 @@ class SerialWatch:
         values = [value for value, _ in samples]
         repeated = sorted({v for v in values if values.count(v) > 1})
         assert not repeated, f"counter values printed twice: {repeated[:10]} " \
-            f"by nodes {[n for v, n in samples if v in repeated[:3]]}"
+            f"by nodes {[n for v, n in samples if v in repeated[:3]]}; other lines: " \
+            f"{self.other_lines[-30:]}"
         switches = [samples[i] for i in range(1, len(samples))
                     if samples[i][1] != samples[i - 1][1]]
         assert len(switches) <= moves, f"the printing node alternates: {switches[:10]}"
