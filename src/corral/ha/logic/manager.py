@@ -48,6 +48,8 @@ class Manager:
         self.node_request: dict[str, dict[str, Any]] = dict(status.get("node_request") or {})
         self.disarm: dict[str, str] | None = status.get("disarm")
         self.last_seen_ns: dict[str, int] = {}
+        self.seen_online: set[str] = set()
+        self.lock_probed_ns: dict[str, int] = {}
         self.crs_mode = CrsMode.BASIC
         self.crs_seen = False
         self.rebalance_on_start = False
@@ -82,7 +84,28 @@ class Manager:
         if self.node_status.get(node) == NodeState.ONLINE:
             return False
         last_seen = self.last_seen_ns.setdefault(node, self.now_ns)
-        return self.now_ns - last_seen >= self.timings.fence_delay_ns
+        if self.now_ns - last_seen >= self.timings.fence_delay_ns:
+            return True
+        if not self._fenced_before_term(node):
+            return False
+        # Count as seen offline for a whole fence delay: later checks need no lock attempt.
+        self.last_seen_ns[node] = self.now_ns - self.timings.fence_delay_ns
+        return True
+
+    def _fenced_before_term(self, node: str) -> bool:
+        """Whether a node this master never saw online is already fenced (its agent lock can
+        be taken). The lock is taken at most once per round and node; the fence pass then
+        keeps it. Why this is safe: HaTimings' module docstring and docs/ha.md."""
+        if (not self.timings.fence_delay_from_lock or node in self.seen_online
+                or self.node_status.get(node) == NodeState.MAINTENANCE
+                or self.lock_probed_ns.get(node) == self.now_ns):
+            return False
+        self.lock_probed_ns[node] = self.now_ns
+        if not self.env.get_agent_lock(node):
+            return False
+        self.log("info", f"node '{node}': agent lock taken, it was not renewed for the lock "
+                         "timeout - counting the fence delay as elapsed")
+        return True
 
     def change(self, sid: str, new_state: ServiceState, **fields: Any) -> None:
         entry = self.service_status[sid]
@@ -219,6 +242,7 @@ class Manager:
             mode = self.lrm_modes.get(node, LrmMode.ACTIVE)
             if online:
                 self.last_seen_ns[node] = self.now_ns
+                self.seen_online.add(node)
                 if state in (None, NodeState.UNKNOWN, NodeState.GONE):
                     self._set_node_state(node, NodeState.ONLINE)
                 elif state == NodeState.ONLINE and mode == LrmMode.MAINTENANCE:
