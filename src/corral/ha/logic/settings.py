@@ -126,7 +126,7 @@ def timings_from_mapping(values: dict[str, Any]) -> HaTimings:
     if profile_name not in PROFILES:
         raise ConfigError("profile", f"unknown timing profile {profile_name!r} "
                                      f"(known: {', '.join(sorted(PROFILES))})")
-    changes: dict[str, int] = {}
+    changes: dict[str, Any] = {}  # int seconds for the keys of _KEYS
     for key, value in values.items():
         if key == "profile":
             continue
