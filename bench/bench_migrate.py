@@ -74,6 +74,7 @@ VMID = 900
 DIRTY_FRACTION = 3 / 8          # 96 MiB of 256, 384 MiB of 1 GiB, as the anchor's runs
 DIRTY_PERIOD_S = "0.01"
 IDLE_PERIOD_S = "0.02"
+PLAIN_CONT_DELAY_S = float(os.environ.get("CORRAL_BENCH_PLAIN_CONT_DELAY_MS", "0")) / 1000
 TASK_LIST_CHECKED = 10          # recent migration tasks looked up in the cluster task list
 DISK_DATA_FRACTION = 0.5        # half of the local disk is random data, half sparse
 
@@ -523,6 +524,8 @@ async def plain_migrate(source: Side, target: Side, target_config: str, case: Ca
     completed_at = time.monotonic()
     if case.storage == "local":
         disk_bytes = max(disk_bytes, await finish_mirror(source, target))
+    if PLAIN_CONT_DELAY_S:        # experiments: a hand-over as slow as Corral's
+        await asyncio.sleep(PLAIN_CONT_DELAY_S)
     await target.cmd("cont")
     resumed_at = time.monotonic()
     status = (await target.cmd("query-status")).get("status")
