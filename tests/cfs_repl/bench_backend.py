@@ -58,6 +58,11 @@ async def run(n_files: int, concurrency: int) -> None:
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     print(f"{n_files} files, {concurrency} submitters: {n_files / elapsed:.0f} files/s, "
           f"CPU {cpu / n_files * 1e3:.2f} ms per file (3 replicas)")
+    stages = backends[1].status().get("submit_stages")
+    if isinstance(stages, dict):
+        print("  node 1 submit stages (mean us): " + ", ".join(
+            f"{k.removesuffix('_mean_us')} {v}" for k, v in stages.items()
+            if k.endswith("_mean_us")))
     for backend in backends.values():
         await backend.stop()
     await network.stop()
