@@ -80,9 +80,15 @@ def checksum(path: str) -> str:
     return digest.hexdigest()
 
 
+CRASH_MARKERS = ("Oops:", "BUG:", "general protection fault", "Kernel panic")
+
+
 class SerialWatch:
     """Reads the counter lines of the guest's serial socket on every node (connecting
-    whenever a socket appears) and records (monotonic s, node, value)."""
+    whenever a socket appears) and records (monotonic s, node, value). Every instance is
+    listed in `instances` so a test can look for a guest kernel crash afterwards."""
+
+    instances: list[SerialWatch] = []
 
     def __init__(self, cluster: GuestCluster, vmid: int) -> None:
         self.cluster = cluster
@@ -92,6 +98,7 @@ class SerialWatch:
         self.other_lines: list[tuple[float, int, str]] = []    # bounded, for diagnostics
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        SerialWatch.instances.append(self)
         self.threads = [threading.Thread(target=self._watch, args=(n,), daemon=True)
                         for n in cluster.nodeids]
         for thread in self.threads:
@@ -139,6 +146,14 @@ class SerialWatch:
         self.stop.set()
         for thread in self.threads:
             thread.join(2)
+
+    def crash_line(self) -> str | None:
+        """The first guest kernel crash line seen on any node (node, text), if any."""
+        with self.lock:
+            for _, nodeid, text in self.other_lines:
+                if any(marker in text for marker in CRASH_MARKERS):
+                    return f"node{nodeid}: {text}"
+        return None
 
     def values(self, nodeid: int) -> list[int]:
         with self.lock:

@@ -30,7 +30,7 @@ Phases: prepare (checks, no side effects: lock, HA, quorum, target online, stora
 running needs --online, CPU model; target `precheck`) -> phase1 (`lock: migrate`; offline
 copy of local volumes through qemu-nbd on the target) -> phase2 (target QEMU with
 `-incoming defer -S` started by the target's corrald; local disks mirrored to its NBD
-exports until ready; RAM migration with xbzrle + auto-converge (KVM only), downtime limit doubled
+exports until ready; RAM migration with xbzrle + auto-converge, downtime limit doubled
 when it does not converge) -> phase3 (config rewritten and renamed into the target's
 directory only after QEMU reports `completed`, target resumed, source stopped, source
 volumes freed, lock cleared). A failure before the rename cancels the migration,
@@ -620,8 +620,6 @@ async def _set_migration_parameters(run: Run, config: VmConfig, hostname: str,
     await qmp_call(run.qmp, "migrate-set-capabilities", capabilities=[
         {"capability": name, "state": state} for name, state in capabilities.items()])
     run.say("set migration capabilities")
-    if not capabilities["auto-converge"]:
-        run.say("xbzrle and auto-converge off: TCG guest (QEMU corrupts TCG guests with them)")
     downtime_ms = _downtime_ms(config)
     bandwidth = _bandwidth_bytes(run.options, config)
     memory_bytes = config.int_value("memory", 512) << 20
