@@ -1,7 +1,7 @@
 """HA failover time on a real 3-node corrald cluster (`python -m bench ha_failover`).
 
     python -m bench ha_failover [--profile fast|reference|both] [--repeats N]
-                                [--workdir D] [--json F]
+                                [--victim guest|master] [--workdir D] [--json F]
 
 Builds a 3-node cluster on loopback like `corral demo` (corrald per node, each with its FUSE
 mount), writes `ha-timing: profile=<p>` into datacenter.cfg (the filesystem's lock expiry and
@@ -14,6 +14,11 @@ HA test guest, vm:100. Each repeat then:
 2. measures the time until vm:100 runs on another node (guest pid alive, polled every 50 ms);
 3. restarts the dead node's corrald and corral-ha and waits for the cluster to be whole and
    the node's LRM active again before the next repeat.
+
+`--victim master` first moves vm:100 to the current HA master's node (`corral ha migrate`,
+not timed), so that every repeat kills the master together with the guest's node (the slow
+case: the manager lock must expire before anybody recovers); `guest` (default) kills
+wherever the guest runs, which is the master's node only now and then.
 
 A safety checker samples all nodes' guests every 50 ms during the whole run: a HA guest
 running on two nodes at once is a violation and fails the run (exit status 1).
@@ -57,9 +62,10 @@ class Run:
 class Bench:
     """One cluster, one HA guest, repeated node kills."""
 
-    def __init__(self, workdir: Path, profile: str) -> None:
+    def __init__(self, workdir: Path, profile: str, victim: str = "guest") -> None:
         self.workdir = workdir
         self.profile = profile
+        self.victim = victim
         self.cluster = DemoCluster(3, str(workdir / "cluster"),
                                    prefix=f"crl-hab{os.getpid() % 1000}", use_netns=False,
                                    cluster_name="habench")
@@ -117,7 +123,22 @@ class Bench:
             return None
         return str(master) if master else None
 
+    def _guest_to_master(self) -> None:
+        """Move vm:100 to the master's node (not timed) so the kill takes both."""
+        master = self.master()
+        if master is None or self.checker.running_on.get(VMID) == {master}:
+            return
+        moved = ha_cli(self.mounts[1], "migrate", f"vm:{VMID}", master)
+        if moved.returncode != 0:
+            raise RuntimeError(f"corral ha migrate: {moved.stderr}")
+        wait_for(lambda: self.checker.running_on.get(VMID) == {master}, 90,
+                 f"vm:{VMID} running on the master {master}")
+        if self.master() != master:
+            raise RuntimeError("the HA master changed while the guest moved to it")
+
     def repeat(self) -> tuple[float, bool]:
+        if self.victim == "master":
+            self._guest_to_master()
         victim = self.running_node()
         victim_name = self.names[victim]
         master_killed = self.master() == victim_name
@@ -145,9 +166,9 @@ class Bench:
         self.cluster.close()
 
 
-def run_profile(profile: str, repeats: int, workdir: Path) -> Run:
+def run_profile(profile: str, repeats: int, workdir: Path, victim: str = "guest") -> Run:
     result = Run(profile)
-    bench = Bench(workdir / profile, profile)
+    bench = Bench(workdir / profile, profile, victim)
     try:
         bench.setup()
         for index in range(repeats):
@@ -194,6 +215,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=("fast", "reference", "both"), default="fast")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--victim", choices=("guest", "master"), default="guest",
+                        help="kill the guest's node (default) or first move the guest to the "
+                             "master's node and kill both")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path, help="write the figures as JSON here")
     return parser.parse_args(argv)
@@ -209,7 +233,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="crl-habench-") as scratch:
         workdir = args.workdir or Path(scratch)
         for profile in profiles:
-            runs.append(run_profile(profile, args.repeats, workdir))
+            runs.append(run_profile(profile, args.repeats, workdir, args.victim))
     print(table(runs))
     for run in runs:
         for violation in run.violations:

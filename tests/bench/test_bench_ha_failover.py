@@ -31,6 +31,8 @@ def test_command_line() -> None:
     args = parse_args(["--profile", "both", "--repeats", "3"])
     assert args.profile == "both" and args.repeats == 3 and args.json is None
     assert parse_args([]).profile == "fast" and parse_args([]).repeats == 5
+    assert parse_args([]).victim == "guest"
+    assert parse_args(["--victim", "master"]).victim == "master"
 
 
 def test_violation_or_missing_repeat_fails_the_run() -> None:
