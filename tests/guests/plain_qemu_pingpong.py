@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,6 +125,7 @@ async def main(rounds: int, capabilities: bool, disk: bool) -> int:
             pid = manager.pid(VMID)
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(workdir, ignore_errors=True)
     return crashed
 
 
