@@ -19,7 +19,11 @@ Public API (stable; the HA resource agent and the benchmark call it):
   HA manager (task type `hamigrate`) unless `MigrateOptions(from_ha=True)`, which the
   HA resource agent itself passes.
 
-The task log carries the reference's lines (timestamped), progress, and two timing lines
+Call it from a process other than corrald (the CLI, the HA daemon, a benchmark): it reads
+and renames files in the mounted tree, which corrald's own event loop serves, and it
+takes the guest's flock (up to 10 s) without yielding.
+
+The task log carries the reference's lines (timestamped), progress, and timing lines
 for the benchmark: `timing: command to QEMU migration start N ms`, `timing: QEMU
 completion to target resumed N ms` (config moved and `cont` done on the target: what
 the guest's pause lasts beyond QEMU's own downtime, up to one poll of query-migrate
