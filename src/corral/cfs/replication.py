@@ -246,6 +246,7 @@ class ReplicatedBackend:
         self._outbox_ready = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline_ns: int | None = None
         self._completions: list[Complete] = []  # confirmed, waiting for a covering sync
         self._sync_scheduled = False
         self._syncing = False
@@ -550,13 +551,19 @@ class ReplicatedBackend:
     def _arm_timer(self) -> None:
         deadline = self.core.next_deadline_ns()
         if self._timer is not None:
+            if deadline == self._timer_deadline_ns:
+                return  # unchanged (the common case): no new loop timer per event
             self._timer.cancel()
             self._timer = None
         if deadline is None:
             return
         delay_s = max(0.0, (deadline - self._clock_ns()) / _NS_PER_S)
-        self._timer = asyncio.get_running_loop().call_later(
-            delay_s, self._guarded, self.core.timer)
+        self._timer_deadline_ns = deadline
+        self._timer = asyncio.get_running_loop().call_later(delay_s, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._guarded(self.core.timer)
 
     async def _send_loop(self) -> None:
         while True:
