@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "nodes": ("corral.cluster.cli:nodes", "list cluster nodes"),
     "updatecerts": ("corral.cluster.cli:updatecerts", "renew this node's certificate"),
     "qm": ("corral.guests.cli:main", "manage QEMU guests on this node"),
+    "tasks": ("corral.guests.clustertasks:main", "recent tasks of every node in the cluster"),
     "version": ("corral.cli:version", "print the software version"),
 }
 

@@ -4,6 +4,7 @@ tree, task listing, and every bad-input case giving a clear message and exit sta
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -106,3 +107,25 @@ def test_list_survives_a_broken_config(qm, tmp_path: Path) -> None:  # type: ign
     assert code == 0 and "good" in out and "unknown" in out
     code, _, err = qm("config", "101")
     assert code == 2 and "memory: expected an integer" in err
+
+
+def test_tasks_are_published_for_the_cluster_list(qm, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from corral.cli import main as corral_main
+
+    assert qm("create", "100", "--memory", "128")[0] == 0
+    # Every task begin/end publishes this node's list into the tree.
+    published = json.loads((tmp_path / "tree/nodes/n1/tasks.json").read_text())
+    assert "qmcreate" in json.dumps(published)
+    # Another node's list, as the replicated tree would hold it.
+    other = tmp_path / "tree/nodes/n2"
+    other.mkdir(parents=True)
+    (other / "tasks.json").write_text((tmp_path / "tree/nodes/n1/tasks.json").read_text()
+                                      .replace(":n1:", ":n2:").replace('"n1"', '"n2"'))
+    code, out, _ = qm("tasks", "--cluster")
+    assert code == 0 and ":n1:" in out and ":n2:" in out and "qmcreate" in out
+    code = corral_main(["tasks", "--root", str(tmp_path / "tree"), "--node", "n1",
+                        "--task-dir", str(tmp_path / "tasks"), "--output-format", "json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0 and {row["node"] for row in rows} == {"n1", "n2"}
+    assert qm("tasks", "--cluster", "--limit", "x")[0] == 2

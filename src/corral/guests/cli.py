@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from corral.guests.clustertasks import cluster_tasks_command
 from corral.guests.config import ConfigError, write_config
 from corral.guests.migrate import (
     MigrateOptions,
@@ -57,7 +58,7 @@ verbs:
   migrate VMID TARGET [--online] [--with-local-disks] [--targetstorage S|SRC:DST,...]
           [--bwlimit KIB_S] [--migration-type secure|insecure] [--migration-network CIDR]
   migrate-cancel VMID                    abort a running migration (guest stays here)
-  tasks [--limit N] | task-status UPID | task-log UPID
+  tasks [--limit N] [--cluster [--output-format text|json]] | task-status UPID | task-log UPID
 global: --state-dir DIR (corrald state dir, for migrate; default $CORRAL_STATE_DIR or
         /var/lib/corral)"""
 
@@ -192,6 +193,9 @@ def _cmd_status(manager: GuestManager, args: list[str]) -> int:
 
 
 def _cmd_tasks(manager: GuestManager, args: list[str]) -> int:
+    if "--cluster" in args:
+        args.remove("--cluster")
+        return cluster_tasks_command(manager.root, manager.node, manager.tasks.task_dir, args)
     options = _options(args)
     _only(options, ("limit",))
     limit = options.get("limit", "50")

@@ -68,6 +68,7 @@ class GuestManager:
         self.node = node
         self.run_dir = run_dir
         self.tasks = TaskStore(task_dir, node)
+        self.tasks.publish_to(root)  # nodes/<node>/tasks.json: the cluster-wide task list
         self.state_dir: str | None = None    # corrald's (migration); None: the default
         self.test_guest_dir = test_guest_dir or os.environ.get(
             "CORRAL_TEST_GUEST_DIR", DEFAULT_TEST_GUEST_DIR)
