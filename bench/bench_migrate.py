@@ -1139,8 +1139,11 @@ async def run_plain(args: argparse.Namespace, workdir: Path) -> list[CaseResult]
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if not os.path.exists(os.path.join(args.guest_dir, "vmlinuz")):
-        print(f"no test guest in {args.guest_dir} (run scripts/build-test-guest.sh)", file=sys.stderr)
+    # The build script is idempotent: it installs what it needs and builds once.
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "scripts", "build-test-guest.sh")
+    if subprocess.run([script, args.guest_dir], check=False).returncode != 0:
+        print(f"cannot build the test guest in {args.guest_dir} ({script})", file=sys.stderr)
         return 2
     load_before = load_average()
     started = time.monotonic()
