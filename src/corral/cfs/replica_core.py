@@ -215,6 +215,12 @@ _FRAG = struct.Struct("<III")
 _LOG_HEAD = struct.Struct("<IQBI")
 
 
+_KIND_OP = int(MsgType.OP)
+_KIND_ACK = int(MsgType.ACK)
+_OP_END = HEADER.size + _OP_HEAD.size
+_ACK_END = HEADER.size + _DONE.size
+
+
 def _head(kind: MsgType) -> bytes:
     return HEADER.pack(MAGIC, FORMAT_VERSION, int(kind))
 
@@ -315,6 +321,18 @@ def decode(payload: bytes) -> Message:
         raise NewerVersion(f"cfs format {version}, this node speaks {FORMAT_VERSION}")
     if version != FORMAT_VERSION:
         raise DecodeError(f"cfs format {version} is no longer spoken")
+    # The two messages of every replicated write, parsed without a reader.
+    if kind == _KIND_OP:
+        if len(payload) < _OP_END:
+            raise DecodeError("cfs message truncated")
+        origin, request_id = _OP_HEAD.unpack_from(payload, HEADER.size)
+        return OpMsg(origin, request_id, bytes(payload[_OP_END:]))
+    if kind == _KIND_ACK:
+        if len(payload) != _ACK_END:
+            raise DecodeError("cfs message truncated" if len(payload) < _ACK_END else
+                              "trailing bytes after cfs message")
+        node, counter, position = _DONE.unpack_from(payload, HEADER.size)
+        return Ack((node, counter), position)
     try:
         msg_type = MsgType(kind)
     except ValueError:
