@@ -684,40 +684,6 @@ def print_run(system: str, case: Case, run: Run, extra: str = "") -> None:
 # --- Corral: the same guest on a 2-node demo cluster -------------------------------------
 
 
-class BenchCluster(DemoCluster):
-    """A DemoCluster on 127.0.0.x whose corrald processes get their own guest run and
-    task dirs (both nodes share this host), with one shared and one local storage per
-    node in storage.cfg."""
-
-    def run_dir(self, nodeid: int) -> str:
-        return str(self.workdir / self.name(nodeid) / "run")
-
-    def task_dir(self, nodeid: int) -> str:
-        return str(self.workdir / self.name(nodeid) / "tasks")
-
-    def start(self, nodeid: int, wait_for_cluster: bool = False) -> None:
-        self.state_dir(nodeid).mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "corral.daemon.main", "--state-dir",
-                str(self.state_dir(nodeid)), "--stats-interval", str(self.stats_interval_s),
-                "--guest-run-dir", self.run_dir(nodeid), "--guest-task-dir", self.task_dir(nodeid)]
-        if wait_for_cluster:
-            argv.append("--wait-for-cluster")
-        with open(self.log_path(nodeid), "ab") as log:
-            self.processes[nodeid] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                                      stderr=log, start_new_session=True)
-
-    def manager(self, nodeid: int, guest_dir: str) -> GuestManager:
-        return GuestManager(str(self.mount(nodeid)), self.name(nodeid), self.run_dir(nodeid),
-                            self.task_dir(nodeid), test_guest_dir=guest_dir)
-
-    def write_storage_cfg(self) -> None:
-        lines = [f"dir: shared\n\tpath {self.workdir}/shared\n\tcontent images\n\tshared 1\n"]
-        for nodeid in self.nodeids:
-            lines.append(f"dir: local{nodeid}\n\tpath {self.workdir}/{self.name(nodeid)}/local\n"
-                         f"\tcontent images\n\tnodes {self.name(nodeid)}\n")
-        (self.mount(1) / "storage.cfg").write_text("\n".join(lines))
-
-
 @dataclass(frozen=True)
 class TaskFigures:
     """What a migration task's log says about it (QEMU's figures and M1's timings)."""
@@ -772,11 +738,11 @@ def parse_task_log(lines: list[str]) -> TaskFigures:
 class CorralBench:
     """The same guests as PlainBench, migrated by Corral between the demo cluster's nodes."""
 
-    def __init__(self, cluster: BenchCluster, guest_dir: str, quick: bool) -> None:
+    def __init__(self, cluster: DemoCluster, guest_dir: str, quick: bool) -> None:
         self.cluster = cluster
         self.guest_dir = guest_dir
         self.quick = quick
-        self.managers = {n: cluster.manager(n, guest_dir) for n in cluster.nodeids}
+        self.managers = {n: cluster.guest_manager(n, guest_dir) for n in cluster.nodeids}
         for nodeid, manager in self.managers.items():     # the cluster-wide task list
             manager.tasks.publish_to(str(cluster.mount(nodeid)))
         self.state_dirs = {n: str(cluster.state_dir(n)) for n in cluster.nodeids}
@@ -942,7 +908,7 @@ class CorralBench:
             await asyncio.sleep(0.2)
 
 
-async def run_corral_groups(args: argparse.Namespace, cluster: BenchCluster) -> list[CaseResult]:
+async def run_corral_groups(args: argparse.Namespace, cluster: DemoCluster) -> list[CaseResult]:
     bench = CorralBench(cluster, args.guest_dir, args.quick)
     results: list[CaseResult] = []
     for size in args.sizes:
@@ -964,7 +930,7 @@ def run_corral(args: argparse.Namespace, workdir: Path) -> list[CaseResult]:
     # The baseline runs TCG (KVM does not boot a guest on this host); so do both nodes,
     # which inherit this (the probe would otherwise take 10 s and could differ).
     os.environ["CORRAL_ACCEL"] = "tcg"
-    cluster = BenchCluster(2, str(workdir / "cluster"), prefix="crl-mig", use_netns=False,
+    cluster = DemoCluster(2, str(workdir / "cluster"), prefix="crl-mig", use_netns=False,
                            stats_interval_s=60)
     try:
         cluster.setup_network()

@@ -37,7 +37,7 @@ def main(rounds: int) -> None:
         cluster.setup_network()
         cluster.build()
         cluster.write_storage_cfg()
-        managers = {n: cluster.manager(n, guest_dir) for n in cluster.nodeids}
+        managers = {n: cluster.guest_manager(n, guest_dir) for n in cluster.nodeids}
         settings = guest_settings(guest_dir)
         settings["scsi0"] = "shared:0.0625,format=raw"
         managers[1].create(100, settings)
@@ -65,7 +65,7 @@ def main(rounds: int) -> None:
                   {k: round(statistics.median(r[k] for r in rows)) for k in rows[0]})
     finally:
         for nodeid in cluster.nodeids:
-            pid = cluster.manager(nodeid, guest_dir).pid(100)
+            pid = cluster.guest_manager(nodeid, guest_dir).pid(100)
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
         cluster.close()

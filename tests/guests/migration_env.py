@@ -8,50 +8,18 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 from corral.daemon.demo import DemoCluster
-from corral.guests.qemu import GuestManager
 
 MEMORY_MIB = 128
 
 
 class GuestCluster(DemoCluster):
-    """DemoCluster whose corrald processes get per-node guest dirs (two nodes share one
-    host here, so the default /run/corral/qemu-server would collide)."""
-
-    def run_dir(self, nodeid: int) -> str:
-        return str(self.workdir / self.name(nodeid) / "run")
-
-    def task_dir(self, nodeid: int) -> str:
-        return str(self.workdir / self.name(nodeid) / "tasks")
-
-    def start(self, nodeid: int, wait_for_cluster: bool = False) -> None:
-        self.state_dir(nodeid).mkdir(parents=True, exist_ok=True)
-        argv = self._in_node(nodeid, [
-            sys.executable, "-m", "corral.daemon.main", "--state-dir", str(self.state_dir(nodeid)),
-            "--stats-interval", str(self.stats_interval_s),
-            "--guest-run-dir", self.run_dir(nodeid), "--guest-task-dir", self.task_dir(nodeid)])
-        if wait_for_cluster:
-            argv.append("--wait-for-cluster")
-        with open(self.log_path(nodeid), "ab") as log:
-            self.processes[nodeid] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                                      stderr=log, start_new_session=True)
-
-    def manager(self, nodeid: int, guest_dir: str) -> GuestManager:
-        return GuestManager(str(self.mount(nodeid)), self.name(nodeid), self.run_dir(nodeid),
-                            self.task_dir(nodeid), test_guest_dir=guest_dir)
-
-    def write_storage_cfg(self) -> None:
-        lines = [f"dir: shared\n\tpath {self.workdir}/shared\n\tcontent images\n\tshared 1\n"]
-        for nodeid in self.nodeids:
-            lines.append(f"dir: local{nodeid}\n\tpath {self.workdir}/{self.name(nodeid)}/local\n"
-                         f"\tcontent images\n\tnodes {self.name(nodeid)}\n")
-        (self.mount(1) / "storage.cfg").write_text("\n".join(lines))
+    """DemoCluster (per-node guest dirs, shared + local storages) with the migration
+    tests' lookups of where a guest's config and QEMU are."""
 
     def config_path(self, nodeid: int, vmid: int, via: int = 1) -> Path:
         return self.mount(via) / "nodes" / self.name(nodeid) / "qemu-server" / f"{vmid}.conf"
@@ -105,7 +73,7 @@ class SerialWatch:
             thread.start()
 
     def _watch(self, nodeid: int) -> None:
-        path = os.path.join(self.cluster.run_dir(nodeid), f"{self.vmid}.serial0")
+        path = os.path.join(self.cluster.guest_run_dir(nodeid), f"{self.vmid}.serial0")
         while not self.stop.is_set():
             try:
                 with socket.socket(socket.AF_UNIX) as sock:

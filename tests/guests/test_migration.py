@@ -104,7 +104,7 @@ def cluster() -> Iterator[GuestCluster]:
 
 def _kill_guests(cluster: GuestCluster) -> None:
     for nodeid in cluster.nodeids:
-        manager = cluster.manager(nodeid, GUEST_DIR)
+        manager = cluster.guest_manager(nodeid, GUEST_DIR)
         for name in os.listdir(manager.run_dir) if os.path.isdir(manager.run_dir) else []:
             if name.endswith(".pid") and name[:-4].isdigit():
                 pid = manager.pid(int(name[:-4]))
@@ -118,7 +118,7 @@ class Guest:
     def __init__(self, cluster: GuestCluster, vmid: int, storage: str, running: bool,
                  dirty_mib: int = 16) -> None:
         self.cluster, self.vmid = cluster, vmid
-        self.source = cluster.manager(1, GUEST_DIR)
+        self.source = cluster.guest_manager(1, GUEST_DIR)
         settings = guest_settings(GUEST_DIR, dirty_mib)
         settings["scsi0"] = f"{storage}:0.0625,format=raw"
         self.source.create(vmid, settings)
@@ -144,14 +144,14 @@ class Guest:
         assert self.configs.violations == []
         assert self.cluster.config_nodes(self.vmid) == [owner]
         assert self.cluster.config_nodes(self.vmid, via=2) == [owner]
-        manager = self.cluster.manager(owner, GUEST_DIR)
+        manager = self.cluster.guest_manager(owner, GUEST_DIR)
         assert checksum(self.path_of(manager)) == self.disk_sum
 
     def close(self) -> None:
         self.serial.close()
         self.configs.close()
         for nodeid in self.cluster.nodeids:
-            pid = self.cluster.manager(nodeid, GUEST_DIR).pid(self.vmid)
+            pid = self.cluster.guest_manager(nodeid, GUEST_DIR).pid(self.vmid)
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
 
@@ -166,7 +166,7 @@ def guests(cluster: GuestCluster) -> Iterator[list[Guest]]:
 
 def _migrate(cluster: GuestCluster, source: int, vmid: int, target: int,
              **options: object) -> list[str]:
-    manager = cluster.manager(source, GUEST_DIR)
+    manager = cluster.guest_manager(source, GUEST_DIR)
     upid = asyncio.run(migrate(manager, vmid, cluster.name(target), MigrateOptions(**options),  # type: ignore[arg-type]
                                state_dir=str(cluster.state_dir(source))))
     return manager.tasks.read_log(upid)
@@ -174,7 +174,7 @@ def _migrate(cluster: GuestCluster, source: int, vmid: int, target: int,
 
 def _target_leftovers(cluster: GuestCluster, vmid: int, nodeid: int = 2) -> list[str]:
     """Whatever a failed migration could leave on the target: a QEMU, run files, volumes."""
-    manager = cluster.manager(nodeid, GUEST_DIR)
+    manager = cluster.guest_manager(nodeid, GUEST_DIR)
     found = [name for name in os.listdir(manager.run_dir)
              if name.startswith(f"{vmid}.") and not name.endswith(".log")]
     if manager.pid(vmid) is not None:
@@ -200,13 +200,13 @@ def test_online_shared_tls_then_back_insecure_with_the_cli(
     last_on_source = max(guest.serial.values(1))
     guest.serial.wait_value(2, last_on_source, BOOT_TIMEOUT_S)   # counts on where it left off
     assert guest.source.pid(100) is None
-    config = cluster.manager(2, GUEST_DIR).load_config(100)
+    config = cluster.guest_manager(2, GUEST_DIR).load_config(100)
     assert config.get("lock") is None
 
     env = dict(os.environ)
     result = subprocess.run(
         [sys.executable, "-m", "corral.cli", "qm", "--root", str(cluster.mount(2)), "--node",
-         "node2", "--run-dir", cluster.run_dir(2), "--task-dir", cluster.task_dir(2),
+         "node2", "--run-dir", cluster.guest_run_dir(2), "--task-dir", cluster.guest_task_dir(2),
          "--state-dir", str(cluster.state_dir(2)), "migrate", "100", "node1", "--online",
          "--migration-type", "insecure", "--migration-network", "127.0.0.0/24"],
         capture_output=True, text=True, timeout=120, env=env)
@@ -233,7 +233,7 @@ def test_online_with_local_disks_over_tls(cluster: GuestCluster, guests: list[Gu
     assert log[-1] == "TASK OK"
     guest.serial.wait_value(2, max(guest.serial.values(1)), BOOT_TIMEOUT_S)
     assert not os.path.exists(guest.volume_path)
-    config = cluster.manager(2, GUEST_DIR).load_config(101)
+    config = cluster.guest_manager(2, GUEST_DIR).load_config(101)
     assert (config.get("scsi0") or "").startswith("local2:101/vm-101-disk-0.raw,")
     guest.check(owner=2, moves=1)
 
@@ -244,7 +244,7 @@ def test_offline_with_a_local_disk(cluster: GuestCluster, guests: list[Guest]) -
     log = _migrate(cluster, 1, 102, 2, migration_type="insecure", targetstorage="local2")
     assert "copying local disk 'local1:102/vm-102-disk-0.raw'" in "\n".join(log)
     assert log[-1] == "TASK OK"
-    assert cluster.manager(2, GUEST_DIR).pid(102) is None
+    assert cluster.guest_manager(2, GUEST_DIR).pid(102) is None
     guest.check(owner=2, moves=1)
 
 
@@ -252,7 +252,7 @@ def _slow_migration(cluster: GuestCluster, vmid: int, options: MigrateOptions,
                     errors: list[BaseException]) -> threading.Thread:
     def run() -> None:
         try:
-            asyncio.run(migrate(cluster.manager(1, GUEST_DIR), vmid, "node2", options,
+            asyncio.run(migrate(cluster.guest_manager(1, GUEST_DIR), vmid, "node2", options,
                                 state_dir=str(cluster.state_dir(1))))
         except BaseException as exc:
             errors.append(exc)
@@ -291,7 +291,7 @@ def test_target_qemu_killed_mid_migration(cluster: GuestCluster, guests: list[Gu
     config_before = cluster.config_path(1, 103).read_text()
     errors: list[BaseException] = []
     thread = _slow_migration(cluster, 103, MigrateOptions(online=True, bwlimit_kib=4096), errors)
-    target = cluster.manager(2, GUEST_DIR)
+    target = cluster.guest_manager(2, GUEST_DIR)
     wait_until(lambda: _migration_status(guest.source, 103) == "active", 60.0,
                "the RAM migration to start")
     time.sleep(0.5)                                   # well inside the RAM phase at 4 MiB/s
@@ -314,7 +314,7 @@ def test_cancel_during_the_disk_mirror(cluster: GuestCluster, guests: list[Guest
     time.sleep(1.0)                                   # 64 MiB at 2 MiB/s: still mirroring
     result = subprocess.run(
         [sys.executable, "-m", "corral.cli", "qm", "--root", str(cluster.mount(1)), "--node",
-         "node1", "--run-dir", cluster.run_dir(1), "--task-dir", cluster.task_dir(1),
+         "node1", "--run-dir", cluster.guest_run_dir(1), "--task-dir", cluster.guest_task_dir(1),
          "migrate-cancel", "104"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     thread.join(120)
@@ -453,14 +453,14 @@ def test_in_network_namespaces_through_the_cli() -> None:
 
         def qm(nodeid: int, *args: str) -> str:
             result = cluster.corral(nodeid, "qm", "--root", str(cluster.mount(nodeid)), "--node",
-                                    cluster.name(nodeid), "--run-dir", cluster.run_dir(nodeid),
-                                    "--task-dir", cluster.task_dir(nodeid), *args, check=False)
+                                    cluster.name(nodeid), "--run-dir", cluster.guest_run_dir(nodeid),
+                                    "--task-dir", cluster.guest_task_dir(nodeid), *args, check=False)
             assert result.returncode == 0, result.stdout + result.stderr
             return result.stdout
 
         settings = guest_settings(GUEST_DIR)
         settings["scsi0"] = "shared:0.0625,format=raw"
-        cluster.manager(1, GUEST_DIR).create(100, settings)
+        cluster.guest_manager(1, GUEST_DIR).create(100, settings)
         qm(1, "start", "100")
         serial = SerialWatch(cluster, 100)
         serial.wait_value(1, 2, BOOT_TIMEOUT_S)

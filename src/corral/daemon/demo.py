@@ -34,6 +34,7 @@ from corral.demo import (
     raise_interrupt,
     stop_process,
 )
+from corral.guests.qemu import GuestManager
 
 STOP_TIMEOUT_S = 10.0
 QUORATE_TIMEOUT_S = 60.0
@@ -87,6 +88,29 @@ class DemoCluster:
 
     def log_path(self, nodeid: int) -> Path:
         return self.workdir / self.name(nodeid) / "corrald.log"
+
+    # Guests: every node has its own QEMU run and task dirs (the nodes share one host, so
+    # the defaults under /run and /var/log would collide), passed to its corrald (the
+    # target side of migrations) and to its GuestManager.
+
+    def guest_run_dir(self, nodeid: int) -> str:
+        return str(self.workdir / self.name(nodeid) / "run")
+
+    def guest_task_dir(self, nodeid: int) -> str:
+        return str(self.workdir / self.name(nodeid) / "tasks")
+
+    def guest_manager(self, nodeid: int, test_guest_dir: str | None = None) -> GuestManager:
+        return GuestManager(str(self.mount(nodeid)), self.name(nodeid),
+                            self.guest_run_dir(nodeid), self.guest_task_dir(nodeid),
+                            test_guest_dir=test_guest_dir)
+
+    def write_storage_cfg(self) -> None:
+        """One `shared` storage every node sees and a `local<N>` storage per node."""
+        lines = [f"dir: shared\n\tpath {self.workdir}/shared\n\tcontent images\n\tshared 1\n"]
+        for nodeid in self.nodeids:
+            lines.append(f"dir: local{nodeid}\n\tpath {self.workdir}/{self.name(nodeid)}/local\n"
+                         f"\tcontent images\n\tnodes {self.name(nodeid)}\n")
+        (self.mount(self.nodeids[0]) / "storage.cfg").write_text("\n".join(lines))
 
     # ---- setup ---------------------------------------------------------------------
 
@@ -151,7 +175,9 @@ class DemoCluster:
         self.state_dir(nodeid).mkdir(parents=True, exist_ok=True)
         argv = self._in_node(nodeid, [
             sys.executable, "-m", "corral.daemon.main", "--state-dir", str(self.state_dir(nodeid)),
-            "--stats-interval", str(self.stats_interval_s)])
+            "--stats-interval", str(self.stats_interval_s),
+            "--guest-run-dir", self.guest_run_dir(nodeid),
+            "--guest-task-dir", self.guest_task_dir(nodeid)])
         if wait_for_cluster:
             argv.append("--wait-for-cluster")
         with open(self.log_path(nodeid), "ab") as log:
