@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,18 +88,7 @@ def node_dirs_ready(cluster: DemoCluster) -> bool:
 
 def partition(cluster: DemoCluster, nodeid: int, cut: bool) -> None:
     """Drop every packet in and out of node `nodeid`'s namespace except loopback."""
-    netns = cluster.net.netns(nodeid)
-    if cut:
-        script = (f"add table inet {PARTITION_TABLE}\n"
-                  f"add chain inet {PARTITION_TABLE} in {{ type filter hook input priority 0; }}\n"
-                  f"add chain inet {PARTITION_TABLE} out {{ type filter hook output priority 0; }}\n"
-                  f"add rule inet {PARTITION_TABLE} in iifname != \"lo\" drop\n"
-                  f"add rule inet {PARTITION_TABLE} out oifname != \"lo\" drop\n")
-        subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=script,
-                       text=True, check=True)
-    else:
-        subprocess.run(["ip", "netns", "exec", netns, "nft", "delete", "table", "inet",
-                        PARTITION_TABLE], check=False, capture_output=True)
+    cluster.isolate(nodeid, cut, table=PARTITION_TABLE)
 
 
 def _kill_leftovers(cluster: DemoCluster) -> None:

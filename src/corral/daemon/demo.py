@@ -184,6 +184,24 @@ class DemoCluster:
             self.processes[nodeid] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                                       stderr=log, start_new_session=True)
 
+    def isolate(self, nodeid: int, cut: bool, table: str = "crlisolate") -> None:
+        """Cut node `nodeid` off from every other node (nftables in its namespace drops
+        all but loopback traffic), or heal it. Needs the netns mode."""
+        if not self.use_netns:
+            raise RuntimeError("isolating a node needs network namespaces (root)")
+        netns = self.net.netns(nodeid)
+        if cut:
+            script = (f"add table inet {table}\n"
+                      f"add chain inet {table} in {{ type filter hook input priority 0; }}\n"
+                      f"add chain inet {table} out {{ type filter hook output priority 0; }}\n"
+                      f"add rule inet {table} in iifname != \"lo\" drop\n"
+                      f"add rule inet {table} out oifname != \"lo\" drop\n")
+            subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=script,
+                           text=True, check=True)
+        else:
+            subprocess.run(["ip", "netns", "exec", netns, "nft", "delete", "table", "inet",
+                            table], check=False, capture_output=True)
+
     def control(self, nodeid: int, cmd: str, **args: Any) -> Any:
         return request(str(self.layout(nodeid).control_socket), cmd, timeout_s=5.0, **args)
 
