@@ -478,7 +478,7 @@ class ReplicatedBackend:
         send task's loop turn); else queue it behind the others, in order."""
         handle = self._handle
         if not self._outbox and not self._sending and handle is not None \
-                and self.failed is None \
+                and not handle.closed and self.failed is None \
                 and handle.service.client_try_mcast(handle.client_id, handle.group, payload):
             request_id = self._own_op(self.cpg.nodeid, payload)
             if request_id:
