@@ -497,15 +497,12 @@ class CfsState:
 
     def _rename(self, op: Op, writer: int, reader: ChunkReader) -> Outcome:
         src, dst = op.path, op.path2
-        code = self._rename_error(src, dst)
+        code, source, parent, name = self._rename_check(src, dst)
         if code:
             return _fail(code)
-        source = self.tree.lookup(src)
-        assert source is not None
         if src == dst:
             return Outcome(0)
-        _code, parent, name = self._parent_of(dst)
-        assert parent is not None
+        assert source is not None and parent is not None
         target = parent.get_child(name)
         version = self._next_version(writer, op.mtime)
         mutations: list[Mutation] = []
@@ -523,29 +520,38 @@ class CfsState:
         self._touch_observed(src, dst)
         return Outcome(0, mutations)
 
-    def _rename_error(self, src: str, dst: str) -> int:
-        """The errno a rename must fail with, or 0; checks only, no changes."""
+    def _rename_check(self, src: str, dst: str) -> tuple[int, Entry | None, Entry | None, str]:
+        """(errno, source, destination parent, destination name); checks only,
+        no changes. The entries are returned so the rename looks them up once."""
+        code = self._rename_error(src, dst)
+        if code:
+            return code, None, None, ""
+        source = self.tree.lookup(src)
+        if source is None:
+            return errno.ENOENT, None, None, ""
+        code, parent, name = self._parent_of(dst)
+        if parent is None:
+            return code, None, None, ""
+        if src == dst:
+            return 0, source, parent, name
+        target = parent.get_child(name)
+        if source.is_dir:
+            return self._dir_rename_error(source, parent, target), source, parent, name
+        if target is not None and target.is_dir:
+            return errno.EISDIR, None, None, ""
+        if self._guest_conflict(dst, allowed_source=src):
+            return errno.EEXIST, None, None, ""
+        return 0, source, parent, name
+
+    @staticmethod
+    def _rename_error(src: str, dst: str) -> int:
+        """The errno a rename fails with before any lookup, or 0."""
         if not src or not dst:
             return errno.EBUSY
         if rules.is_root_virtual(src) or rules.is_root_virtual(dst):
             return errno.EACCES
         if rules.is_lock_path(src) or rules.is_lock_path(dst):
             return errno.EACCES
-        source = self.tree.lookup(src)
-        if source is None:
-            return errno.ENOENT
-        code, parent, name = self._parent_of(dst)
-        if parent is None:
-            return code
-        if src == dst:
-            return 0
-        target = parent.get_child(name)
-        if source.is_dir:
-            return self._dir_rename_error(source, parent, target)
-        if target is not None and target.is_dir:
-            return errno.EISDIR
-        if self._guest_conflict(dst, allowed_source=src):
-            return errno.EEXIST
         return 0
 
     @staticmethod
