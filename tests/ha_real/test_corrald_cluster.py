@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,18 +97,7 @@ PARTITION_TABLE = "crlhapart"
 def _partition(cluster: object, nodeid: int, cut: bool) -> None:
     from corral.daemon.demo import DemoCluster
     assert isinstance(cluster, DemoCluster)
-    netns = cluster.net.netns(nodeid)
-    if cut:
-        script = (f"add table inet {PARTITION_TABLE}\n"
-                  f"add chain inet {PARTITION_TABLE} in {{ type filter hook input priority 0; }}\n"
-                  f"add chain inet {PARTITION_TABLE} out {{ type filter hook output priority 0; }}\n"
-                  f"add rule inet {PARTITION_TABLE} in iifname != \"lo\" drop\n"
-                  f"add rule inet {PARTITION_TABLE} out oifname != \"lo\" drop\n")
-        subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=script,
-                       text=True, check=True)
-    else:
-        subprocess.run(["ip", "netns", "exec", netns, "nft", "delete", "table", "inet",
-                        PARTITION_TABLE], check=True)
+    cluster.isolate(nodeid, cut, table=PARTITION_TABLE)
 
 
 @soak

@@ -52,6 +52,19 @@ def guest_config_path(root: Path, node: str, sid: str) -> Path:
     return root / "nodes" / node / CONFIG_DIRS.get(kind, "qemu-server") / f"{ident}.conf"
 
 
+def move_guest_config(root: Path, sid: str, from_node: str, to_node: str) -> bool:
+    """Rename a guest's config into another node's directory (one replicated rename;
+    the tree keeps the VMID unique). False if the rename failed."""
+    source = guest_config_path(root, from_node, sid)
+    dest = guest_config_path(root, to_node, sid)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(source, dest)
+    except OSError:
+        return False
+    return True
+
+
 def find_config_node(root: Path, sid: str) -> str | None:
     kind, ident = split_sid(sid)
     subdir = CONFIG_DIRS.get(kind)
@@ -159,14 +172,7 @@ class ProcessGuestAgent:
         return self.move_config(sid, self.node, target)
 
     def move_config(self, sid: str, from_node: str, to_node: str) -> bool:
-        source = guest_config_path(self.root, from_node, sid)
-        dest = guest_config_path(self.root, to_node, sid)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(source, dest)
-        except OSError:
-            return False
-        return True
+        return move_guest_config(self.root, sid, from_node, to_node)
 
     def local_pids(self) -> list[int]:
         pids = []

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from corral.errors import CorralError
 from corral.guests.qemu import DEFAULT_RUN_DIR, DEFAULT_TASK_DIR, GuestManager
-from corral.ha.daemon.agent import find_config_node, guest_config_path, split_sid
+from corral.ha.daemon.agent import find_config_node, move_guest_config, split_sid
 
 log = logging.getLogger("corral.ha.lrm")
 STOP_TIMEOUT_S = 60
@@ -117,14 +117,7 @@ class QemuGuestAgent:
         return self.move_config(sid, self.node, target)
 
     def move_config(self, sid: str, from_node: str, to_node: str) -> bool:
-        source = guest_config_path(self.root, from_node, sid)
-        dest = guest_config_path(self.root, to_node, sid)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(source, dest)
-        except OSError:
-            return False
-        return True
+        return move_guest_config(self.root, sid, from_node, to_node)
 
     def local_pids(self) -> list[int]:
         pids = []
