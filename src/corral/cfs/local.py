@@ -29,7 +29,6 @@ from collections.abc import Callable
 from corral.cfs import virtual
 from corral.cfs.locks import ExpirySetting, LockTracker
 from corral.cfs.ops import Op
-from corral.cfs.rules import LOCK_EXPIRY_CONFIG
 from corral.cfs.state import Outcome, UnlockRequested
 from corral.cfs.store import GroupCommit, Store
 
@@ -112,10 +111,7 @@ class LocalBackend:
         self.locks.follow(unlocked.effects, now_ns)
 
     def _lock_expiry_ns(self) -> int:
-        entry = self._store.state.tree.lookup(LOCK_EXPIRY_CONFIG)
-        version = None if entry is None or entry.is_dir else entry.version
-        problem = self.lock_expiry.refresh(
-            version, lambda: self._store.read_file(LOCK_EXPIRY_CONFIG))
+        problem = self.lock_expiry.follow(self._store.state.tree, self._store.read_file)
         if problem is not None:
             log.warning("cfs: %s", problem)
         return self.lock_expiry.expiry_ns

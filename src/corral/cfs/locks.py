@@ -27,7 +27,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from corral.cfs.rules import LOCK_EXPIRY_MAX_NS, LOCK_EXPIRY_MIN_NS, LOCK_EXPIRY_NS
+from corral.cfs._tree import Tree
+from corral.cfs.rules import (
+    LOCK_EXPIRY_CONFIG,
+    LOCK_EXPIRY_MAX_NS,
+    LOCK_EXPIRY_MIN_NS,
+    LOCK_EXPIRY_NS,
+)
 from corral.cfs.state import Effect, LockChanged, UnlockRequested
 from corral.errors import ConfigError
 from corral.ha.logic.config import parse_datacenter
@@ -71,6 +77,13 @@ class ExpirySetting:
         self._version = version
         self.expiry_ns, problem = expiry_from_config(None if version is None else read())
         return problem
+
+    def follow(self, tree: Tree, read_file: Callable[[str], bytes]) -> str | None:
+        """Refresh from LOCK_EXPIRY_CONFIG as `tree` holds it now (`read_file` reads a
+        path's content); the problem to log, as `refresh`."""
+        entry = tree.lookup(LOCK_EXPIRY_CONFIG)
+        version = None if entry is None or entry.is_dir else entry.version
+        return self.refresh(version, lambda: read_file(LOCK_EXPIRY_CONFIG))
 
 
 @dataclass(slots=True)

@@ -48,7 +48,6 @@ from corral.cfs import resync
 from corral.cfs.locks import ExpirySetting, LockTracker
 from corral.cfs.ops import Op
 from corral.cfs.resync import PatchItem
-from corral.cfs.rules import LOCK_EXPIRY_CONFIG
 from corral.cfs.state import CfsState, Outcome
 from corral.cfs.virtual import CLUSTERLOG_SHOWN
 from corral.errors import DecodeError, InvariantError, UsageError
@@ -809,10 +808,7 @@ class ReplicaCore:
 
     def _lock_expiry_ns(self) -> int:
         """The cluster-wide expiry as the tree says now (re-read on change)."""
-        entry = self.store.state.tree.lookup(LOCK_EXPIRY_CONFIG)
-        version = None if entry is None or entry.is_dir else entry.version
-        problem = self.lock_expiry.refresh(
-            version, lambda: self.store.read_file(LOCK_EXPIRY_CONFIG))
+        problem = self.lock_expiry.follow(self.store.state.tree, self.store.read_file)
         if problem is not None:
             self._log("warning", problem)
         return self.lock_expiry.expiry_ns
