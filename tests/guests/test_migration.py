@@ -406,6 +406,15 @@ def test_mtunnel_api_auth_and_validation(cluster: GuestCluster) -> None:
         "CSRFPreventionToken": ticket["CSRFPreventionToken"]})
     assert status == 200 and reply["data"]["state"] == "none"
     assert _https(cluster, 2, path, {"cmd": "status"})[0] == 401        # no credentials
+    # GET /cluster/tasks on node 2 lists a task node 1 ran (published through the tree).
+    upid, _ = cluster.guest_manager(1, GUEST_DIR).tasks.run("qmconfig", "990", lambda log: None)
+    auth = {"Authorization": f"PVEAuthCookie={ticket['ticket']}"}
+    wait_until(lambda: str(upid) in json.dumps(
+        _https(cluster, 2, "/api2/json/cluster/tasks?limit=500", None, auth, "GET")[1]),
+        10.0, "node 1's task in node 2's /cluster/tasks")
+    status, reply = _https(cluster, 2, "/api2/json/cluster/tasks?limit=0", None, auth, "GET")
+    assert status == 400 and "limit" in reply["errors"]
+    assert _https(cluster, 2, "/api2/json/cluster/tasks", None, None, "GET")[0] == 401
     owned = cluster.config_path(2, 991, via=2)
     owned.parent.mkdir(parents=True, exist_ok=True)
     owned.write_text("memory: 64\n")
@@ -417,13 +426,14 @@ def test_mtunnel_api_auth_and_validation(cluster: GuestCluster) -> None:
         owned.unlink()
 
 
-def _https(cluster: GuestCluster, nodeid: int, path: str, body: dict[str, str],
-           headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-    """One POST to a node's API (TLS checked against the cluster CA)."""
+def _https(cluster: GuestCluster, nodeid: int, path: str, body: dict[str, str] | None,
+           headers: dict[str, str] | None = None,
+           method: str = "POST") -> tuple[int, dict[str, Any]]:
+    """One request to a node's API (TLS checked against the cluster CA)."""
     context = ssl.create_default_context(cafile=str(cluster.layout(nodeid).ca_cert))
     context.check_hostname = False
-    payload = json.dumps(body).encode()
-    lines = [f"POST {path} HTTP/1.1", f"Host: {cluster.address(nodeid)}",
+    payload = b"" if body is None else json.dumps(body).encode()
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {cluster.address(nodeid)}",
              "Content-Type: application/json", f"Content-Length: {len(payload)}",
              "Connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
     with socket.create_connection((cluster.address(nodeid), cluster.api_port), 10) as raw, \

@@ -12,6 +12,7 @@ bounded header and body sizes and a read timeout.
                                                       see catchup.py)
     POST   /api2/json/cluster/config/nodes/{node}    add a node (see Daemon.add_node)
     DELETE /api2/json/cluster/config/nodes/{node}    remove an offline node
+    GET    /api2/json/cluster/tasks                  recent tasks of every node (limit=1..500)
     POST   /api2/json/nodes/{node}/qemu/{vmid}/mtunnel  migration target (see guestapi.py)
 
 Authentication: a ticket (cookie or `Authorization: PVEAuthCookie=<ticket>`,
@@ -179,6 +180,9 @@ class ApiServer:
             return self._corosync, "node", ""
         if path == "/cluster/config/nodes" and method == "GET":
             return self._nodes, "admin", ""
+        if path == "/cluster/tasks" and method == "GET" and \
+                getattr(self.backend, "guest_api", None) is not None:
+            return self._cluster_tasks, "admin", ""
         if path.startswith("/nodes/") and method == "POST" and \
                 getattr(self.backend, "guest_api", None) is not None:
             return self._mtunnel, "node-or-admin", path
@@ -277,6 +281,16 @@ class ApiServer:
             return await guest_api.mtunnel(path, request.params)
         except RequestError as error:
             raise ApiError(error.status, str(error)) from None
+
+
+    async def _cluster_tasks(self, request: Request, _: str) -> list[dict[str, Any]]:
+        limit_text = request.params.get("limit", "50")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 500:
+            raise ApiError(400, "Parameter verification failed.",
+                           {"limit": "must be an integer 1..500"})
+        guest_api: Any = getattr(self.backend, "guest_api", None)
+        tasks: list[dict[str, Any]] = await guest_api.cluster_tasks(int(limit_text))
+        return tasks
 
 
 def _ticket_from(headers: dict[str, str]) -> str | None:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from corral.guests.clustertasks import cluster_tasks
 from corral.guests.mtunnel import IncomingMigrations, MtunnelError
 from corral.guests.qemu import DEFAULT_RUN_DIR, DEFAULT_TASK_DIR, GuestManager
 
@@ -70,6 +71,14 @@ class GuestApi:
                 await asyncio.to_thread(asyncio.run, incoming.expire(time.monotonic_ns()))
             except Exception:
                 log.exception("guests: expiring incoming migrations failed")
+
+    async def cluster_tasks(self, limit: int) -> list[dict[str, Any]]:
+        """Every node's published recent tasks (GET /cluster/tasks). Read in a thread:
+        the tree is this daemon's own FUSE mount, served by this event loop."""
+        result = await asyncio.to_thread(cluster_tasks, self.tree_root, limit)
+        for problem in result.problems:
+            log.warning("cluster tasks: skipped %s", problem)
+        return result.tasks
 
     def close(self) -> None:
         if self._reaper is not None:
