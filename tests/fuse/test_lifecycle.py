@@ -50,6 +50,17 @@ def test_stale_mount_is_cleaned_on_start(mount_factory) -> None:
     assert out == [str(m.root)]  # exactly one mount, the new one
 
 
+def test_stale_mount_seen_while_root_attributes_are_cached(mount_factory) -> None:
+    # Right after kill -9 the kernel may still answer a stat of the root from its
+    # attribute cache; a restart within that window must still see a dead mount.
+    m = mount_factory.new("stale-cached").start()
+    os.stat(m.root)  # the root's attributes are now in the kernel's cache
+    m.kill()
+    assert is_stale(m.root)
+    m.start()
+    assert not is_stale(m.root) and os.path.exists(m.path(".members"))
+
+
 def test_second_mount_on_live_mount_is_refused(mount_factory) -> None:
     m = mount_factory.new("live").start()
     other = subprocess.run(

@@ -196,9 +196,13 @@ def mount_options(fsname: str = "corral") -> set[str]:
 
 
 def is_stale(mountpoint: str | os.PathLike[str]) -> bool:
-    """True if `mountpoint` is a dead FUSE mount (its daemon is gone)."""
+    """True if `mountpoint` is a dead FUSE mount (its daemon is gone). A stat alone
+    can be answered from the kernel's attribute cache for a while after the daemon
+    died (a quick restart after kill -9 then saw a live mount: EBUSY); statfs is
+    never cached, so it reaches the dead connection and fails with ENOTCONN."""
     try:
         os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as error:
         return error.errno == errno.ENOTCONN
     return False
