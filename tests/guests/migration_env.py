@@ -133,6 +133,9 @@ class SerialWatch:
             values = self.values(nodeid)
             if values and max(values) > above:
                 return max(values)
+            crash = self.crash_line()
+            if crash is not None:  # no use waiting: the guest kernel is gone
+                raise AssertionError(f"no counter above {above} from node {nodeid}: {crash}")
             time.sleep(0.1)
         raise AssertionError(f"no counter above {above} from node {nodeid} within {timeout_s} s "
                              f"(now {time.monotonic():.1f}; serial connections: "

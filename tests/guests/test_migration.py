@@ -53,6 +53,11 @@ from corral.guests.qmp import QmpError
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = os.environ.get("CORRAL_TEST_GUEST_DIR", DEFAULT_TEST_GUEST_DIR)
 BOOT_TIMEOUT_S = 60.0
+# After a move: a TCG guest that locks up on the target (the QEMU 7.2 problem in
+# docs/guests.md, also without Corral) prints its "BUG: soft lockup" line only after
+# tens of seconds; waiting this long turns it into a visible xfail (or a pass if the
+# guest goes on) instead of a timeout.
+MOVED_TIMEOUT_S = 150.0
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-system-x86_64") is None or os.geteuid() != 0,
@@ -198,7 +203,7 @@ def test_online_shared_tls_then_back_insecure_with_the_cli(
                  "timing: QEMU completion to hand-over done", "migration finished successfully"):
         assert line in text
     last_on_source = max(guest.serial.values(1))
-    guest.serial.wait_value(2, last_on_source, BOOT_TIMEOUT_S)   # counts on where it left off
+    guest.serial.wait_value(2, last_on_source, MOVED_TIMEOUT_S)   # counts on where it left off
     assert guest.source.pid(100) is None
     config = cluster.guest_manager(2, GUEST_DIR).load_config(100)
     assert config.get("lock") is None
@@ -215,7 +220,7 @@ def test_online_shared_tls_then_back_insecure_with_the_cli(
     assert lines[0].startswith("UPID:node2:") and ":qmigrate:100:root@pam:" in lines[0]
     assert "set migration parameters (insecure, plain TCP)" in result.stdout
     assert lines[-1] == "TASK OK"
-    guest.serial.wait_value(1, max(guest.serial.values(2)), BOOT_TIMEOUT_S)
+    guest.serial.wait_value(1, max(guest.serial.values(2)), MOVED_TIMEOUT_S)
     guest.check(owner=1, moves=2)
 
 
@@ -231,7 +236,7 @@ def test_online_with_local_disks_over_tls(cluster: GuestCluster, guests: list[Gu
     assert "storage migration listens on nbd:" in text and "all 'mirror' jobs are ready" in text
     assert "removed source volume 'local1:101/vm-101-disk-0.raw'" in text
     assert log[-1] == "TASK OK"
-    guest.serial.wait_value(2, max(guest.serial.values(1)), BOOT_TIMEOUT_S)
+    guest.serial.wait_value(2, max(guest.serial.values(1)), MOVED_TIMEOUT_S)
     assert not os.path.exists(guest.volume_path)
     config = cluster.guest_manager(2, GUEST_DIR).load_config(101)
     assert (config.get("scsi0") or "").startswith("local2:101/vm-101-disk-0.raw,")
@@ -476,12 +481,12 @@ def test_in_network_namespaces_through_the_cli() -> None:
         serial.wait_value(1, 2, BOOT_TIMEOUT_S)
         out = qm(1, "migrate", "100", "node2", "--online")
         assert f"migration listens on tcp:{cluster.address(2)}:" in out
-        serial.wait_value(2, max(serial.values(1)), BOOT_TIMEOUT_S)
+        serial.wait_value(2, max(serial.values(1)), MOVED_TIMEOUT_S)
         network = cluster.address(1).rsplit(".", 1)[0] + ".0/24"
         out = qm(2, "migrate", "100", "node1", "--online", "--migration-type", "insecure",
                  "--migration-network", network)
         assert f"migration listens on tcp:{cluster.address(1)}:" in out
-        serial.wait_value(1, max(serial.values(2)), BOOT_TIMEOUT_S)
+        serial.wait_value(1, max(serial.values(2)), MOVED_TIMEOUT_S)
         serial.check_single_runner(moves=2)
         assert cluster.config_nodes(100) == [1]
     finally:
@@ -509,5 +514,5 @@ def test_soak_round_trips(cluster: GuestCluster, guests: list[Guest]) -> None:
         log = _migrate(cluster, source, 110, target, online=True,
                        migration_type="secure" if index % 4 < 2 else "insecure")
         assert log[-1] == "TASK OK", log
-        guest.serial.wait_value(target, max(guest.serial.values(source)), BOOT_TIMEOUT_S)
+        guest.serial.wait_value(target, max(guest.serial.values(source)), MOVED_TIMEOUT_S)
     guest.check(owner=1 if rounds % 2 == 0 else 2, moves=rounds)
