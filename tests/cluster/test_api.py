@@ -1,5 +1,5 @@
 """The HTTPS join API in the reference's shapes, against a real corrald: apiversion
-without auth, tickets from POST /access/ticket, CSRF required on writes, join info
+without auth, keep-alive for authenticated requests only, tickets from POST /access/ticket, CSRF required on writes, join info
 with this node's fingerprint, the nodelist, DELETE of a node, 401 without
 credentials, 501 for unknown paths, malformed requests refused, and the listener
 bound only to the node's configured address."""
@@ -59,6 +59,19 @@ def test_api_shapes(make_cluster: Callable[[int], DemoCluster]) -> None:
     [entry] = info["nodelist"]
     assert entry["pve_fp"] == fingerprint and entry["pve_addr"] == cluster.address(1)
     assert entry["ring0_addr"] == cluster.address(1) and entry["nodeid"] == 1
+
+    # Keep-alive: authenticated requests share one connection until one says close;
+    # an unauthenticated or failed request closes it.
+    cookie = f"Cookie: PVEAuthCookie={client.ticket}\r\n"
+    ask = f"GET /api2/json/cluster/config/nodes HTTP/1.1\r\n{cookie}"
+    replies = _raw_request(cluster.address(1), cluster.api_port, (
+        f"{ask}\r\n{ask}\r\n{ask}Connection: close\r\n\r\n{ask}\r\n").encode())
+    assert replies.count(b"HTTP/1.1 200 OK") == 3, replies[:300]
+    assert replies.count(b"Connection: keep-alive") == 2
+    for raw in (b"GET /api2/json/cluster/config/apiversion HTTP/1.1\r\n\r\n",
+                f"GET /api2/json/nodes HTTP/1.1\r\n{cookie}\r\n".encode()):
+        replies = _raw_request(cluster.address(1), cluster.api_port, raw + raw)
+        assert replies.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in replies, replies[:300]
 
     cluster.join(2)
     nodes = client.call("GET", "/cluster/config/nodes")

@@ -1,8 +1,12 @@
 """The HTTPS join API on port 8006, in the shapes of the reference's /api2/json.
 
 Served by corrald on its configured link addresses only, with the node
-certificate. One request per connection (the server closes after replying),
-bounded header and body sizes and a read timeout.
+certificate. Bounded header and body sizes and a read timeout. A connection
+carries one request, unless the request was authenticated, answered with 200
+and asked to keep the connection (HTTP/1.1 without `Connection: close`): then
+it stays open for the next request up to KEEPALIVE_IDLE_S idle (a migration
+source keeps one open to its target so the hand-over needs no new TLS
+handshake). Connections are closed after any error status, as the reference.
 
     GET    /api2/json/cluster/config/apiversion      -> 1 (no auth)
     POST   /api2/json/access/ticket                  username, password -> ticket, CSRF token
@@ -45,6 +49,8 @@ PREFIX = "/api2/json"
 MAX_HEADER_BYTES = 16384
 MAX_BODY_BYTES = 65536
 READ_TIMEOUT_S = 10.0
+KEEPALIVE_IDLE_S = 60.0
+MAX_REQUESTS_PER_CONNECTION = 10000
 MAX_CONNECTIONS = 32
 AUTH_FAIL_DELAY_S = 0.5
 
@@ -81,6 +87,8 @@ class Request:
     peer_ip: str = ""
     user: str | None = None
     token_digest: str | None = None
+    keep_alive: bool = False          # the client asked to keep the connection open
+    authenticated: bool = False
 
 
 class ApiServer:
@@ -131,11 +139,20 @@ class ApiServer:
         self._connections += 1
         try:
             peer = writer.get_extra_info("peername")
-            request = await asyncio.wait_for(_read_request(reader), READ_TIMEOUT_S)
-            request.peer_ip = str(peer[0]) if peer else ""
-            status, body = await self._handle(request)
-            _write_response(writer, status, body)
-            await writer.drain()
+            first = b""
+            for count in range(MAX_REQUESTS_PER_CONNECTION):
+                if count:
+                    first = await _first_byte(reader, KEEPALIVE_IDLE_S)
+                    if not first:
+                        break
+                request = await asyncio.wait_for(_read_request(reader, first), READ_TIMEOUT_S)
+                request.peer_ip = str(peer[0]) if peer else ""
+                status, body = await self._handle(request)
+                keep = request.keep_alive and request.authenticated and status == 200
+                _write_response(writer, status, body, keep)
+                await writer.drain()
+                if not keep:
+                    break
         except ApiError as error:
             _write_response(writer, error.status, _error_body(error))
             with contextlib.suppress(Exception):
@@ -206,6 +223,7 @@ class ApiServer:
             if self.backend.node_auth(authorization) is None:
                 await asyncio.sleep(AUTH_FAIL_DELAY_S)
                 raise ApiError(401, "authentication failure")
+            request.authenticated = True
             return
         if authorization.startswith("CorralJoinToken=") and needs == "admin-or-token":
             try:
@@ -214,6 +232,7 @@ class ApiServer:
             except TokenError as error:
                 await asyncio.sleep(AUTH_FAIL_DELAY_S)
                 raise ApiError(401, str(error)) from None
+            request.authenticated = True
             return
         ticket = _ticket_from(request.headers)
         user = None
@@ -224,6 +243,7 @@ class ApiServer:
             await asyncio.sleep(AUTH_FAIL_DELAY_S)
             raise ApiError(401, "authentication failure" if ticket else "No ticket")
         request.user = user
+        request.authenticated = True
 
     # ---- handlers --------------------------------------------------------------
 
@@ -304,16 +324,25 @@ def _ticket_from(headers: dict[str, str]) -> str | None:
     return None
 
 
-async def _read_request(reader: asyncio.StreamReader) -> Request:
+async def _first_byte(reader: asyncio.StreamReader, idle_s: float) -> bytes:
+    """The first byte of the next request on a kept-alive connection; b"" on EOF or
+    after `idle_s` without one."""
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
+        return await asyncio.wait_for(reader.read(1), idle_s)
+    except (TimeoutError, ConnectionError, ssl.SSLError):
+        return b""
+
+
+async def _read_request(reader: asyncio.StreamReader, first: bytes = b"") -> Request:
+    try:
+        head = first + await reader.readuntil(b"\r\n\r\n")
     except asyncio.LimitOverrunError:
         raise ApiError(400, "request header too large") from None
     if len(head) > MAX_HEADER_BYTES:
         raise ApiError(400, "request header too large")
     lines = head.decode("latin-1").split("\r\n")
     try:
-        method, target, _version = lines[0].split(" ")
+        method, target, version = lines[0].split(" ")
     except ValueError:
         raise ApiError(400, "bad request line") from None
     headers: dict[str, str] = {}
@@ -333,7 +362,9 @@ async def _read_request(reader: asyncio.StreamReader) -> Request:
     body = await reader.readexactly(length) if length else b""
     if body:
         params.update(_parse_body(body, headers.get("content-type", "")))
-    return Request(method.upper(), parsed.path, headers, params)
+    connection = headers.get("connection", "").lower()
+    keep_alive = connection == "keep-alive" or (version == "HTTP/1.1" and connection != "close")
+    return Request(method.upper(), parsed.path, headers, params, keep_alive=keep_alive)
 
 
 def _parse_body(body: bytes, content_type: str) -> dict[str, str]:
@@ -355,12 +386,14 @@ def _error_body(error: ApiError) -> dict[str, Any]:
     return body
 
 
-def _write_response(writer: asyncio.StreamWriter, status: int, body: dict[str, Any]) -> None:
+def _write_response(writer: asyncio.StreamWriter, status: int, body: dict[str, Any],
+                    keep_alive: bool = False) -> None:
     payload = json.dumps(body).encode()
     reason = "OK" if status == 200 else str(body.get("message", "error")).splitlines()[0][:200]
     reason = reason.replace("\r", " ").replace("\n", " ") or "error"
     head = (f"HTTP/1.1 {status} {reason}\r\n"
             "Content-Type: application/json;charset=UTF-8\r\n"
             "Server: corrald\r\nCache-Control: max-age=0\r\nPragma: no-cache\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n")
+            f"Content-Length: {len(payload)}\r\n"
+            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
     writer.write(head.encode("latin-1") + payload)
