@@ -16,8 +16,8 @@ handshake). Connections are closed after any error status, as the reference.
                                                       see catchup.py)
     POST   /api2/json/cluster/config/nodes/{node}    add a node (see Daemon.add_node)
     DELETE /api2/json/cluster/config/nodes/{node}    remove an offline node
-    GET    /api2/json/cluster/tasks                  recent tasks of every node (limit=1..500)
-    POST   /api2/json/nodes/{node}/qemu/{vmid}/mtunnel  migration target (see guestapi.py)
+    ...                                               the daemon's routers (see Router):
+                                                      guests and tasks in guestapi.py
 
 Authentication: a ticket (cookie or `Authorization: PVEAuthCookie=<ticket>`,
 plus the `CSRFPreventionToken` header on non-GET), or, for adding a node
@@ -76,6 +76,20 @@ class ApiBackend(Protocol):
     def restore_join_token(self, digest: str) -> None: ...
     def node_auth(self, header: str) -> int | None: ...
     def corosync_conf(self) -> dict[str, Any]: ...
+    def api_routers(self) -> list[Router]: ...
+
+
+Handler = Callable[["Request", str], Awaitable[Any]]
+# (handler, who may call it: none|node|admin|node-or-admin|admin-or-token, argument)
+Route = tuple[Handler, str, str]
+
+
+class Router(Protocol):
+    """A part of the daemon that serves some paths (guests, status): `route` returns the
+    handler for a method and path (without /api2/json), or None when not its path.
+    Handlers raise ApiError for refusals; their return value is the reply's `data`."""
+
+    def route(self, method: str, path: str) -> Route | None: ...
 
 
 @dataclass
@@ -183,8 +197,7 @@ class ApiServer:
             raise ApiError(500, "internal error (see the corrald log)") from None
         return 200, {"data": data}
 
-    def _route(self, request: Request) -> tuple[Callable[[Request, str], Awaitable[Any]], str,
-                                                 str] | None:
+    def _route(self, request: Request) -> Route | None:
         path = request.path.removeprefix(PREFIX)
         method = request.method
         if path == "/cluster/config/apiversion" and method == "GET":
@@ -197,12 +210,6 @@ class ApiServer:
             return self._corosync, "node", ""
         if path == "/cluster/config/nodes" and method == "GET":
             return self._nodes, "admin", ""
-        if path == "/cluster/tasks" and method == "GET" and \
-                getattr(self.backend, "guest_api", None) is not None:
-            return self._cluster_tasks, "admin", ""
-        if path.startswith("/nodes/") and method == "POST" and \
-                getattr(self.backend, "guest_api", None) is not None:
-            return self._mtunnel, "node-or-admin", path
         if path.startswith("/cluster/config/nodes/"):
             node = urllib.parse.unquote(path.removeprefix("/cluster/config/nodes/"))
             if "/" in node or not node:
@@ -211,6 +218,10 @@ class ApiServer:
                 return self._add_node, "admin-or-token", node
             if method == "DELETE":
                 return self._delete_node, "admin", node
+        for router in self.backend.api_routers():
+            route = router.route(method, path)
+            if route is not None:
+                return route
         return None
 
     async def _authenticate(self, request: Request, needs: str) -> None:
@@ -292,25 +303,6 @@ class ApiServer:
 
     async def _delete_node(self, request: Request, node: str) -> None:
         await self.backend.delete_node(node)
-
-    async def _mtunnel(self, request: Request, path: str) -> Any:
-        from corral.daemon.guestapi import RequestError
-
-        guest_api: Any = getattr(self.backend, "guest_api", None)
-        try:
-            return await guest_api.mtunnel(path, request.params)
-        except RequestError as error:
-            raise ApiError(error.status, str(error)) from None
-
-
-    async def _cluster_tasks(self, request: Request, _: str) -> list[dict[str, Any]]:
-        limit_text = request.params.get("limit", "50")
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 500:
-            raise ApiError(400, "Parameter verification failed.",
-                           {"limit": "must be an integer 1..500"})
-        guest_api: Any = getattr(self.backend, "guest_api", None)
-        tasks: list[dict[str, Any]] = await guest_api.cluster_tasks(int(limit_text))
-        return tasks
 
 
 def _ticket_from(headers: dict[str, str]) -> str | None:

@@ -1,6 +1,8 @@
-"""The guest endpoints of corrald's HTTPS API: the migration tunnel's target side.
+"""The guest endpoints of corrald's HTTPS API (a Router of corral.daemon.api).
 
-    POST /api2/json/nodes/{node}/qemu/{vmid}/mtunnel     body: {"cmd": ..., ...}
+    GET  /api2/json/cluster/tasks                        recent tasks of every node (limit=1..500)
+    POST /api2/json/nodes/{node}/qemu/{vmid}/mtunnel     the migration tunnel's target side,
+                                                         body: {"cmd": ..., ...}
 
 `{node}` must be this node. Authentication: the node-to-node HMAC header of
 corral.daemon.catchup (`Authorization: CorralNode=...`, what a source node sends) or an
@@ -22,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from corral.daemon.api import ApiError, Request, Route
 from corral.guests.clustertasks import cluster_tasks
 from corral.guests.mtunnel import IncomingMigrations, MtunnelError
 from corral.guests.qemu import DEFAULT_RUN_DIR, DEFAULT_TASK_DIR, GuestManager
@@ -30,12 +33,6 @@ log = logging.getLogger("corral.daemon")
 
 REAP_INTERVAL_S = 10.0
 _MTUNNEL_RE = re.compile(r"^/nodes/([A-Za-z0-9][A-Za-z0-9.-]{0,62})/qemu/(\d{3,9})/mtunnel$")
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def match_mtunnel(path: str) -> tuple[str, int] | None:
@@ -72,10 +69,21 @@ class GuestApi:
             except Exception:
                 log.exception("guests: expiring incoming migrations failed")
 
-    async def cluster_tasks(self, limit: int) -> list[dict[str, Any]]:
+    def route(self, method: str, path: str) -> Route | None:
+        if path == "/cluster/tasks" and method == "GET":
+            return self._cluster_tasks, "admin", ""
+        if path.startswith("/nodes/") and method == "POST":
+            return self._mtunnel, "node-or-admin", path
+        return None
+
+    async def _cluster_tasks(self, request: Request, _: str) -> list[dict[str, Any]]:
         """Every node's published recent tasks (GET /cluster/tasks). Read in a thread:
         the tree is this daemon's own FUSE mount, served by this event loop."""
-        result = await asyncio.to_thread(cluster_tasks, self.tree_root, limit)
+        limit_text = request.params.get("limit", "50")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 500:
+            raise ApiError(400, "Parameter verification failed.",
+                           {"limit": "must be an integer 1..500"})
+        result = await asyncio.to_thread(cluster_tasks, self.tree_root, int(limit_text))
         for problem in result.problems:
             log.warning("cluster tasks: skipped %s", problem)
         return result.tasks
@@ -94,13 +102,13 @@ class GuestApi:
         self._incoming.link_addresses = self.link_addresses()
         return self._incoming
 
-    async def mtunnel(self, path: str, params: dict[str, Any]) -> Any:
+    async def _mtunnel(self, request: Request, path: str) -> Any:
         target = match_mtunnel(path)
         if target is None:
-            raise RequestError(404, "no such path")
+            raise ApiError(404, "no such path")
         node, vmid = target
         if node != self.node:
-            raise RequestError(400, f"this is node '{self.node}', not '{node}'")
+            raise ApiError(400, f"this is node '{self.node}', not '{node}'")
         incoming = self.incoming()
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._expire_forever())
@@ -108,6 +116,6 @@ class GuestApi:
             # In a worker thread with its own loop: the handlers read the tree, which is
             # this daemon's own FUSE mount, served by this loop (reading it from the loop
             # would deadlock), and they wait for QEMU and qemu-img.
-            return await asyncio.to_thread(asyncio.run, incoming.handle(vmid, params))
+            return await asyncio.to_thread(asyncio.run, incoming.handle(vmid, request.params))
         except MtunnelError as error:
-            raise RequestError(400, str(error)) from None
+            raise ApiError(400, str(error)) from None

@@ -37,7 +37,7 @@ from corral.cluster.layout import Layout, NodeIdentity, write_file
 from corral.corosync_conf import ClusterConfig, parse
 from corral.cpg.service import CpgService
 from corral.daemon import catchup, nodelist
-from corral.daemon.api import ApiServer
+from corral.daemon.api import ApiServer, Router
 from corral.daemon.configsync import ConfigSync
 from corral.daemon.control import ControlServer
 from corral.daemon.guestapi import GuestApi
@@ -458,6 +458,9 @@ class Daemon:
     def node_auth(self, header: str) -> int | None:
         known = frozenset(n.nodeid for n in self.config.nodes)
         return catchup.check_node_auth(self.key, header, time.time(), known)
+
+    def api_routers(self) -> list[Router]:
+        return [self.guest_api]
 
     def corosync_conf(self) -> dict[str, Any]:
         return {"config_version": self.config.config_version, "corosync_conf": self.conf_text}
