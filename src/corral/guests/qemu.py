@@ -2,7 +2,11 @@
 
 QEMU runs with `-daemonize` in its own session, so restarting the node daemon (or this
 CLI exiting) never touches a running guest; everything we need to find it again lives
-under the run dir: `<vmid>.pid`, `<vmid>.qmp`, `<vmid>.serialN`, `<vmid>.log`.
+under the run dir: `<vmid>.pid`, `<vmid>.qmp`, `<vmid>.serialN`, `<vmid>.log`, and for
+status polling a second QMP monitor `<vmid>.qmp-status` (the reference's separate event
+monitor), so a poll never waits behind, or blocks, the CLI's or a migration's QMP
+connection; `<vmid>.cpu` keeps the last CPU sample (recent usage, not the average since
+start) and `<vmid>.taps` the tap names of bridged NICs (see netdev.py).
 Configs live in the tree at `nodes/<node>/qemu-server/<vmid>.conf`, storages in
 `storage.cfg` at the tree root. Every lifecycle operation is a task (see tasks.py).
 """
@@ -21,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from corral.guests import netdev
 from corral.guests import storage as storage_mod
 from corral.guests.config import (
     ConfigError,
@@ -43,6 +48,8 @@ QUIT_TIMEOUT_S = 10.0
 KVM_PROBE_TIMEOUT_S = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 60.0
 GUEST_LOCK_TIMEOUT_S = 10.0          # as the reference's per-guest config lock
+MIN_CPU_SAMPLE_NS = 500_000_000     # shorter intervals repeat the last fraction
+RUN_FILES = ("qmp", "qmp-status", "pid", "log", "serial0", "cpu", "taps")
 NET_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139",
                "vmxnet3": "vmxnet3"}
 
@@ -149,18 +156,25 @@ class GuestManager:
     def qmp_path(self, vmid: int) -> str:
         return self._path(vmid, "qmp")
 
+    def status_qmp_path(self, vmid: int) -> str:
+        """The second monitor, for status polls (absent for guests started before it)."""
+        return self._path(vmid, "qmp-status")
+
     def run_path(self, vmid: int, suffix: str) -> str:
         """`<run dir>/<vmid>.<suffix>` (pid, qmp, log, serialN, ...)."""
         return self._path(vmid, suffix)
 
     async def spawn(self, vmid: int, command: list[str]) -> None:
         """Start a daemonizing QEMU command line (removes a stale pid/qmp first)."""
-        for stale in ("qmp", "pid"):
-            if os.path.exists(self._path(vmid, stale)):
-                os.unlink(self._path(vmid, stale))
+        self._remove_stale(vmid)
         await asyncio.to_thread(self._spawn, vmid, command)
         if self.pid(vmid) is None:
             raise GuestError(f"VM {vmid} did not stay running (see {self._path(vmid, 'log')})")
+
+    def _remove_stale(self, vmid: int) -> None:
+        for stale in ("qmp", "qmp-status", "pid", "cpu"):
+            if os.path.exists(self._path(vmid, stale)):
+                os.unlink(self._path(vmid, stale))
 
     async def hard_stop(self, vmid: int, log: TaskLog) -> None:
         """Stop QEMU without the guest lock or config checks (migration cleanup)."""
@@ -202,11 +216,13 @@ class GuestManager:
             "-m", str(config.int_value("memory", 512)), "-nodefaults", "-display", "none",
             "-chardev", f"socket,id=qmp,path={self.qmp_path(vmid)},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=qmp-status,path={self.status_qmp_path(vmid)},server=on,wait=off",
+            "-mon", "chardev=qmp-status,mode=control",
             "-pidfile", self._path(vmid, "pid"), "-daemonize",
         ]
         boot_order = self._boot_order(config)
         command += self._disk_args(vmid, config, boot_order)
-        command += self._net_args(config, boot_order)
+        command += self._net_args(vmid, config, boot_order)
         for key, value in config.entries.items():
             if key.startswith("serial") and value == "socket":
                 path = self.serial_path(vmid, int(key[6:]))
@@ -267,23 +283,38 @@ class GuestManager:
         kind = "ide-cd" if cdrom else "ide-hd"
         return f"{kind},bus=ide.{index // 2},unit={index % 2},drive=drive-{key},id={key}"
 
-    @staticmethod
-    def _net_args(config: VmConfig, boot_order: list[str]) -> list[str]:
+    def _net_args(self, vmid: int, config: VmConfig, boot_order: list[str]) -> list[str]:
+        """-netdev/-device per NIC; a bridged NIC gets a QEMU-created tap (see netdev.py):
+        the bridge is checked, the tap name chosen and recorded in the run dir."""
         args: list[str] = []
+        taps: dict[str, str] = {}
         for key, value in config.entries.items():
             if not key.startswith("net"):
                 continue
             props = parse_property_string(key, value, None)
             model = next(name for name in props if name in NET_DEVICES)
             if "bridge" in props:
-                args += ["-netdev", f"bridge,id={key},br={props['bridge']}"]
+                args += ["-netdev", self._tap_netdev(vmid, key, props["bridge"], taps)]
             else:
                 args += ["-netdev", f"user,id={key},restrict=on"]
             device = f"{NET_DEVICES[model]},mac={props[model]},netdev={key},id={key}"
             if key in boot_order:
                 device += f",bootindex={100 + boot_order.index(key)}"
             args += ["-device", device]
+        netdev.record_taps(self.run_dir, vmid, taps)
         return args
+
+    def _tap_netdev(self, vmid: int, key: str, bridge: str, taps: dict[str, str]) -> str:
+        try:
+            problems = netdev.bridge_problems([(key, bridge)], self.node)
+            if problems:
+                raise GuestError(problems[0])
+            ifname = netdev.choose_tap(vmid, int(key[3:]))
+            script = netdev.write_ifup_script(self.run_dir, vmid, key, bridge)
+        except netdev.NetdevError as exc:
+            raise GuestError(f"{key}: {exc}") from None
+        taps[key] = ifname
+        return f"tap,id={key},ifname={ifname},script={script},downscript=no"
 
     # --- accelerator probe ------------------------------------------------------------
 
@@ -321,9 +352,7 @@ class GuestManager:
             accel = self.accelerator()
             command = self.build_command(vmid, config, accel)
             log.log(f"starting VM {vmid} with accel={accel}")
-            for stale in ("qmp", "pid"):
-                if os.path.exists(self._path(vmid, stale)):
-                    os.unlink(self._path(vmid, stale))
+            self._remove_stale(vmid)
             await asyncio.to_thread(self._spawn, vmid, command)
             if self.pid(vmid) is None:
                 raise GuestError(f"VM {vmid} did not stay running (see {self._path(vmid, 'log')})")
@@ -453,7 +482,8 @@ class GuestManager:
                 except storage_mod.StorageError as exc:
                     log.warn(str(exc))
             os.unlink(self.config_path(vmid))
-            for suffix in ("qmp", "pid", "log", "serial0"):
+            for suffix in (*RUN_FILES, *(f"{key}-ifup" for key in config.entries
+                                         if key.startswith("net"))):
                 if os.path.exists(self._path(vmid, suffix)):
                     os.unlink(self._path(vmid, suffix))
 
@@ -492,27 +522,87 @@ class GuestManager:
     # --- status -----------------------------------------------------------------------
 
     async def status(self, vmid: int) -> dict[str, Any]:
+        """The reference's `qm status --verbose` fields. Stopped guests report zeros."""
         config = self.load_config(vmid)
-        result: dict[str, Any] = {"vmid": vmid, "name": config.get("name") or f"VM {vmid}",
-                                  "status": "stopped", "maxmem": config.int_value("memory", 512) << 20,
-                                  "cpus": config.int_value("cores", 1) * config.int_value("sockets", 1)}
+        cpus = config.int_value("cores", 1) * config.int_value("sockets", 1)
+        result: dict[str, Any] = {
+            "vmid": vmid, "name": config.get("name") or f"VM {vmid}", "status": "stopped",
+            "maxmem": config.int_value("memory", 512) << 20, "cpus": cpus, "cpu": 0.0,
+            "mem": 0, "uptime": 0, "netin": 0, "netout": 0, "diskread": 0, "diskwrite": 0,
+            **self.disk_sizes(config)}
         for key in ("lock", "tags"):
             if config.get(key):
                 result[key] = config.get(key)
         pid = self.pid(vmid)
         if pid is None:
             return result
-        result.update({"status": "running", "pid": pid, **process_stats(pid)})
-        result["cpu"] = round(result["cputime"] / max(result["uptime"], 1) / result["cpus"], 4)
         try:
-            async with QmpClient(self.qmp_path(vmid)) as client:
+            stats = process_stats(pid)
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            return result            # it exited between the two reads
+        result.update({"status": "running", "pid": pid, **stats, "mem": stats["memhost"]})
+        result["cpu"] = self.cpu_fraction(vmid, pid, stats["cputime"], cpus, stats["uptime"])
+        result["netin"], result["netout"] = netdev.tap_counters(
+            pid, netdev.read_taps(self.run_dir, vmid).values())
+        result.update(await self._qmp_status(vmid))
+        return result
+
+    async def _qmp_status(self, vmid: int) -> dict[str, Any]:
+        socket_path = self.status_qmp_path(vmid)
+        if not os.path.exists(socket_path):
+            socket_path = self.qmp_path(vmid)    # started before the status monitor existed
+        result: dict[str, Any] = {}
+        try:
+            async with QmpClient(socket_path) as client:
                 result["qmpstatus"] = (await client.command("query-status"))["status"]
                 kvm = await client.command("query-kvm")
                 result["accel"] = "kvm" if kvm.get("enabled") else "tcg"
                 result.update(_block_totals(await client.command("query-blockstats")))
-        except QmpError as exc:
+        except (QmpError, OSError) as exc:
             result["qmpstatus"] = f"unknown ({exc})"
         return result
+
+    def cpu_fraction(self, vmid: int, pid: int, cputime_s: float, cpus: int,
+                     uptime_s: int) -> float:
+        """Recent CPU use as a fraction of the guest's vCPUs: the cputime delta since the
+        last sample in the run dir (written by whoever asked last: corrald every status
+        interval, or the CLI). Without an earlier sample: the average since start."""
+        path = self._path(vmid, "cpu")
+        now_ns = time.monotonic_ns()
+        previous = _read_cpu_sample(path)
+        if previous is not None and previous[0] == pid:
+            _, last_cputime_s, last_ns, last_fraction = previous
+            if now_ns - last_ns < MIN_CPU_SAMPLE_NS:
+                return last_fraction
+            fraction = max(0.0, cputime_s - last_cputime_s) / ((now_ns - last_ns) / 1e9) / cpus
+        else:
+            fraction = cputime_s / max(uptime_s, 1) / cpus
+        fraction = round(fraction, 4)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(temporary, "w", encoding="ascii") as handle:
+                handle.write(f"{pid} {cputime_s} {now_ns} {fraction}\n")
+            os.replace(temporary, path)
+        except OSError:
+            pass                       # a read-only run dir: the value is still right
+        return fraction
+
+    def disk_sizes(self, config: VmConfig) -> dict[str, int]:
+        """maxdisk: the sum of the volumes' sizes; disk: the bytes they allocate."""
+        total = allocated = 0
+        storages: storage_mod.StorageConfig | None = None
+        for _key, props in config.disks():
+            if props.get("media") == "cdrom" or props["file"] == "none":
+                continue
+            try:
+                storages = storages or self.storages()
+                path = storage_mod.volume_path(storages, props["file"])
+                info = os.stat(path)
+                total += _image_size(path, info.st_size)
+                allocated += info.st_blocks * 512
+            except (OSError, ValueError):
+                continue      # a missing volume or storage: counted as 0, as the reference
+        return {"maxdisk": total, "disk": allocated}
 
     async def list_guests(self) -> list[dict[str, Any]]:
         """Status of every guest; a guest whose config cannot be read is listed as unknown."""
@@ -524,6 +614,24 @@ class GuestManager:
                 rows.append({"vmid": vmid, "name": "", "status": "unknown", "maxmem": 0,
                              "error": str(exc)})
         return rows
+
+
+def _read_cpu_sample(path: str) -> tuple[int, float, int, float] | None:
+    try:
+        with open(path, encoding="ascii") as handle:
+            pid, cputime, when_ns, fraction = handle.read().split()
+        return int(pid), float(cputime), int(when_ns), float(fraction)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _image_size(path: str, file_size: int) -> int:
+    """The guest-visible size: a qcow2's virtual size from its header, else the file's."""
+    with open(path, "rb") as handle:
+        header = handle.read(32)
+    if len(header) == 32 and header[:4] == b"QFI\xfb":
+        return int.from_bytes(header[24:32], "big")
+    return file_size
 
 
 def _block_totals(stats: list[dict[str, Any]]) -> dict[str, int]:
