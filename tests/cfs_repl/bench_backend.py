@@ -2,18 +2,19 @@
 Totem: N guest configs created (CREATE + WRITE of 200 B) with 1 and with 32
 concurrent submitters; prints files/s and CPU per file for all 3 replicas.
 
-    .venv/bin/python tests/cfs_repl/bench_backend.py [N]
+    .venv/bin/python -m tests.cfs_repl.bench_backend [N]
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import pathlib
 import resource
 import sys
 import tempfile
 import time
+
+from tests.cfs_repl.common import load_test_module
 
 from corral.cfs.ops import Op
 from corral.cfs.replication import ReplicatedBackend
@@ -21,11 +22,7 @@ from corral.cfs.store import Durability, Store
 from corral.cpg.service import CpgService
 
 T = 1795720870
-_HERE = pathlib.Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("crl_bench_fakenode", _HERE.parent / "cpg" / "fakenode.py")
-assert _spec is not None and _spec.loader is not None
-fakenode = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fakenode)
+fakenode = load_test_module("crl_cfs_repl_fakenode", "cpg/fakenode.py")
 
 
 async def run(n_files: int, concurrency: int) -> None:

@@ -7,12 +7,11 @@ as votequorum loses it). Completions are recorded per request id."""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
-import sys
 from collections import deque
 from dataclasses import dataclass, field
-from types import ModuleType
+
+from tests.cfs_repl.common import load_test_module
 
 from corral.cfs.ops import Op
 from corral.cfs.replica_core import (
@@ -32,20 +31,7 @@ GROUP = b"corral-cfs"
 CLIENT = 1
 
 
-def _load_harness() -> ModuleType:
-    name = "crl_cfs_repl_totem_harness"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = pathlib.Path(__file__).resolve().parent.parent / "totem" / "harness.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
+harness = load_test_module("crl_cfs_repl_totem_harness", "totem/harness.py")
 
 
 @dataclass

@@ -17,13 +17,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from tests.cfs_repl.test_backend import _fakenode
+from tests.cfs_repl.common import Backends, Stores, fake_cluster
 
 from corral.cfs.ops import Op
 from corral.cfs.replica_core import Action
 from corral.cfs.replication import ReplicatedBackend
-from corral.cfs.store import Durability, Store
-from corral.cpg.service import CpgService
+from corral.cfs.store import Store
 
 T = 1795720870
 
@@ -65,27 +64,10 @@ class HeldAcks:
 
 
 @asynccontextmanager
-async def cluster(tmp_path: pathlib.Path) -> AsyncIterator[tuple[Any, dict[int, Store],
-                                                                 dict[int, ReplicatedBackend]]]:
-    network = _fakenode().FakeNetwork([1, 2, 3])
-    stores = {n: Store(tmp_path / f"n{n}", durability=Durability.PROCESS) for n in (1, 2, 3)}
-    backends = {n: ReplicatedBackend(stores[n], CpgService(network.nodes[n]), lambda: True,
-                                     f"node{n}") for n in (1, 2, 3)}
-    network.start()
-    network.configure([[1, 2, 3]])
-    try:
-        for backend in backends.values():
-            await backend.start()
-        for backend in backends.values():
-            await backend.wait_synced()
+async def cluster(tmp_path: pathlib.Path) -> AsyncIterator[tuple[Any, Stores, Backends]]:
+    async with fake_cluster(tmp_path) as (network, stores, backends):
         assert await backends[1].submit(Op.mkdir("d", T)) == 0
         yield network, stores, backends
-    finally:
-        for backend in backends.values():
-            await backend.stop()
-        await network.stop()
-        for store in stores.values():
-            store.close()
 
 
 def run(main: Callable[[], Any]) -> None:
@@ -173,28 +155,20 @@ def test_direct_sends_keep_the_submit_order_under_pushback(tmp_path: pathlib.Pat
     from corral.cfs.replica_core import ReplicaConfig
 
     async def main() -> None:
-        network = _fakenode().FakeNetwork([1, 2, 3], capacity=2)
-        stores = {n: Store(tmp_path / f"p{n}", durability=Durability.PROCESS)
-                  for n in (1, 2, 3)}
         config = ReplicaConfig(part_max_bytes=1024)
-        backends = {n: ReplicatedBackend(stores[n], CpgService(network.nodes[n], pending_limit=2),
-                                         lambda: True, f"node{n}", config=config)
-                    for n in (1, 2, 3)}
         applied: list[str] = []
-        real_apply = stores[2].apply_group
 
-        def record(ops: Any, *, quorate: bool) -> Any:
-            applied.extend(op.path for op, writer in ops if writer == 1)
-            return real_apply(ops, quorate=quorate)
+        def record_node1_ops(stores: Stores, _backends: Backends) -> None:
+            real_apply = stores[2].apply_group
 
-        stores[2].apply_group = record  # type: ignore[method-assign]
-        network.start()
-        network.configure([[1, 2, 3]])
-        try:
-            for backend in backends.values():
-                await backend.start()
-            for backend in backends.values():
-                await backend.wait_synced()
+            def record(ops: Any, *, quorate: bool) -> Any:
+                applied.extend(op.path for op, writer in ops if writer == 1)
+                return real_apply(ops, quorate=quorate)
+
+            stores[2].apply_group = record  # type: ignore[method-assign]
+
+        async with fake_cluster(tmp_path, prefix="p", capacity=2, pending_limit=2, config=config,
+                                before_start=record_node1_ops) as (network, stores, backends):
             assert await backends[1].submit(Op.mkdir("d", T)) == 0
             applied.clear()
             sizes = [10 if i % 3 else 5000 for i in range(30)]
@@ -217,11 +191,5 @@ def test_direct_sends_keep_the_submit_order_under_pushback(tmp_path: pathlib.Pat
             for i, size in enumerate(sizes):
                 assert stores[3].read_file(f"d/f{i:02d}") == bytes([65 + i % 26]) * size
             assert len({(s.state.version, s.state.tree.digest) for s in stores.values()}) == 1
-        finally:
-            for backend in backends.values():
-                await backend.stop()
-            await network.stop()
-            for store in stores.values():
-                store.close()
 
     run(main)

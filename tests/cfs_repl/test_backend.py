@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib.util
 import json
 import pathlib
-import sys
 from collections.abc import Callable, Coroutine
-from types import ModuleType
 from typing import Any
 
 import pytest
 import uvloop
+from tests.cfs_repl.common import fake_cluster, fakenode
 
 from corral.cfs.ops import Op
 from corral.cfs.replication import ReplicatedBackend
@@ -26,19 +24,6 @@ from corral.cfs.store import Durability, Store
 from corral.cpg.service import CpgService
 
 T = 1795720870
-
-
-def _fakenode() -> ModuleType:
-    name = "crl_cfs_repl_fakenode"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = pathlib.Path(__file__).resolve().parent.parent / "cpg" / "fakenode.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -54,25 +39,14 @@ def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Coroutine[Any,
 
 def test_backend_end_to_end(tmp_path: pathlib.Path, run: Any) -> None:
     async def main() -> None:
-        network = _fakenode().FakeNetwork([1, 2, 3])
         quorate = {1: True, 2: True, 3: True}
-        stores = {n: Store(tmp_path / f"n{n}", durability=Durability.PROCESS) for n in (1, 2, 3)}
-        backends = {
-            n: ReplicatedBackend(stores[n], CpgService(network.nodes[n]),
-                                 lambda n=n: quorate[n], f"node{n}",
-                                 node_names={1: "node1", 2: "node2", 3: "node3"},
-                                 node_ips={1: "10.0.0.1"}, cluster_name="lab")
-            for n in (1, 2, 3)
-        }
-        network.start()
-        network.configure([[1, 2, 3]])
-        try:
-            changes: list[Op] = []
-            backends[3].add_change_listener(changes.append)
-            for backend in backends.values():
-                await backend.start()
-            for backend in backends.values():
-                await backend.wait_synced()
+        changes: list[Op] = []
+        async with fake_cluster(
+                tmp_path, quorate=quorate.__getitem__,
+                before_start=lambda _stores, backends: backends[3].add_change_listener(
+                    changes.append),
+                node_names={1: "node1", 2: "node2", 3: "node3"}, node_ips={1: "10.0.0.1"},
+                cluster_name="lab") as (network, stores, backends):
             b1, b2, b3 = backends[1], backends[2], backends[3]
             # group commit: an op is answered only after a WAL sync that covers it
             events: list[str] = []
@@ -129,12 +103,6 @@ def test_backend_end_to_end(tmp_path: pathlib.Path, run: Any) -> None:
                 assert [e["msg"] for e in log["data"]] == ["hello from 2"]
             assert b1.virtual_file("storage.cfg") is None
             assert b1.status()["phase"] == "synced"
-        finally:
-            for backend in backends.values():
-                await backend.stop()
-            await network.stop()
-            for store in stores.values():
-                store.close()
 
     run(main)
 
@@ -147,7 +115,7 @@ def test_backend_with_quorum_service_partition_and_heal(tmp_path: pathlib.Path,
     from corral.quorum.service import QuorumService
 
     async def main() -> None:
-        network = _fakenode().FakeNetwork([1, 2, 3])
+        network = fakenode().FakeNetwork([1, 2, 3])
         config = QuorumConfig.from_options({}, {1: 1, 2: 1, 3: 1})
         cpgs = {n: CpgService(network.nodes[n]) for n in (1, 2, 3)}
         quorums = {n: QuorumService(cpgs[n], config) for n in (1, 2, 3)}

@@ -8,32 +8,18 @@ from __future__ import annotations
 import asyncio
 import pathlib
 
-from tests.cfs_repl.test_backend import _fakenode
+from tests.cfs_repl.common import fake_cluster
 
 from corral.cfs.ops import Op
 from corral.cfs.replica_core import ReplicaConfig
-from corral.cfs.replication import ReplicatedBackend
-from corral.cfs.store import Durability, Store
-from corral.cpg.service import CpgService
 
 T = 1795720870
 
 
 def test_verification_timer_keeps_firing(tmp_path: pathlib.Path) -> None:
     async def main() -> None:
-        network = _fakenode().FakeNetwork([1, 2, 3])
-        stores = {n: Store(tmp_path / f"n{n}", durability=Durability.PROCESS)
-                  for n in (1, 2, 3)}
         config = ReplicaConfig(verify_interval_ns=50_000_000)
-        backends = {n: ReplicatedBackend(stores[n], CpgService(network.nodes[n]), lambda: True,
-                                         f"node{n}", config=config) for n in (1, 2, 3)}
-        network.start()
-        network.configure([[1, 2, 3]])
-        try:
-            for backend in backends.values():
-                await backend.start()
-            for backend in backends.values():
-                await backend.wait_synced()
+        async with fake_cluster(tmp_path, config=config) as (_network, _stores, backends):
             assert await backends[2].submit(Op.mkdir("d", T)) == 0
             for i in range(20):
                 assert await backends[1 + i % 3].submit(Op.create(f"d/f{i}", T)) == 0
@@ -45,11 +31,5 @@ def test_verification_timer_keeps_firing(tmp_path: pathlib.Path) -> None:
             assert all(b.core.counters["verify_rounds"] >= 8 for b in backends.values()), \
                 [b.core.counters["verify_rounds"] for b in backends.values()]
             assert all(b.core.counters["repairs"] == 0 for b in backends.values())
-        finally:
-            for backend in backends.values():
-                await backend.stop()
-            await network.stop()
-            for store in stores.values():
-                store.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
