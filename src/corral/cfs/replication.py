@@ -235,6 +235,8 @@ class ReplicatedBackend:
         self._clock_ns = clock_ns
         self._wall_s = wall_s
         self.starttime = int(wall_s())
+        # vmid, node -> runtime fields for `.vmlist` (set by corrald's status broadcast)
+        self.guest_runtime: virtual.GuestRuntime | None = None
         self.core = ReplicaCore(cpg.nodeid, nodename, self.rstore, config,
                                 quorate=self._quorum_of())
         self.ring_members: tuple[int, ...] = ()
@@ -291,7 +293,8 @@ class ReplicatedBackend:
         if name == ".members":
             return virtual.render_members(self._nodename, self.clinfo_version, self._cluster())
         if name == ".vmlist":
-            return virtual.render_vmlist(state.guests_version, state.guest_list())
+            return virtual.render_vmlist(state.guests_version, state.guest_list(),
+                                         self.guest_runtime)
         if name == ".version":
             return virtual.render_version(self.starttime, self.clinfo_version,
                                           state.guests_version, state.observed, {})

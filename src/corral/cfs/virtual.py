@@ -7,7 +7,7 @@ log entries are inputs; no clock is read here.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 CLUSTERLOG_SHOWN = 50
@@ -62,12 +62,21 @@ def render_members(nodename: str, version: int, cluster: ClusterInfo | None) -> 
     return _dump(out)
 
 
-def render_vmlist(version: int, guests: Iterable[tuple[int, str, str, int]]) -> bytes:
-    """`.vmlist` from (vmid, node, kind, config version) tuples."""
-    ids = {
-        str(vmid): {"node": node, "type": kind, "version": config_version}
-        for vmid, node, kind, config_version in sorted(guests)
-    }
+GuestRuntime = Callable[[int, str], Mapping[str, object]]
+
+
+def render_vmlist(version: int, guests: Iterable[tuple[int, str, str, int]],
+                  runtime: GuestRuntime | None = None) -> bytes:
+    """`.vmlist` from (vmid, node, kind, config version) tuples. With `runtime` (vmid,
+    node -> fields from the status broadcast) every entry also carries the guest's
+    runtime fields; `version` numbers stay those of the configs."""
+    ids: dict[str, dict[str, object]] = {}
+    for vmid, node, kind, config_version in sorted(guests):
+        entry: dict[str, object] = {"node": node, "type": kind, "version": config_version}
+        if runtime is not None:
+            entry.update({key: value for key, value in runtime(vmid, node).items()
+                          if key not in entry})
+        ids[str(vmid)] = entry
     return _dump({"version": version, "ids": ids})
 
 

@@ -42,6 +42,8 @@ from corral.daemon.configsync import ConfigSync
 from corral.daemon.control import ControlServer
 from corral.daemon.guestapi import GuestApi
 from corral.daemon.notify import Notifier
+from corral.daemon.statusapi import StatusApi
+from corral.daemon.statusbus import StatusBus
 from corral.daemon.tree import Tree, TreeUnavailable
 from corral.engine import next_incarnation, ring_text
 from corral.errors import ConfigError, CorralError
@@ -114,6 +116,11 @@ class Daemon:
                                   lambda: list(self.config.node(self.nodeid).addrs.values()),
                                   lambda: bool(self.quorum.quorate), options.guest_run_dir,
                                   options.guest_task_dir)
+        self.status_bus = StatusBus(self.cpg, self.identity.name, options.state_dir,
+                                    self.identity.mount, options.guest_run_dir,
+                                    options.guest_task_dir)
+        self.status_api = StatusApi(self.status_bus, lambda: [n.name for n in self.config.nodes],
+                                    self._member_names, self._guest_list)
         self.ipc: Any = None
         self.tree: Tree | None = None
         self.fs_note: str | None = "the configuration filesystem is not started yet"
@@ -216,6 +223,9 @@ class Daemon:
         await self.quorum.start()
         await self.sync.start()
         await self._start_tree()
+        await self.status_bus.start()
+        if self.tree is not None and self.tree.backend is not None:
+            self.tree.backend.guest_runtime = self.status_bus.guest_runtime
         if self.options.api:
             addresses = list(self.config.node(self.nodeid).addrs.values())
             self.api = ApiServer(self, addresses, self.identity.api_port,
@@ -275,6 +285,8 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         self.guest_api.close()
+        with contextlib.suppress(Exception):
+            await self.status_bus.stop()
         if self.tree is not None:
             await self.tree.stop()
         with contextlib.suppress(Exception):
@@ -460,7 +472,18 @@ class Daemon:
         return catchup.check_node_auth(self.key, header, time.time(), known)
 
     def api_routers(self) -> list[Router]:
-        return [self.guest_api]
+        return [self.guest_api, self.status_api]
+
+    def _member_names(self) -> set[str]:
+        members = set(self.members)
+        return {n.name for n in self.config.nodes if n.nodeid in members}
+
+    def _guest_list(self) -> list[tuple[int, str, str, int]]:
+        """Guests registered in this node's copy of the tree (in memory, not the mount)."""
+        store = self.tree.store if self.tree is not None else None
+        if store is None:
+            return []
+        return list(store.state.guest_list())
 
     def corosync_conf(self) -> dict[str, Any]:
         return {"config_version": self.config.config_version, "corosync_conf": self.conf_text}
@@ -575,6 +598,7 @@ class Daemon:
             "clock_offset_warn_ms": CLOCK_OFFSET_WARN_MS,
             "restart_needed": self.restart_reasons,
             "filesystem": self._fs_status(),
+            "status_broadcast": self.status_bus.status(),
             "engine": {k: v for k, v in self.node.status().items()
                        if k in ("core_stats", "transport_stats", "node_stats", "lag")},
             "pid": os.getpid(),
