@@ -41,7 +41,7 @@ from pathlib import Path
 from corral.daemon.demo import DemoCluster, _prepare_mount
 from corral.errors import ConfigError
 from corral.ha.logic.statusfiles import parse_manager_status
-from corral.ha.testing import HaNode, SafetyChecker, ha_cli, make_guest, wait_for
+from corral.ha.testing import HaOnCluster, ha_cli, wait_for
 
 REFERENCE_FAILOVER_S = 135.0  # middle of the reference's ~120-150 s with default timings
 RECOVERY_TIMEOUT_S = {"fast": 120.0, "reference": 400.0}
@@ -69,29 +69,15 @@ class Bench:
         self.cluster = DemoCluster(3, str(workdir / "cluster"),
                                    prefix=f"crl-hab{os.getpid() % 1000}", use_netns=False,
                                    cluster_name="habench")
-        self.names = {i: self.cluster.name(i) for i in self.cluster.nodeids}
-        self.mounts = {i: self.cluster.mount(i) for i in self.cluster.nodeids}
-        self.nodes = {i: HaNode(workdir / "ha", self.names[i], self.mounts[i], None,
-                                profile=profile) for i in self.cluster.nodeids}
-        self.checker = SafetyChecker({self.names[i]: self.nodes[i].guest_dir
-                                      for i in self.cluster.nodeids})
+        self.ha = HaOnCluster(self.cluster, workdir / "ha", profile=profile)
+        self.names, self.mounts = self.ha.names, self.ha.mounts
+        self.nodes, self.checker = self.ha.nodes, self.ha.checker
 
     def setup(self) -> None:
         self.cluster.setup_network()
         self.cluster.build()
-        first = self.mounts[1]
-        (first / "datacenter.cfg").write_text(f"ha-timing: profile={self.profile}\n")
-        make_guest(first, self.names[2], int(VMID))
-        wait_for(lambda: all((m / "nodes" / self.names[2] / f"qemu-server/{VMID}.conf").exists()
-                             for m in self.mounts.values()), 30, "the guest config everywhere")
-        added = ha_cli(first, "add", f"vm:{VMID}")
-        if added.returncode != 0:
-            raise RuntimeError(f"corral ha add: {added.stderr}")
-        self.checker.start()
-        for node in self.nodes.values():
-            node.start()
-        wait_for(lambda: self.checker.running_on.get(VMID) == {self.names[2]}, 90,
-                 "vm:100 running on node2")
+        self.ha.add_guest(int(VMID), node=2)
+        self.ha.start(wait_running_on=2, timeout_s=90)
         self._wait_lrms_active(90)
 
     def _wait_lrms_active(self, timeout_s: float) -> None:
@@ -160,9 +146,7 @@ class Bench:
         self._wait_lrms_active(120)
 
     def close(self) -> None:
-        self.checker.stop()
-        for node in self.nodes.values():
-            node.cleanup()
+        self.ha.close()
         self.cluster.close()
 
 

@@ -4,6 +4,7 @@ them too); re-exported here for the tests of this directory."""
 from corral.ha.testing import (
     PYTHON,
     HaNode,
+    HaOnCluster,
     SafetyChecker,
     guest_pids,
     ha_cli,
@@ -12,5 +13,5 @@ from corral.ha.testing import (
     write_members,
 )
 
-__all__ = ["PYTHON", "HaNode", "SafetyChecker", "guest_pids", "ha_cli", "make_guest",
+__all__ = ["PYTHON", "HaNode", "HaOnCluster", "SafetyChecker", "guest_pids", "ha_cli", "make_guest",
            "wait_for", "write_members"]

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from .harness import HaNode, SafetyChecker, ha_cli, make_guest, wait_for
+from .harness import HaOnCluster, ha_cli, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
 soak = pytest.mark.skipif(os.environ.get("CORRAL_SOAK") != "1",
                           reason="network namespaces, ~1.5 minutes: set CORRAL_SOAK=1")
 
 RECOVERY_TIMEOUT_S = 90
-FAST_PROFILE = "ha-timing: profile=fast\n"
 
 
 @pytest.fixture(params=[False], ids=["loopback"])
@@ -47,37 +46,23 @@ def corrald_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[
 
 def test_kill_node_guest_recovers_on_real_cluster(corrald_cluster: object,
                                                   tmp_path: Path) -> None:
-    from corral.daemon.demo import DemoCluster
-    assert isinstance(corrald_cluster, DemoCluster)
-    cluster = corrald_cluster
-    names = {i: cluster.name(i) for i in cluster.nodeids}
-    mounts = {i: cluster.mount(i) for i in cluster.nodeids}
-    nodes = {i: HaNode(tmp_path, names[i], mounts[i], None) for i in cluster.nodeids}
-    checker = SafetyChecker({names[i]: nodes[i].guest_dir for i in cluster.nodeids})
+    ha = HaOnCluster(corrald_cluster, tmp_path)
+    names, mounts, checker = ha.names, ha.mounts, ha.checker
     try:
-        (mounts[1] / "datacenter.cfg").write_text(FAST_PROFILE)
-        make_guest(mounts[1], names[2], 100)
-        wait_for(lambda: all((m / "nodes" / names[2] / "qemu-server/100.conf").exists()
-                             for m in mounts.values()), 20, "the guest config everywhere")
-        added = ha_cli(mounts[1], "add", "vm:100")
-        assert added.returncode == 0, added.stderr
-        checker.start()
-        for node in nodes.values():
-            node.start()
-        wait_for(lambda: checker.running_on.get("100") == {names[2]}, 60,
-                 "vm:100 on node2\n" + nodes[2].log_text()[-3000:])
+        ha.add_guest(100, node=2, timeout_s=20)
+        ha.start(wait_running_on=2)
         wait_for(lambda: "service vm:100 (node2, started)" in ha_cli(mounts[3], "status").stdout,
                  30, "status on node3 to show vm:100 started")
         status = ha_cli(mounts[3], "status").stdout
         assert status.startswith("quorum OK\nmaster node")
-        assert all(f"lrm {names[i]} (" in status for i in cluster.nodeids), status
-        cluster.kill(2)
-        nodes[2].kill()
+        assert all(f"lrm {names[i]} (" in status for i in names), status
+        ha.cluster.kill(2)
+        ha.nodes[2].kill()
         cut = time.monotonic()
         wait_for(lambda: not checker.running_on.get("100"), 20, "node2's watchdog fallback")
         fenced_s = time.monotonic() - cut
         wait_for(lambda: len(checker.running_on.get("100", set())) == 1, RECOVERY_TIMEOUT_S,
-                 "recovery\n" + nodes[1].log_text()[-3000:] + nodes[3].log_text()[-3000:])
+                 "recovery\n" + ha.logs(1, 3))
         recovered_s = time.monotonic() - cut
         where = checker.running_on["100"]
         assert where <= {names[1], names[3]}
@@ -86,9 +71,7 @@ def test_kill_node_guest_recovers_on_real_cluster(corrald_cluster: object,
         time.sleep(3)
         assert not checker.violations, checker.violations
     finally:
-        checker.stop()
-        for node in nodes.values():
-            node.cleanup()
+        ha.close()
 
 
 PARTITION_TABLE = "crlhapart"
@@ -105,25 +88,11 @@ def _partition(cluster: object, nodeid: int, cut: bool) -> None:
 @pytest.mark.parametrize("corrald_cluster", [True], ids=["netns"], indirect=True)
 def test_partitioned_node_fences_itself_on_real_cluster(corrald_cluster: object,
                                                         tmp_path: Path) -> None:
-    from corral.daemon.demo import DemoCluster
-    assert isinstance(corrald_cluster, DemoCluster)
-    cluster = corrald_cluster
-    names = {i: cluster.name(i) for i in cluster.nodeids}
-    mounts = {i: cluster.mount(i) for i in cluster.nodeids}
-    nodes = {i: HaNode(tmp_path, names[i], mounts[i], None) for i in cluster.nodeids}
-    checker = SafetyChecker({names[i]: nodes[i].guest_dir for i in cluster.nodeids})
+    ha = HaOnCluster(corrald_cluster, tmp_path)
+    names, nodes, checker, cluster = ha.names, ha.nodes, ha.checker, ha.cluster
     try:
-        (mounts[1] / "datacenter.cfg").write_text(FAST_PROFILE)
-        make_guest(mounts[1], names[2], 100)
-        wait_for(lambda: all((m / "nodes" / names[2] / "qemu-server/100.conf").exists()
-                             for m in mounts.values()), 20, "the guest config everywhere")
-        added = ha_cli(mounts[1], "add", "vm:100")
-        assert added.returncode == 0, added.stderr
-        checker.start()
-        for node in nodes.values():
-            node.start()
-        wait_for(lambda: checker.running_on.get("100") == {names[2]}, 60,
-                 "vm:100 on node2\n" + nodes[2].log_text()[-3000:])
+        ha.add_guest(100, node=2, timeout_s=20)
+        ha.start(wait_running_on=2)
         _partition(cluster, 2, cut=True)
         cut = time.monotonic()
         wait_for(lambda: not checker.running_on.get("100"), 30,
@@ -131,7 +100,7 @@ def test_partitioned_node_fences_itself_on_real_cluster(corrald_cluster: object,
         fenced_s = time.monotonic() - cut
         assert nodes[2].proc is not None and nodes[2].proc.poll() is None  # still running
         wait_for(lambda: len(checker.running_on.get("100", set())) == 1, RECOVERY_TIMEOUT_S,
-                 "recovery\n" + nodes[1].log_text()[-3000:] + nodes[3].log_text()[-3000:])
+                 "recovery\n" + ha.logs(1, 3))
         recovered_s = time.monotonic() - cut
         where = checker.running_on["100"]
         assert where <= {names[1], names[3]}
@@ -142,6 +111,4 @@ def test_partitioned_node_fences_itself_on_real_cluster(corrald_cluster: object,
         assert checker.running_on.get("100") == where
         assert not checker.violations, checker.violations
     finally:
-        checker.stop()
-        for node in nodes.values():
-            node.cleanup()
+        ha.close()

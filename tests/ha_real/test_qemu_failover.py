@@ -20,7 +20,7 @@ import pytest
 
 from corral.guests.qemu import DEFAULT_TEST_GUEST_DIR
 
-from .harness import HaNode, SafetyChecker, ha_cli, wait_for
+from .harness import HaOnCluster, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_IMAGE = os.environ.get("CORRAL_TEST_GUEST_DIR", DEFAULT_TEST_GUEST_DIR)
@@ -60,33 +60,19 @@ def test_qemu_guest_recovers_after_its_node_dies(cluster: object, tmp_path: Path
     from corral.daemon.demo import DemoCluster
     assert isinstance(cluster, DemoCluster)
     monkeypatch.setenv("CORRAL_ACCEL", "tcg")
-    names = {i: cluster.name(i) for i in cluster.nodeids}
-    mounts = {i: cluster.mount(i) for i in cluster.nodeids}
-    nodes = {i: HaNode(tmp_path / "ha", names[i], mounts[i], None, extra_args=[
-        "--agent", "qemu", "--qemu-run-dir", str(tmp_path / "qemu" / names[i]),
-        "--task-dir", str(tmp_path / "tasks" / names[i]),
-        "--state-dir", str(cluster.state_dir(i))]) for i in cluster.nodeids}
-    checker = SafetyChecker({names[i]: nodes[i].guest_dir for i in cluster.nodeids})
+    ha = HaOnCluster(cluster, tmp_path / "ha", extra_args=lambda i: [
+        "--agent", "qemu", "--qemu-run-dir", str(tmp_path / "qemu" / cluster.name(i)),
+        "--task-dir", str(tmp_path / "tasks" / cluster.name(i)),
+        "--state-dir", str(cluster.state_dir(i))])
+    names, nodes, checker = ha.names, ha.nodes, ha.checker
     try:
-        (mounts[1] / "datacenter.cfg").write_text("ha-timing: profile=fast\n")
-        conf = mounts[1] / "nodes" / names[2] / "qemu-server" / "100.conf"
-        conf.parent.mkdir(parents=True, exist_ok=True)
-        conf.write_text(_vm_config())
-        wait_for(lambda: all((m / "nodes" / names[2] / "qemu-server/100.conf").exists()
-                             for m in mounts.values()), 30, "the guest config everywhere")
-        added = ha_cli(mounts[1], "add", "vm:100")
-        assert added.returncode == 0, added.stderr
-        checker.start()
-        for node in nodes.values():
-            node.start()
-        wait_for(lambda: checker.running_on.get("100") == {names[2]}, 120,
-                 "QEMU vm:100 on node2\n" + nodes[2].log_text()[-3000:])
+        ha.add_guest(100, node=2, config_text=_vm_config())
+        ha.start(wait_running_on=2, timeout_s=120)
         cluster.kill(2)
         nodes[2].kill_all()
         cut = time.monotonic()
         wait_for(lambda: bool(checker.running_on.get("100", set()) - {names[2]}),
-                 RECOVERY_BOUND_S, "QEMU vm:100 on another node\n"
-                 + nodes[1].log_text()[-3000:] + nodes[3].log_text()[-3000:])
+                 RECOVERY_BOUND_S, "QEMU vm:100 on another node\n" + ha.logs(1, 3))
         recovered_s = time.monotonic() - cut
         where = checker.running_on["100"]
         assert where <= {names[1], names[3]}
@@ -95,6 +81,4 @@ def test_qemu_guest_recovers_after_its_node_dies(cluster: object, tmp_path: Path
         assert checker.running_on.get("100") == where
         assert not checker.violations, checker.violations
     finally:
-        checker.stop()
-        for node in nodes.values():
-            node.cleanup()
+        ha.close()

@@ -15,7 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from corral.ha.daemon.agent import pid_is_guest, read_pid
 
@@ -178,13 +180,71 @@ def wait_for(predicate: object, timeout_s: float, what: str, period_s: float = 0
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def make_guest(root: Path, node: str, vmid: int) -> None:
+def make_guest(root: Path, node: str, vmid: int, config_text: str | None = None) -> None:
     conf = root / "nodes" / node / "qemu-server" / f"{vmid}.conf"
     conf.parent.mkdir(parents=True, exist_ok=True)
-    conf.write_text("memory: 128\ncores: 1\n")
+    conf.write_text(config_text or "memory: 128\ncores: 1\n")
 
 
 def ha_cli(root: Path, *args: str, members_file: Path | None = None) -> subprocess.CompletedProcess[str]:
     extra = ["--members-file", str(members_file)] if members_file else []
     return subprocess.run([PYTHON, "-m", "corral.ha.cli", "--root", str(root), *extra, *args],
                           capture_output=True, text=True, timeout=60)
+
+
+class HaOnCluster:
+    """corral-ha on every node of a running DemoCluster, one HA guest and the safety
+    checker: the setup the real-cluster HA tests and the failover benchmark share.
+
+        ha = HaOnCluster(cluster, base, profile="fast")
+        ha.add_guest(vmid=100, node=2)       # config on node 2, `corral-ha add vm:100`
+        ha.start(wait_running_on=2)          # checker, then every corral-ha
+        ...
+        ha.close()                           # stops the checker and every HA process
+    """
+
+    def __init__(self, cluster: Any, base: Path, profile: str = "fast",
+                 extra_args: Callable[[int], list[str]] | None = None) -> None:
+        self.cluster = cluster
+        self.profile = profile
+        self.names: dict[int, str] = {i: cluster.name(i) for i in cluster.nodeids}
+        self.mounts: dict[int, Path] = {i: Path(cluster.mount(i)) for i in cluster.nodeids}
+        self.nodes = {i: HaNode(base, self.names[i], self.mounts[i], None, profile=profile,
+                                extra_args=extra_args(i) if extra_args else None)
+                      for i in cluster.nodeids}
+        self.checker = SafetyChecker({self.names[i]: self.nodes[i].guest_dir
+                                      for i in cluster.nodeids})
+        self.vmid = ""
+
+    def add_guest(self, vmid: int, node: int, config_text: str | None = None,
+                  timeout_s: float = 30) -> None:
+        """The HA timing profile in datacenter.cfg, the guest's config on `node` (seen on
+        every node), and the guest added as an HA resource."""
+        first = self.mounts[min(self.mounts)]
+        (first / "datacenter.cfg").write_text(f"ha-timing: profile={self.profile}\n")
+        make_guest(first, self.names[node], vmid, config_text)
+        relative = Path("nodes") / self.names[node] / "qemu-server" / f"{vmid}.conf"
+        wait_for(lambda: all((mount / relative).exists() for mount in self.mounts.values()),
+                 timeout_s, "the guest config on every node")
+        added = ha_cli(first, "add", f"vm:{vmid}")
+        if added.returncode != 0:
+            raise RuntimeError(f"corral-ha add vm:{vmid}: {added.stderr}")
+        self.vmid = str(vmid)
+
+    def start(self, wait_running_on: int, timeout_s: float = 60) -> None:
+        self.checker.start()
+        for node in self.nodes.values():
+            node.start()
+        name = self.names[wait_running_on]
+        wait_for(lambda: self.checker.running_on.get(self.vmid) == {name}, timeout_s,
+                 f"vm:{self.vmid} running on {name}\n"
+                 + self.nodes[wait_running_on].log_text()[-3000:])
+
+    def logs(self, *nodeids: int) -> str:
+        return "".join(self.nodes[i].log_text()[-3000:] for i in nodeids)
+
+    def close(self) -> None:
+        if self.checker.is_alive():
+            self.checker.stop()
+        for node in self.nodes.values():
+            node.cleanup()
