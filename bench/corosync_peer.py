@@ -111,6 +111,23 @@ def render_corosync_conf(
     )
 
 
+def write_node_configs(cluster: Cluster, system: str, sched_rr: bool) -> Path:
+    """The cluster's authkey (made once, its path returned) and a corosync.conf per node
+    directory (Corral reads the same format); the log goes to <node dir>/<system>.log."""
+    authkey = cluster.workdir / f"{system}-authkey"
+    if not authkey.exists():
+        write_authkey(authkey)
+    addresses = {node: cluster.topology.address(node) for node in cluster.topology.nodes}
+    for node in cluster.topology.nodes:
+        node_dir = cluster.node_dir(node)
+        state_dir = node_dir / "state"
+        state_dir.mkdir(exist_ok=True)
+        conf = render_corosync_conf(addresses, authkey, state_dir, node_dir / f"{system}.log",
+                                    cluster.settings.token_ms, sched_rr)
+        (node_dir / "corosync.conf").write_text(conf)
+    return authkey
+
+
 class CorosyncCluster(Cluster):
     system = "corosync"
 
@@ -118,19 +135,7 @@ class CorosyncCluster(Cluster):
         if shutil.which("corosync") is None:
             raise BenchError("corosync is not installed (./run bench installs it)")
         self.cpgbench = build_cpgbench()
-        self.authkey = self.workdir / "corosync-authkey"
-        if not self.authkey.exists():
-            write_authkey(self.authkey)
-        addresses = {node: self.topology.address(node) for node in self.topology.nodes}
-        for node in self.topology.nodes:
-            node_dir = self.node_dir(node)
-            state_dir = node_dir / "state"
-            state_dir.mkdir(exist_ok=True)
-            conf = render_corosync_conf(
-                addresses, self.authkey, state_dir, node_dir / "corosync.log",
-                self.settings.token_ms, self.settings.sched_rr,
-            )
-            (node_dir / "corosync.conf").write_text(conf)
+        self.authkey = write_node_configs(self, "corosync", self.settings.sched_rr)
 
     def daemon_argv(self, node: int) -> list[str]:
         conf = self.node_dir(node) / "corosync.conf"

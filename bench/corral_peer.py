@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.corosync_peer import render_corosync_conf, write_authkey
+from bench.corosync_peer import write_node_configs
 from bench.peer import BenchSpec, Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,19 +38,7 @@ class CorralCluster(Cluster):
     system = "corral"
 
     def prepare(self) -> None:
-        self.authkey = self.workdir / "corral-authkey"
-        if not self.authkey.exists():
-            write_authkey(self.authkey)
-        addresses = {node: self.topology.address(node) for node in self.topology.nodes}
-        for node in self.topology.nodes:
-            node_dir = self.node_dir(node)
-            state_dir = node_dir / "state"
-            state_dir.mkdir(exist_ok=True)
-            conf = render_corosync_conf(
-                addresses, self.authkey, state_dir, node_dir / "unused.log",
-                self.settings.token_ms, sched_rr=True,
-            )
-            (node_dir / "corosync.conf").write_text(conf)
+        self.authkey = write_node_configs(self, "corral", sched_rr=True)
 
     def socket_path(self, node: int) -> Path:
         return self.node_dir(node) / "cpg.sock"
