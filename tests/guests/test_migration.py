@@ -278,7 +278,8 @@ def _check_rolled_back(cluster: GuestCluster, guest: Guest, config_before: str,
     guest.serial.wait_value(1, max(guest.serial.values(1)), BOOT_TIMEOUT_S)  # still counting
     assert cluster.config_path(1, guest.vmid).read_text() == config_before   # unlocked again
     wait_until(lambda: _target_leftovers(cluster, guest.vmid) == [], 10.0,
-               "the target to be clean")
+               f"the target to be clean: {_target_leftovers(cluster, guest.vmid)}; "
+               f"source log: {log[-12:]}")
     guest.check(owner=1, moves=0)
 
 

@@ -21,13 +21,8 @@ from typing import Any
 
 from corral.guests.clustertasks import cluster_tasks_command
 from corral.guests.config import ConfigError, write_config
-from corral.guests.migrate import (
-    MigrateOptions,
-    MigrationError,
-    migrate,
-    request_cancel,
-    validate_options,
-)
+from corral.guests.migrate import MigrateOptions, request_cancel, validate_options
+from corral.guests.migrate_worker import WorkerError, WorkerSettings, spawn_worker
 from corral.guests.qemu import (
     DEFAULT_RUN_DIR,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -40,6 +35,7 @@ from corral.guests.storage import StorageError
 from corral.guests.tasks import TaskError, Upid, parse_upid
 
 DEFAULT_ROOT = "/etc/corral"
+FOLLOW_INTERVAL_S = 0.1
 USAGE = """usage: corral qm [--root DIR] [--node NAME] [--run-dir DIR] [--task-dir DIR]
                  [--state-dir DIR] VERB ...
 verbs:
@@ -253,51 +249,53 @@ def _cmd_migrate(manager: GuestManager, args: list[str]) -> int:
     if target == manager.node:
         raise UsageError(f"target is local node '{target}'")
     options = _migrate_options(_options(args, flags=("online", "with-local-disks")))
-    return asyncio.run(_run_migration(manager, vmid, target, options))
-
-
-async def _run_migration(manager: GuestManager, vmid: int, target: str,
-                         options: MigrateOptions) -> int:
-    """Print the UPID, follow the task log while the migration runs; SIGINT/SIGTERM
-    cancel it (the guest stays on this node)."""
-    cancel = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, cancel.set)
-    upids: list[Upid] = []
-    printed = [0]
-
-    def print_new_lines() -> None:
-        with contextlib.suppress(TaskError):
-            lines = manager.tasks.read_log(upids[0])
-            for line in lines[printed[0]:]:
-                print(line, flush=True)
-            printed[0] = len(lines)
-
-    def started(upid: Upid) -> None:
-        upids.append(upid)
-        print(upid, flush=True)
-
-    async def follow() -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            if upids:
-                print_new_lines()
-
-    follower = loop.create_task(follow())
+    settings = WorkerSettings(manager.root, manager.node, manager.run_dir,
+                              manager.tasks.task_dir, manager.state_dir, vmid, target, options)
     try:
-        await migrate(manager, vmid, target, options, cancel=cancel, on_upid=started)
-        status = 0
-    except MigrationError as exc:
-        print(f"corral qm: {exc}", file=sys.stderr)
-        status = 1
-    finally:
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
-    if upids:
-        print_new_lines()
-    return status
+        upid = spawn_worker(settings)
+    except WorkerError as exc:
+        raise GuestError(str(exc)) from None
+    print(upid, flush=True)
+    return asyncio.run(_follow_migration(manager, vmid, upid))
+
+
+async def _follow_migration(manager: GuestManager, vmid: int, upid: Upid) -> int:
+    """Print the task log as it grows until the task ends; exit status from its last
+    line. The migration runs in a detached worker: SIGINT/SIGTERM here request a cancel
+    (the guest stays on this node) and the log is followed to the end; if this process
+    is killed the migration goes on."""
+    loop = asyncio.get_running_loop()
+    cancels: list[asyncio.Task[bool]] = []
+
+    def cancel() -> None:
+        if not cancels:
+            print("corral qm: cancel requested, waiting for the migration to stop",
+                  file=sys.stderr, flush=True)
+            cancels.append(loop.create_task(request_cancel(manager, vmid)))
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, cancel)
+    printed = 0
+    while True:
+        running = manager.tasks.status(upid).get("status") == "running"
+        lines = manager.tasks.read_log(upid)
+        for line in lines[printed:]:
+            print(line, flush=True)
+        printed = len(lines)
+        if not running:
+            break
+        await asyncio.sleep(FOLLOW_INTERVAL_S)
+    for task in cancels:
+        with contextlib.suppress(Exception):
+            await task
+    last = lines[-1] if lines else ""
+    if last in ("TASK OK",) or last.startswith("TASK WARNINGS"):
+        return 0
+    message = last.removeprefix("TASK ERROR: ").removeprefix("migration aborted: ") \
+        if last.startswith("TASK ERROR: ") else f"the migration worker ended without a " \
+        f"result (killed?); see `corral qm unlock {vmid}` in docs/guests.md"
+    print(f"corral qm: {message}", file=sys.stderr)
+    return 1
 
 
 def _cmd_migrate_cancel(manager: GuestManager, args: list[str]) -> int:

@@ -67,7 +67,7 @@ from corral.guests.mtunnel import (
     qmp_call,
 )
 from corral.guests.qemu import GuestError, GuestManager
-from corral.guests.qmp import QmpError
+from corral.guests.qmp import QmpClient, QmpError
 from corral.guests.tasks import TaskLog, Upid
 
 MIGRATION_TYPES = ("secure", "insecure")
@@ -82,6 +82,8 @@ API_TIMEOUT_S = 60.0
 MAX_REPLY_BYTES = 1 << 20
 MIRROR_READY_TIMEOUT_S = 24 * 3600.0
 QUERY_FAILURES_TOLERATED = 5
+CANCEL_QMP_TIMEOUT_S = 1.0
+MONITOR_OPEN_TIMEOUT_S = 0.5
 _STORAGE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 
@@ -154,8 +156,13 @@ async def request_cancel(manager: GuestManager, vmid: int) -> bool:
         return False
     with open(cancel_path(manager, vmid), "w", encoding="ascii") as handle:
         handle.write(f"{time.time()}\n")
+    # Only a shortcut: the migration holds the monitor during its RAM phase and answers
+    # the flag itself (within POLL_S); so a short wait here, not QMP's usual 10 s.
+    client = QmpClient(manager.qmp_path(vmid))
     with contextlib.suppress(QmpError, GuestError, OSError):
-        await qmp_call(manager.qmp_path(vmid), "migrate_cancel")
+        await client.connect(timeout_s=CANCEL_QMP_TIMEOUT_S)
+        await client.command("migrate_cancel", timeout_s=CANCEL_QMP_TIMEOUT_S)
+    await client.close()
     return True
 
 
@@ -163,7 +170,11 @@ async def request_cancel(manager: GuestManager, vmid: int) -> bool:
 
 
 class Peer:
-    """The target node's API, authenticated with the node-to-node HMAC header."""
+    """The target node's API, authenticated with the node-to-node HMAC header, over one
+    kept-alive HTTPS connection opened by the first call and used for every later one
+    (checks, keep-alive pings, `resume`): the hand-over then needs no TLS handshake.
+    A connection the target dropped (idle, or closed after an error reply) is opened
+    again once per call."""
 
     def __init__(self, state_dir: str, target: str, address: str) -> None:
         from corral.cluster.layout import Layout
@@ -179,6 +190,11 @@ class Peer:
         self.address = address
         self.context = ssl.create_default_context(cafile=str(layout.ca_cert))
         self.context.check_hostname = False      # verified against the cluster CA instead
+        self.connects = 0                         # TLS connections opened (tests, bench)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def call(self, vmid: int, cmd: str, timeout_s: float = API_TIMEOUT_S,
                    **fields: Any) -> Any:
@@ -186,33 +202,214 @@ class Peer:
 
         body = json.dumps({"cmd": cmd, **{k: v if isinstance(v, str) else json.dumps(v)
                                           for k, v in fields.items()}}).encode()
-        header = node_auth_header(self.key, self.nodeid, time.time())
         path = f"/api2/json/nodes/{self.target}/qemu/{vmid}/mtunnel"
-        request = (f"POST {path} HTTP/1.1\r\nHost: {self.address}\r\nAuthorization: {header}"
-                   f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                   "Connection: close\r\n\r\n").encode() + body
-        writer = None
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.address, self.port, ssl=self.context), timeout_s)
-            writer.write(request)
-            raw = await asyncio.wait_for(reader.read(MAX_REPLY_BYTES), timeout_s)
-        except (TimeoutError, OSError, ssl.SSLError) as exc:
-            raise MigrationError(f"cannot reach node '{self.target}' at {self.address}:"
-                                 f"{self.port}: {exc or type(exc).__name__}") from None
-        finally:
-            if writer is not None:
-                writer.close()
-        head, _, payload = raw.partition(b"\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:               # a connection of an earlier loop is dead
+            self._reader = self._writer = None
+            self._lock = asyncio.Lock()
+            self._loop = loop
+        async with self._lock:
+            reused = self._writer is not None
+            try:
+                status, payload = await self._exchange(path, body, timeout_s, node_auth_header)
+            except _Dropped:
+                if not reused:
+                    raise MigrationError(f"node '{self.target}' closed the connection "
+                                         f"during '{cmd}'") from None
+                status, payload = await self._exchange(path, body, timeout_s, node_auth_header)
         try:
             reply = json.loads(payload)
         except ValueError:
-            raise MigrationError(f"node '{self.target}' sent a malformed reply: "
-                                 f"{head[:80]!r}") from None
-        if not head.startswith(b"HTTP/1.1 200"):
-            message = str(reply.get("message") or head.decode("latin-1")).strip()
+            raise MigrationError(f"node '{self.target}' sent a malformed reply "
+                                 f"(status {status})") from None
+        if status != 200:
+            message = str(reply.get("message") or f"HTTP {status}").strip()
             raise MigrationError(f"node '{self.target}': {cmd}: {message}")
         return reply.get("data")
+
+    async def _exchange(self, path: str, body: bytes, timeout_s: float,
+                        header_for: Callable[[bytes, int, float], str]) -> tuple[int, bytes]:
+        """One request on the open connection (opened first if needed). _Dropped: the
+        connection was closed before any byte of the reply came."""
+        if self._writer is None:
+            await self._connect(timeout_s)
+        assert self._reader is not None and self._writer is not None
+        header = header_for(self.key, self.nodeid, time.time())
+        request = (f"POST {path} HTTP/1.1\r\nHost: {self.address}\r\nAuthorization: {header}"
+                   f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                   "Connection: keep-alive\r\n\r\n").encode() + body
+        try:
+            self._writer.write(request)
+            await self._writer.drain()
+            head = await asyncio.wait_for(self._reader.readuntil(b"\r\n\r\n"), timeout_s)
+        except asyncio.IncompleteReadError as exc:
+            self.close()
+            if not exc.partial:
+                raise _Dropped() from None
+            raise self._unreachable(exc) from None
+        except (TimeoutError, OSError, ssl.SSLError, asyncio.LimitOverrunError) as exc:
+            self.close()
+            if isinstance(exc, (ConnectionError, ssl.SSLError)):
+                raise _Dropped() from None
+            raise self._unreachable(exc) from None
+        status, length, keep = _parse_head(head)
+        if length is None or length > MAX_REPLY_BYTES:
+            self.close()
+            raise MigrationError(f"node '{self.target}' sent a reply without a usable "
+                                 f"Content-Length: {head[:80]!r}")
+        try:
+            payload = await asyncio.wait_for(self._reader.readexactly(length), timeout_s)
+        except (TimeoutError, OSError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
+            self.close()
+            raise self._unreachable(exc) from None
+        if not keep:
+            self.close()
+        return status, payload
+
+    async def _connect(self, timeout_s: float) -> None:
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(self.address, self.port, ssl=self.context,
+                                        limit=MAX_REPLY_BYTES), timeout_s)
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            raise self._unreachable(exc) from None
+        self.connects += 1
+
+    def _unreachable(self, exc: BaseException) -> MigrationError:
+        return MigrationError(f"cannot reach node '{self.target}' at {self.address}:"
+                              f"{self.port}: {exc or type(exc).__name__}")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
+class _Dropped(Exception):
+    """The kept-alive connection was closed before the reply started."""
+
+
+def _parse_head(head: bytes) -> tuple[int, int | None, bool]:
+    """(status, Content-Length or None, connection kept) of an HTTP/1.1 reply head."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    length: int | None = None
+    keep = True
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        name, value = name.strip().lower(), value.strip()
+        if name == "content-length" and value.isdigit():
+            length = int(value)
+        elif name == "connection" and value.lower() == "close":
+            keep = False
+    return status, length, keep
+
+
+class Monitor:
+    """One QMP connection to the source QEMU held from near the end of the RAM phase to
+    the hand-over: commands (polls, the hand-over's check) and the MIGRATION events on
+    the same socket, read by one reader task. QEMU serves one client per monitor, so
+    other QMP users of this guest (`qm status`) wait while it is held: it is opened
+    late (see _watch_migration) and closed before anything else needs the monitor
+    (stopping the source; the cleanup's own steps use it while it is open)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.status = ""                          # the newest MIGRATION event's status
+        self.status_ns = 0                        # when it was read (monotonic)
+        self.changed = asyncio.Event()
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._waiting: dict[str, asyncio.Future[Any]] = {}
+        self._next_id = 0
+        self._closed_reason = ""
+
+    async def open(self, timeout_s: float = 10.0) -> None:
+        try:
+            reader, self._writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.path, limit=16 << 20), timeout_s)
+            greeting = await asyncio.wait_for(reader.readline(), timeout_s)
+        except (TimeoutError, OSError) as exc:
+            self.close()
+            raise QmpError(f"cannot open the QMP monitor {self.path}: "
+                           f"{exc or type(exc).__name__}") from None
+        if b"QMP" not in greeting:
+            self.close()
+            raise QmpError(f"unexpected QMP greeting: {greeting[:200]!r}")
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+        await self.command("qmp_capabilities")
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while line := await reader.readline():
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(message, dict):
+                    continue
+                if message.get("event") == "MIGRATION":
+                    self.status = str(message.get("data", {}).get("status", ""))
+                    self.status_ns = time.monotonic_ns()
+                    self.changed.set()
+                waiter = self._waiting.pop(str(message.get("id", "")), None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(message)
+            self._closed_reason = "QMP connection closed by QEMU"
+        except (OSError, ValueError) as exc:
+            self._closed_reason = f"QMP read failed: {exc}"
+        self._fail_waiters()
+
+    def _fail_waiters(self) -> None:
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(QmpError(self._closed_reason or "QMP connection closed"))
+        self._waiting.clear()
+        self.changed.set()
+
+    @property
+    def open_now(self) -> bool:
+        return self._writer is not None and not self._closed_reason
+
+    async def command(self, name: str, /, timeout_s: float = 10.0, **arguments: Any) -> Any:
+        if not self.open_now:
+            raise QmpError(self._closed_reason or "QMP monitor not open")
+        assert self._writer is not None
+        self._next_id += 1
+        command_id = f"mig-{self._next_id}"
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[command_id] = waiter
+        request: dict[str, Any] = {"execute": name, "id": command_id}
+        if arguments:
+            request["arguments"] = arguments
+        try:
+            self._writer.write(json.dumps(request).encode() + b"\n")
+            message = await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            raise QmpError(f"{name}: QMP timeout after {timeout_s} s") from None
+        finally:
+            self._waiting.pop(command_id, None)
+        if "error" in message:
+            error = message["error"]
+            raise QmpError(f"{name}: {error.get('class')}: {error.get('desc')}")
+        return message.get("return")
+
+    async def wait_change(self, timeout_s: float) -> None:
+        """Until the next MIGRATION event (or the connection closed), at most timeout_s."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.changed.wait(), timeout_s)
+        self.changed.clear()
+
+    def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            self._reader_task = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._closed_reason = self._closed_reason or "closed"
+        self._fail_waiters()
 
 
 def cluster_status(state_dir: str) -> dict[str, Any]:
@@ -262,6 +459,19 @@ class Run:
     disks: list[LocalDisk] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
     last_keepalive_s: float = field(default_factory=time.monotonic)
+    monitor: Monitor | None = None
+    new_config_text: str | None = None        # prepared before QEMU completes
+
+    async def qmp_cmd(self, name: str, /, **arguments: Any) -> Any:
+        """On the held monitor if it is open, else on a short connection."""
+        if self.monitor is not None and self.monitor.open_now:
+            return await self.monitor.command(name, **arguments)
+        return await qmp_call(self.qmp, name, **arguments)
+
+    def release_monitor(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
 
     def say(self, line: str) -> None:
         self.log.log(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
@@ -325,6 +535,9 @@ async def migrate(manager: GuestManager, vmid: int, target: str,
             raise MigrationError(message, upid) from exc
         raise
     finally:
+        run.release_monitor()
+        if run.peer is not None:
+            run.peer.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(cancel_path(manager, vmid))
     manager.tasks.end(upid, log, None)
@@ -536,20 +749,30 @@ async def _phase2(run: Run, config: VmConfig) -> None:
         await _mirror_disks(run, answer.get("nbd") or {}, hostname, secure)
     run.check_cancel()
     await _set_migration_parameters(run, config, hostname, secure)
+    _prepare_handover(run, config)
     run.timings_ms["command_to_migration_start"] = run.elapsed_ms()
     run.say(f"start migrate command to {uri}")
     run.migration_started = True
-    await qmp_call(run.qmp, "migrate", uri=uri)
+    await run.qmp_cmd("migrate", uri=uri)
     await _watch_migration(run)
     if run.mirrors:
         await _finish_mirrors(run)
+
+
+def _prepare_handover(run: Run, config: VmConfig) -> None:
+    """What the hand-over writes, computed before QEMU completes: the config with the
+    target's volumes (the lock holds it unchanged since phase 1) and the target's dir."""
+    target_dir = os.path.join(run.manager.root, "nodes", run.target, "qemu-server")
+    os.makedirs(target_dir, exist_ok=True)
+    if run.disks:
+        run.new_config_text = write_config(_config_for_target(run, config))
 
 
 async def _running_machine(run: Run, config: VmConfig) -> str:
     """The machine version the source QEMU really runs (`pc` -> `pc-i440fx-7.2`): the
     target must emulate exactly the same board, as the reference's forcemachine."""
     configured = config.get("machine") or "pc"
-    for machine in await qmp_call(run.qmp, "query-machines"):
+    for machine in await run.qmp_cmd("query-machines"):
         if machine.get("alias") == configured:
             return str(machine["name"])
     return configured
@@ -558,8 +781,8 @@ async def _running_machine(run: Run, config: VmConfig) -> str:
 async def _source_tls(run: Run) -> None:
     tls_dir = prepare_tls_dir(run.state_dir, run.manager.run_dir)
     with contextlib.suppress(QmpError):
-        await qmp_call(run.qmp, "object-del", id=TLS_OBJECT_ID)   # left by an earlier try
-    await qmp_call(run.qmp, "object-add", **{"qom-type": "tls-creds-x509", "id": TLS_OBJECT_ID,
+        await run.qmp_cmd("object-del", id=TLS_OBJECT_ID)   # left by an earlier try
+    await run.qmp_cmd("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_OBJECT_ID,
                                              "dir": tls_dir, "endpoint": "client",
                                              "verify-peer": True})
 
@@ -577,7 +800,7 @@ async def _mirror_disks(run: Run, exports: dict[str, Any], hostname: str, secure
         server = {"type": "inet", "host": str(export["host"]), "port": str(export["port"])}
         extra: dict[str, Any] = {"tls-creds": TLS_OBJECT_ID, "tls-hostname": hostname} \
             if secure else {}
-        await qmp_call(run.qmp, "blockdev-add", driver="nbd", **{"node-name": node},
+        await run.qmp_cmd("blockdev-add", driver="nbd", **{"node-name": node},
                        server=server, export=str(export["export"]), **extra)
         run.nbd_nodes.append(node)
         job = f"mirror-drive-{disk.key}"
@@ -585,7 +808,7 @@ async def _mirror_disks(run: Run, exports: dict[str, Any], hostname: str, secure
                                      "target": node, "sync": "full", "auto-dismiss": False}
         if speed:
             arguments["speed"] = speed
-        await qmp_call(run.qmp, "blockdev-mirror", **arguments)
+        await run.qmp_cmd("blockdev-mirror", **arguments)
         run.mirrors.append(job)
     await _wait_mirrors_ready(run)
 
@@ -596,7 +819,7 @@ async def _wait_mirrors_ready(run: Run) -> None:
     while True:
         run.check_cancel()
         await run.keepalive()
-        jobs = {job["device"]: job for job in await qmp_call(run.qmp, "query-block-jobs")}
+        jobs = {job["device"]: job for job in await run.qmp_cmd("query-block-jobs")}
         missing = [j for j in run.mirrors if j not in jobs]
         if missing:
             raise MigrationError(f"mirror job {missing[0]} disappeared (target gone?)")
@@ -621,7 +844,7 @@ async def _wait_mirrors_ready(run: Run) -> None:
 async def _set_migration_parameters(run: Run, config: VmConfig, hostname: str,
                                     secure: bool) -> None:
     capabilities = migration_capabilities(run.manager.accelerator())
-    await qmp_call(run.qmp, "migrate-set-capabilities", capabilities=[
+    await run.qmp_cmd("migrate-set-capabilities", capabilities=[
         {"capability": name, "state": state} for name, state in capabilities.items()])
     run.say("set migration capabilities")
     downtime_ms = _downtime_ms(config)
@@ -636,7 +859,7 @@ async def _set_migration_parameters(run: Run, config: VmConfig, hostname: str,
                                   "xbzrle-cache-size": cache,
                                   "tls-creds": TLS_OBJECT_ID if secure else "",
                                   "tls-hostname": hostname if secure else ""}
-    await qmp_call(run.qmp, "migrate-set-parameters", **parameters)
+    await run.qmp_cmd("migrate-set-parameters", **parameters)
     run.say(f"set migration parameters ({'TLS, verify-peer' if secure else 'insecure, plain TCP'})")
 
 
@@ -658,51 +881,88 @@ def _bandwidth_bytes(options: MigrateOptions, config: VmConfig) -> int:
 
 
 async def _watch_migration(run: Run) -> None:
-    """Poll query-migrate to the end, log progress, double the downtime limit when the
-    remaining RAM keeps growing (as the reference)."""
+    """Poll query-migrate every POLL_S for progress lines and to double the downtime
+    limit when the remaining RAM keeps growing (as the reference). Near the end (what
+    is left fits in about two polls, or QEMU is past the RAM phase) hold one monitor
+    connection and take the completion from QEMU's MIGRATION event on it, as it is
+    sent, instead of at the next poll; later polls go over the same connection.
+    Holding it earlier would keep other QMP users of the guest (`qm status`, the node
+    status) waiting for the whole RAM phase: QEMU serves one client per monitor."""
     last_log_s = 0.0
     last_remaining: int | None = None
     growing = failures = 0
     downtime_ms: int | None = None
-    interval = POLL_S
+    next_poll_s = 0.0
     while True:
         run.check_cancel()
         await run.keepalive()
-        try:
-            info = await qmp_call(run.qmp, "query-migrate")
-            failures = 0
-        except (QmpError, OSError) as exc:
-            failures += 1
-            if failures > QUERY_FAILURES_TOLERATED:
-                raise MigrationError(f"query-migrate failed: {exc}") from None
-            await asyncio.sleep(interval)
-            continue
-        state = info.get("status", "")
-        ram = info.get("ram", {})
-        if state == "completed":
-            run.timings_ms["completed_at"] = run.elapsed_ms()
-            _log_completed(run, info)
+        monitor = run.monitor
+        if monitor is not None and monitor.status == "completed":
+            _completed(run, monitor.status_ns)
             return
-        if state in ("failed", "cancelled"):
-            raise MigrationError(f"migration status: {state}"
-                                 f"{': ' + info['error-desc'] if info.get('error-desc') else ''}")
-        if state in ("active", "device", "pre-switchover"):
-            remaining = int(ram.get("remaining", 0))
-            now = time.monotonic()
-            if now - last_log_s >= PROGRESS_EVERY_S:
-                last_log_s = now
-                _log_progress(run, info)
-            if last_remaining is not None and (remaining > last_remaining or remaining == 0):
-                growing += 1
-            last_remaining = remaining
-            if growing > NON_CONVERGING_POLLS and state == "active":
-                growing = 0
-                downtime_ms = min(MAX_DOWNTIME_MS, (downtime_ms or _downtime_ms_now(info)) * 2)
-                await qmp_call(run.qmp, "migrate-set-parameters", **{"downtime-limit": downtime_ms})
-                run.say(f"auto-increased downtime to continue migration: {downtime_ms} ms")
-            per_poll = int(ram.get("mbps", 0) * 1e6 / 8 * POLL_S)
-            interval = FAST_POLL_S if remaining <= per_poll or state != "active" else POLL_S
-        await asyncio.sleep(interval)
+        now = time.monotonic()
+        if (monitor is not None and monitor.status in ("failed", "cancelled")) or \
+                now >= next_poll_s:
+            next_poll_s = now + POLL_S
+            try:
+                info = await run.qmp_cmd("query-migrate")
+                failures = 0
+            except (QmpError, OSError) as exc:
+                failures += 1
+                if failures > QUERY_FAILURES_TOLERATED:
+                    raise MigrationError(f"query-migrate failed: {exc}") from None
+                await asyncio.sleep(POLL_S)
+                continue
+            state = info.get("status", "")
+            if state == "completed":
+                _completed(run, monitor.status_ns if monitor is not None and
+                           monitor.status == "completed" else time.monotonic_ns())
+                return
+            if state in ("failed", "cancelled"):
+                raise MigrationError(f"migration status: {state}"
+                                     f"{': ' + info['error-desc'] if info.get('error-desc') else ''}")
+            if state in ("active", "device", "pre-switchover"):
+                ram = info.get("ram", {})
+                remaining = int(ram.get("remaining", 0))
+                if now - last_log_s >= PROGRESS_EVERY_S:
+                    last_log_s = now
+                    _log_progress(run, info)
+                if last_remaining is not None and (remaining > last_remaining or remaining == 0):
+                    growing += 1
+                last_remaining = remaining
+                if growing > NON_CONVERGING_POLLS and state == "active":
+                    growing = 0
+                    downtime_ms = min(MAX_DOWNTIME_MS,
+                                      (downtime_ms or _downtime_ms_now(info)) * 2)
+                    await run.qmp_cmd("migrate-set-parameters", **{"downtime-limit": downtime_ms})
+                    run.say(f"auto-increased downtime to continue migration: {downtime_ms} ms")
+                per_poll = int(ram.get("mbps", 0) * 1e6 / 8 * POLL_S)
+                if monitor is None and (state != "active" or remaining <= 2 * per_poll):
+                    if await _hold_monitor(run):
+                        next_poll_s = 0.0        # ask again on it: nothing missed since
+                        continue
+                    next_poll_s = now + FAST_POLL_S
+        if run.monitor is not None:
+            await run.monitor.wait_change(max(0.0, next_poll_s - time.monotonic()))
+        else:
+            await asyncio.sleep(max(0.0, next_poll_s - time.monotonic()))
+
+
+async def _hold_monitor(run: Run) -> bool:
+    """Open the held monitor; False (go on polling) if another client holds it now."""
+    monitor = Monitor(run.qmp)
+    try:
+        await monitor.open(timeout_s=MONITOR_OPEN_TIMEOUT_S)
+    except QmpError:
+        monitor.close()
+        return False
+    run.monitor = monitor
+    return True
+
+
+def _completed(run: Run, seen_ns: int) -> None:
+    run.timings_ms["completed_at"] = (seen_ns - run.started_ns) / 1e6
+    run.say("migration status: completed")
 
 
 def _downtime_ms_now(info: dict[str, Any]) -> int:
@@ -735,19 +995,18 @@ def _log_completed(run: Run, info: dict[str, Any]) -> None:
     run.say(f"average migration speed: {_human(int(transferred * 1000 / total_ms))}/s - "
             f"downtime {info.get('downtime', '?')} ms")
     run.say(f"migration completed, transferred {_human(transferred)} VM-state")
-    run.say("migration status: completed")
 
 
 async def _finish_mirrors(run: Run) -> None:
     """block-job-cancel on a ready mirror completes it without pivoting: the source keeps
     its disk, the target's volume holds the same data."""
     for job in run.mirrors:
-        await qmp_call(run.qmp, "block-job-cancel", device=job)
+        await run.qmp_cmd("block-job-cancel", device=job)
     await _dismiss_jobs(run, run.mirrors)
     run.mirrors.clear()
     for node in run.nbd_nodes:
         with contextlib.suppress(QmpError):
-            await qmp_call(run.qmp, "blockdev-del", **{"node-name": node})
+            await run.qmp_cmd("blockdev-del", **{"node-name": node})
     run.nbd_nodes.clear()
     run.say("mirror jobs completed")
 
@@ -756,7 +1015,7 @@ async def _dismiss_jobs(run: Run, names: list[str], timeout_s: float = 60.0) -> 
     deadline = time.monotonic() + timeout_s
     pending = set(names)
     while pending and time.monotonic() < deadline:
-        jobs = {job["id"]: job for job in await qmp_call(run.qmp, "query-jobs")}
+        jobs = {job["id"]: job for job in await run.qmp_cmd("query-jobs")}
         for name in list(pending):
             job = jobs.get(name)
             if job is None:
@@ -764,7 +1023,7 @@ async def _dismiss_jobs(run: Run, names: list[str], timeout_s: float = 60.0) -> 
             elif job.get("status") == "concluded":
                 if job.get("error"):
                     run.say(f"{name}: {job['error']}")
-                await qmp_call(run.qmp, "job-dismiss", id=name)
+                await run.qmp_cmd("job-dismiss", id=name)
                 pending.discard(name)
         if pending:
             await asyncio.sleep(FAST_POLL_S)
@@ -775,34 +1034,42 @@ async def _dismiss_jobs(run: Run, names: list[str], timeout_s: float = 60.0) -> 
 # --- phase 3: the hand-over ------------------------------------------------------------------
 
 
-async def _phase3(run: Run, config: VmConfig) -> None:
-    manager, vmid = run.manager, run.vmid
-    assert run.peer is not None
-    if run.running:
-        status = (await qmp_call(run.qmp, "query-status")).get("status")
-        if status != "postmigrate":
-            raise MigrationError(f"source VM is '{status}' after the migration, "
-                                 "expected 'postmigrate'")
-    new_config = manager.load_config(vmid)
+def _config_for_target(run: Run, config: VmConfig) -> VmConfig:
+    new_config = parse_config(write_config(config))
     for disk in run.disks:
         if disk.new_volid is None:
             raise MigrationError(f"{disk.key} was not copied")
         value = new_config.entries[disk.key]
         new_config.entries[disk.key] = value.replace(disk.volid, disk.new_volid, 1)
+    return new_config
+
+
+async def _phase3(run: Run, config: VmConfig) -> None:
+    """The hand-over's critical path: check the source is paused (on the held monitor),
+    rename the config (with the target's volumes written first when disks moved), one
+    `resume` on the open connection to the target."""
+    manager, vmid = run.manager, run.vmid
+    assert run.peer is not None
+    if run.running:
+        status = (await run.qmp_cmd("query-status")).get("status")
+        if status != "postmigrate":
+            raise MigrationError(f"source VM is '{status}' after the migration, "
+                                 "expected 'postmigrate'")
     source_path = manager.config_path(vmid)
     target_path = os.path.join(manager.root, "nodes", run.target, "qemu-server", f"{vmid}.conf")
     if run.disks:
-        manager.save_config(vmid, new_config)
+        if run.new_config_text is None:           # offline: the copies are done now
+            run.new_config_text = write_config(_config_for_target(run, config))
+        manager.save_config(vmid, parse_config(run.new_config_text))
     if os.path.exists(target_path):
         raise MigrationError(f"node '{run.target}' already has a config for VM {vmid}")
     os.makedirs(os.path.dirname(target_path), exist_ok=True)
     os.rename(source_path, target_path)          # the hand-over: the guest is the target's now
     run.handed_over = True
-    run.say(f"config moved to node '{run.target}'")
-    await _finish_on_target(run, new_config, target_path)
+    await _finish_on_target(run, target_path)
 
 
-async def _finish_on_target(run: Run, config: VmConfig, target_path: str) -> None:
+async def _finish_on_target(run: Run, target_path: str) -> None:
     """After the rename nothing is rolled back: every step logs and goes on."""
     assert run.peer is not None
     errors = []
@@ -810,11 +1077,19 @@ async def _finish_on_target(run: Run, config: VmConfig, target_path: str) -> Non
         if run.running or run.disks:
             answer = await run.peer.call(run.vmid, "resume")
             run.timings_ms["resumed_at"] = run.elapsed_ms()
+            run.say(f"config moved to node '{run.target}'")
             if run.running:
                 run.say(f"VM {run.vmid} resumed on node '{run.target}' "
                         f"({answer.get('status')})")
+        else:
+            run.say(f"config moved to node '{run.target}'")
     except MigrationError as exc:
+        run.say(f"config moved to node '{run.target}'")
         errors.append(f"resume on target failed: {exc}")
+    if run.monitor is not None:
+        with contextlib.suppress(QmpError, OSError):
+            _log_completed(run, await run.qmp_cmd("query-migrate"))
+        run.release_monitor()                    # hard_stop needs the monitor
     if run.running:
         await run.manager.hard_stop(run.vmid, run.log)
     storages = run.manager.storages() if run.disks else None
@@ -860,22 +1135,23 @@ async def _cleanup(run: Run, error: BaseException) -> None:
     run.say("aborting phase 2 - cleanup resources" if run.running else
             "aborting phase 1 - cleanup resources")
     if run.migration_started:
-        await _try(run, "migrate_cancel", qmp_call(run.qmp, "migrate_cancel"))
+        await _try(run, "migrate_cancel", run.qmp_cmd("migrate_cancel"))
         await _wait_not_active(run)
     for job in run.mirrors:
-        await _try(run, f"cancel {job}", qmp_call(run.qmp, "block-job-cancel", device=job,
+        await _try(run, f"cancel {job}", run.qmp_cmd("block-job-cancel", device=job,
                                                     force=True))
     if run.mirrors:
         with contextlib.suppress(MigrationError, QmpError, OSError):
             await _dismiss_jobs(run, run.mirrors, 10.0)
     for node in run.nbd_nodes:
-        await _try(run, f"remove {node}", qmp_call(run.qmp, "blockdev-del",
+        await _try(run, f"remove {node}", run.qmp_cmd("blockdev-del",
                                                    **{"node-name": node}))
     if run.running and run.manager.pid(run.vmid) is not None:
         with contextlib.suppress(QmpError, OSError):
-            status = (await qmp_call(run.qmp, "query-status")).get("status")
+            status = (await run.qmp_cmd("query-status")).get("status")
             if status in ("postmigrate", "paused", "finish-migrate"):
-                await _try(run, "cont on source", qmp_call(run.qmp, "cont"))
+                await _try(run, "cont on source", run.qmp_cmd("cont"))
+    run.release_monitor()
     if run.peer is not None and (run.target_started or run.disks):
         try:
             answer = await run.peer.call(run.vmid, "stop")
@@ -905,7 +1181,7 @@ async def _wait_not_active(run: Run, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            info = await qmp_call(run.qmp, "query-migrate")
+            info = await run.qmp_cmd("query-migrate")
         except (QmpError, OSError):
             return
         if info.get("status") not in ("active", "setup", "cancelling", "device",

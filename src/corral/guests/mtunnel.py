@@ -43,7 +43,7 @@ from typing import Any
 
 from corral.guests import storage as storage_mod
 from corral.guests.config import ConfigError, VmConfig, is_valid_vmid, parse_config
-from corral.guests.qemu import QEMU_BINARY, GuestError, GuestManager
+from corral.guests.qemu import QEMU_BINARY, RUN_FILES, GuestError, GuestManager
 from corral.guests.qmp import QmpClient, QmpError
 from corral.guests.tasks import TaskLog
 
@@ -54,6 +54,7 @@ MAX_DISKS = 32
 MAX_VOLUME_BYTES = 1 << 50
 QEMU_NBD_START_S = 10.0
 TLS_OBJECT_ID = "corral-mig-tls"
+MAX_RESUMED_REMEMBERED = 64
 
 
 def migration_capabilities(accel: str) -> dict[str, bool]:
@@ -326,6 +327,7 @@ class IncomingMigrations:
         self.link_addresses = link_addresses
         self.quorate = quorate or (lambda: True)
         self.records: dict[int, Incoming] = {}
+        self.resumed: dict[int, int] = {}     # vmid -> when (monotonic ns), newest last
 
     async def handle(self, vmid: int, params: dict[str, Any]) -> Any:
         if not is_valid_vmid(vmid):
@@ -567,7 +569,13 @@ class IncomingMigrations:
                 "tls_hostname": self.manager.node}
 
     async def resume(self, vmid: int, params: dict[str, Any]) -> dict[str, Any]:
+        """`cont` the incoming QEMU, only once the config is in this node's directory (the
+        source renames it there first: a guest must never run where its config is not).
+        One QMP connection for the NBD stop and `cont`. A repeated `resume` (the source
+        lost the reply and asked again on a new connection) answers without acting."""
         record = self.records.get(vmid)
+        if record is None and vmid in self.resumed and os.path.exists(self._here(vmid)):
+            return {"status": "running", "repeated": True}
         if record is None or record.state not in (IncomingState.LISTENING,
                                                   IncomingState.IMPORTING):
             raise MtunnelError(f"no incoming migration of VM {vmid} on this node")
@@ -578,15 +586,17 @@ class IncomingMigrations:
             self._reap_nbd(record)
             del self.records[vmid]
             return {"status": "stopped"}
-        qmp = self.manager.qmp_path(vmid)
-        if record.nbd_server:
-            await qmp_call(qmp, "nbd-server-stop")
-            record.nbd_server = False
-        await qmp_call(qmp, "cont")
+        async with QmpClient(self.manager.qmp_path(vmid)) as client:
+            if record.nbd_server:
+                await client.command("nbd-server-stop")
+                record.nbd_server = False
+            await client.command("cont")
         record.state = IncomingState.RESUMED
         del self.records[vmid]
-        status = await qmp_call(qmp, "query-status")
-        return {"status": status.get("status")}
+        self.resumed[vmid] = time.monotonic_ns()
+        while len(self.resumed) > MAX_RESUMED_REMEMBERED:
+            del self.resumed[next(iter(self.resumed))]
+        return {"status": "running"}
 
     async def stop(self, vmid: int, params: dict[str, Any]) -> dict[str, Any]:
         if os.path.exists(self._here(vmid)):
@@ -642,7 +652,8 @@ class IncomingMigrations:
         self._reap_nbd(record)
         if record.qemu and not os.path.exists(self._here(record.vmid)):
             await self.manager.hard_stop(record.vmid, out)
-            for suffix in ("qmp", "pid", "serial0", "serial1", "serial2", "serial3"):
+            for suffix in (*(name for name in RUN_FILES if name != "log"),
+                           "serial1", "serial2", "serial3"):
                 with _suppress_missing():
                     os.unlink(self.manager.run_path(record.vmid, suffix))
         removed = []
