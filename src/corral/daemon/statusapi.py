@@ -127,9 +127,12 @@ class StatusApi:
             if entry is None:
                 continue
             for storage, figures in sorted(entry.report.storages.items()):
-                rows.append({"id": f"storage/{node}/{storage}", "type": "storage",
-                             "storage": storage, "node": node, "plugintype": "dir",
-                             "status": "available", **figures})
+                row = {"id": f"storage/{node}/{storage}", "type": "storage",
+                       "storage": storage, "node": node, "plugintype": "dir",
+                       "status": "available" if figures.get("active") else "unknown",
+                       "disk": 0, "maxdisk": 0}
+                row.update({k: v for k, v in figures.items() if k != "active"})
+                rows.append(row)
         return rows
 
     async def _nodes(self, request: Request, _: str) -> list[dict[str, Any]]:

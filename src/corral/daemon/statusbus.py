@@ -133,12 +133,14 @@ class StatusBus:
         for name, storage in config.storages.items():
             if storage.disabled or (storage.nodes and self.node not in storage.nodes):
                 continue
+            row: dict[str, Any] = {"shared": int(storage.shared),
+                                   "content": ",".join(storage.content), "active": 0}
             try:
                 space = storage.free_space()
+                row.update(disk=space["used"], maxdisk=space["total"], active=1)
             except OSError:
-                continue
-            storages[name] = {"disk": space["used"], "maxdisk": space["total"],
-                              "shared": int(storage.shared), "content": ",".join(storage.content)}
+                pass             # its directory is missing: listed, but not available
+            storages[name] = row
         return guests, storages
 
     def _node_figures(self) -> tuple[dict[str, float], tuple[float, float, float]]:

@@ -34,7 +34,7 @@ GUEST_STATES = ("running", "stopped", "unknown")
 
 _NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
 _STORAGE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
-STORAGE_NUMBERS = ("disk", "maxdisk", "shared")
+STORAGE_NUMBERS = ("disk", "maxdisk", "shared", "active")
 NODE_NUMBERS = ("uptime", "cpu", "maxcpu", "mem", "maxmem", "disk", "maxdisk", "swap",
                 "maxswap", "wait", "idle")
 GUEST_NUMBERS = ("uptime", "cpu", "cpus", "mem", "maxmem", "memhost", "disk", "maxdisk",
