@@ -32,6 +32,7 @@ from tests.guests.migration_env import GuestCluster
 from tests.status.netguest import build_net_guest, net_guest_settings
 
 from corral.cpg.ipc import CpgClient
+from corral.daemon import statuscli
 from corral.daemon.demo import DEMO_PASSWORD, _enter_netns
 from corral.guests.qemu import DEFAULT_TEST_GUEST_DIR
 
@@ -152,7 +153,24 @@ def _verbose_status(cluster: GuestCluster, nodeid: int, vmid: int) -> dict[str, 
     return dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
 
 
-def test_guest_on_a_bridge_seen_cluster_wide(cluster: GuestCluster) -> None:
+def _check_cli(cluster: GuestCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    """`corral resources` and `corral node status` through node 2's control socket."""
+    state = ["--state-dir", str(cluster.state_dir(2))]
+    capsys.readouterr()
+    assert statuscli.resources([*state, "--type", "vm", "--output-format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["id"], r["status"]) for r in rows] == [("qemu/100", "running")]
+    assert statuscli.resources(state) == 0
+    text = capsys.readouterr().out
+    assert "qemu/100" in text and "node/node1" in text and "storage/node1/shared" in text
+    assert statuscli.node(["status", "node1", *state]) == 0
+    assert "loadavg:" in capsys.readouterr().out
+    assert statuscli.node(["status", "node9", *state]) == 1
+    assert "no such node 'node9'" in capsys.readouterr().err
+
+
+def test_guest_on_a_bridge_seen_cluster_wide(cluster: GuestCluster,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     settings = net_guest_settings(build_net_guest(GUEST_DIR), "10.211.0.2/24", "10.211.0.1",
                                   BRIDGE)
     cluster.guest_manager(1, GUEST_DIR).create(100, settings)
@@ -220,6 +238,7 @@ def test_guest_on_a_bridge_seen_cluster_wide(cluster: GuestCluster) -> None:
     assert by_id["storage/node1/shared"]["shared"] == 1
     assert by_id["storage/node2/local2"]["status"] == "unknown"   # no directory yet
     assert _api(cluster, 2, "/cluster/resources?type=bogus")[0] == 400
+    _check_cli(cluster, capsys)
     assert _api(cluster, 2, "/nodes/node9/status")[0] == 400
 
     result = _qm(cluster, 1, "stop", "100")

@@ -519,6 +519,8 @@ class Daemon:
         self.control.register("delnode", self._ctl_delnode)
         self.control.register("reload", self._ctl_reload)
         self.control.register("stop", self._ctl_stop)
+        self.control.register("resources", self._ctl_resources)
+        self.control.register("node_status", self._ctl_node_status)
 
     async def _ctl_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return self.status()
@@ -552,6 +554,13 @@ class Daemon:
 
     async def _ctl_reload(self, request: dict[str, Any]) -> dict[str, Any]:
         return await self.reload()
+
+    async def _ctl_resources(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        kind = request.get("type")
+        return self.status_api.resources(None if kind is None else str(kind))
+
+    async def _ctl_node_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self.status_api.node_status(str(request.get("node") or self.identity.name))
 
     async def _ctl_stop(self, request: dict[str, Any]) -> dict[str, Any]:
         asyncio.get_running_loop().call_later(0.05, self.stop_requested.set)

@@ -106,7 +106,10 @@ class StatusApi:
     # ---- handlers ---------------------------------------------------------------------
 
     async def _resources(self, request: Request, _: str) -> list[dict[str, Any]]:
-        kind = request.params.get("type")
+        return self.resources(request.params.get("type"))
+
+    def resources(self, kind: str | None) -> list[dict[str, Any]]:
+        """/cluster/resources rows (also the control request `resources`)."""
         if kind is not None and kind not in RESOURCE_TYPES:
             raise ApiError(400, "Parameter verification failed.",
                            {"type": f"value '{kind}' does not have a value in the enumeration "
@@ -141,7 +144,10 @@ class StatusApi:
     async def _node_status(self, request: Request, path: str) -> dict[str, Any]:
         match = _NODE_STATUS_RE.match(path)
         assert match is not None
-        node = match.group(1)
+        return self.node_status(match.group(1))
+
+    def node_status(self, node: str) -> dict[str, Any]:
+        """/nodes/{node}/status (also the control request `node_status`)."""
         self._check_node(node)
         entry = self._report(node)
         if entry is None:
