@@ -1,8 +1,10 @@
 """A real test guest (scripts/build-test-guest.sh) under QEMU: the KVM probe decides the
 accelerator and status reports it; the guest's serial counter increases while running,
 stops while suspended and continues after resume; status fields come from /proc and
-QMP; QEMU runs in its own session (a daemon restart does not touch it); QMP commands,
-errors and events; a guest ignoring the power button makes shutdown time out without
+QMP (cpu is the recent use, not the average since start; maxdisk, mem, zero network
+counters without a NIC); QEMU runs in its own session (a daemon restart does not touch
+it); QMP commands, errors and events (a status poll answered by the second monitor while
+a client holds the main one; the main one for guests started without it); a guest ignoring the power button makes shutdown time out without
 --forceStop and is force-stopped with it; reboot gives a new QEMU; a guest handling the
 power button shuts down cleanly; destroy removes volumes and config. One guest boot plus one
 reboot and one KVM probe, to stay cheap on a loaded 2-core box."""
@@ -116,9 +118,17 @@ def test_guest_lifecycle(manager: GuestManager, guest_image: str) -> None:
     assert status["maxmem"] == 96 << 20 and 0 < status["memhost"]
     assert status["cputime"] > 0 and status["uptime"] >= 0 and status["diskread"] > 0
 
+    assert status["maxdisk"] == 64 << 20 and status["mem"] == status["memhost"]
+    assert status["netin"] == status["netout"] == 0            # no NIC: 0, as the reference
+
     asyncio.run(manager.suspend(VMID))
     assert asyncio.run(manager.status(VMID))["qmpstatus"] == "paused"
     assert _read_counter(serial, 1.0) == []
+    # cpu is the use since the previous sample (1 s of a paused guest), not the average
+    # since start (which the busy boot keeps high)
+    paused = asyncio.run(manager.status(VMID))
+    average = paused["cputime"] / max(paused["uptime"], 1)
+    assert paused["cpu"] < 0.3 and (average > 0.3 or paused["cpu"] < average), paused
     asyncio.run(manager.resume(VMID))
     resumed = _wait_counter(serial, 30.0)
     assert min(resumed) > max(later)
@@ -168,8 +178,14 @@ def test_qmp_client_commands_errors_events(manager: GuestManager, guest_image: s
             assert (await client.wait_event("RESUME", timeout_s=5.0))["event"] == "RESUME"
             with pytest.raises(QmpError, match="timeout"):
                 await client.wait_event("NEVER-HAPPENS", timeout_s=0.3)
+            # a status poll while this client holds the main monitor: the second one answers
+            status = await asyncio.wait_for(manager.status(VMID), 10.0)
+            assert status["qmpstatus"] == "running"
         with pytest.raises(QmpError, match="cannot connect"):
             await QmpClient(manager.qmp_path(VMID) + ".missing").connect(timeout_s=1.0)
+        # a guest started before the status monitor existed: polls use the main socket
+        os.unlink(manager.status_qmp_path(VMID))
+        assert (await manager.status(VMID))["qmpstatus"] == "running"
 
     asyncio.run(exercise())
     asyncio.run(manager.stop(VMID))
