@@ -48,9 +48,11 @@ BASE_APPEND = "console=ttyS0 quiet panic=-1 corral.dirty=32 corral.period=0.1"
 BOOT_TIMEOUT_S = 90.0        # TCG boot to the first counter line on a loaded box
 SETTLE_S = 20.0              # the counter must go on within this after `cont`
 LINGER_S = 2.5               # then watch this long for a late crash line
-RESUME_WAIT_S = 40.0         # after a failure: does the guest come back by itself?
+RESUME_WAIT_S = 30.0         # after a failure: does the guest come back by itself?
+STOP_CONT_WAIT_S = 15.0      # and after a QMP stop/cont?
 STALL_MARKERS = (*CRASH_MARKERS, "rcu_sched detected stall", "rcu: INFO:",
                  "self-detected stall", "hung_task", "watchdog: BUG")
+ALL_CAPS = ("xbzrle", "auto-converge")    # what Corral (and the reference) turn on
 COUNTER_RE = re.compile(r"corral-counter (\d+)")
 
 
@@ -122,7 +124,7 @@ class Variant:
     cpu: str | None
     machine: str | None
     cores: int
-    capabilities: bool
+    capabilities: tuple[str, ...]     # migration capabilities turned on
     disk: bool
 
     def describe(self) -> str:
@@ -130,7 +132,8 @@ class Variant:
                  f"qemu='{shlex.join(self.qemu_args)}'" if self.qemu_args else "",
                  f"cpu={self.cpu}" if self.cpu else "", f"machine={self.machine}"
                  if self.machine else "", f"cores={self.cores}" if self.cores != 1 else "",
-                 "caps=off" if not self.capabilities else "", "disk" if self.disk else ""]
+                 "" if self.capabilities == ALL_CAPS else
+                 f"caps={','.join(self.capabilities) or 'off'}", "disk" if self.disk else ""]
         return " ".join(p for p in parts if p) or "baseline"
 
 
@@ -189,6 +192,7 @@ class PingPong:
         self.serial = Serial([m.serial_path(VMID) for m in self.managers])
         self.marks = [0, 0]           # serial lines already scanned, per node
         self.tally = Tally()
+        self.move_mark = 0            # target's serial lines before the current move
 
     def note(self, text: str) -> None:
         self.log.write(f"{time.strftime('%H:%M:%S')} {text}\n")
@@ -223,8 +227,8 @@ class PingPong:
         await dst.spawn(VMID, [*qemu_command(dst, self.config, self.variant),
                                "-incoming", "defer", "-S"])
         source_qmp, target_qmp = src.qmp_path(VMID), dst.qmp_path(VMID)
-        caps = [{"capability": name, "state": self.variant.capabilities}
-                for name in ("xbzrle", "auto-converge")]
+        caps = [{"capability": name, "state": name in self.variant.capabilities}
+                for name in ALL_CAPS]
         for path in (source_qmp, target_qmp):
             await qmp_call(path, "migrate-set-capabilities", capabilities=caps)
         await qmp_call(target_qmp, "migrate-incoming", uri="tcp:127.0.0.1:0")
@@ -266,6 +270,7 @@ class PingPong:
     async def one_move(self, index: int, source: int) -> str | None:
         """One migration; the failure kind, or None when the guest went on cleanly."""
         target = 1 - source
+        self.move_mark = len(self.serial.lines[target])
         before = self.serial.last_counter(source) or 0
         started = time.monotonic()
         status, info = await self.migrate(source, target)
@@ -311,17 +316,42 @@ class PingPong:
                 await asyncio.sleep(1)
         except (OSError, QmpError) as error:
             self.note(f"QMP failed: {error!r}")
+        await self.monitor(qmp, "info lapic", "info pic", "info irq")
         self.serial.send(target, b"\r\n")
         before = self.serial.last_counter(target) or 0
         back = await self.wait_progress(target, before, RESUME_WAIT_S)
-        late = self.scan()
-        for node, _, text in late:
-            self.note(f"after move {index} node{node}: {text}")
         verdict = (f"resumed after {back:.0f} s" if back is not None
                    else f"no progress in {RESUME_WAIT_S:.0f} s")
+        outcome = "resumed" if back is not None else "stuck"
+        if back is None:
+            # Does a stop/cont of the vCPUs (QEMU re-arms its clocks and timers) bring
+            # it back? Then the guest's state is fine and a wakeup was lost in QEMU.
+            await self.monitor(qmp, "info lapic", "info irq")
+            try:
+                await qmp_call(qmp, "stop")
+                await asyncio.sleep(0.5)
+                await qmp_call(qmp, "cont")
+            except (OSError, QmpError) as error:
+                self.note(f"stop/cont failed: {error!r}")
+            again = await self.wait_progress(target, before, STOP_CONT_WAIT_S)
+            verdict += ("; stop/cont revived it" if again is not None
+                        else f"; stop/cont did not help in {STOP_CONT_WAIT_S:.0f} s")
+            outcome = "stuck, stop/cont revives" if again is not None else "stuck"
+        for node, _, text in self.scan():
+            self.note(f"after move {index} node{node}: {text}")
+        if any("corral-guest up" in text for _, text in self.serial.lines[target][self.move_mark:]):
+            verdict, outcome = verdict + "; the guest kernel panicked and rebooted", "rebooted"
         self.note(f"RIP samples {rips}; {verdict}")
         print(f"  diagnosis: RIP {rips}, {verdict}", flush=True)
-        return "resumed" if back is not None else "stuck"
+        return outcome
+
+    async def monitor(self, qmp: str, *commands: str) -> None:
+        for command in commands:
+            try:
+                text = await qmp_call(qmp, "human-monitor-command", **{"command-line": command})
+                self.note(f"{command}:\n{text}")
+            except (OSError, QmpError) as error:
+                self.note(f"{command} failed: {error!r}")
 
     async def run(self, rounds: int, keep_going: bool) -> Tally:
         try:
@@ -360,6 +390,8 @@ def parse(arguments: list[str]) -> tuple[int, Variant, bool, str]:
     parser = argparse.ArgumentParser(prog="plain_qemu_pingpong")
     parser.add_argument("rounds", nargs="?", type=int, default=40)
     parser.add_argument("--no-caps", action="store_true", help="xbzrle/auto-converge off")
+    parser.add_argument("--caps", help="comma-separated capabilities to turn on "
+                        "(default: xbzrle,auto-converge)")
     parser.add_argument("--disk", action="store_true")
     parser.add_argument("--append", default="", help="extra guest kernel arguments")
     parser.add_argument("--base-append", default=BASE_APPEND)
@@ -371,8 +403,13 @@ def parse(arguments: list[str]) -> tuple[int, Variant, bool, str]:
     parser.add_argument("--label", default="")
     parser.add_argument("--log", default="", help="full log (default: a temporary file)")
     args = parser.parse_args(arguments)
+    caps = () if args.no_caps else ALL_CAPS if args.caps is None else tuple(
+        name for name in args.caps.split(",") if name)
+    unknown = set(caps) - set(ALL_CAPS)
+    if unknown:
+        parser.error(f"unknown capabilities {sorted(unknown)}; known: {', '.join(ALL_CAPS)}")
     variant = Variant(args.label, args.base_append, args.append, shlex.split(args.qemu),
-                      args.cpu, args.machine, args.cores, not args.no_caps, args.disk)
+                      args.cpu, args.machine, args.cores, caps, args.disk)
     variant.label = args.label or variant.describe()
     log = args.log or tempfile.mkstemp(prefix="crl-g3-pingpong-", suffix=".log")[1]
     return args.rounds, variant, args.keep_going, log
