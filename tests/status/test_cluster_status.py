@@ -1,7 +1,7 @@
 """The status broadcast on a real 2-node corrald cluster (network namespaces) with a real
 QEMU test guest on a bridge inside node 1's namespace: the guest's tap is `tap100i0`,
 enslaved to the bridge; netin grows when frames are sent into the bridge; node 2's
-`.vmlist` and API show the guest running on node 1 within 15 s of its start and stopped
+`.vmlist`, `.rrd` and API show the guest running on node 1 within 15 s of its start and stopped
 after its stop; `corral qm status --verbose` shows the new fields; a missing bridge is a
 clear error naming it; an isolated node (no quorum) still sees its own guests' status
 while the other node's guests turn `unknown`; after node 1's corrald is killed -9, its
@@ -197,6 +197,9 @@ def test_guest_on_a_bridge_seen_cluster_wide(cluster: GuestCluster,
     assert set(entry) >= {"status", "uptime", "cpu", "mem", "maxmem", "netin", "netout",
                           "diskread", "diskwrite", "version"}
     print(f"guest start seen on node 2 after {seen_s:.1f} s")
+    rrd = (cluster.mount(2) / ".rrd").read_bytes()
+    assert rrd.endswith(b"\0") and b"\npve2.3-vm/100:" in rrd, rrd
+    assert rrd.startswith(b"pve2-node/node1:") and b"\npve2-node/node2:" in rrd, rrd
 
     # The guest pings the bridge's address every 0.5 s once booted: it sends (netout,
     # what the tap received) and gets answers (netin, what the tap sent).

@@ -3,7 +3,7 @@ size bound leaves out the highest vmids and counts them; malformed, oversized or
 ill-typed reports raise ReportError (never another exception); the table keeps the
 latest report per node, drops reports of nodes that left the membership or are older
 than 5 minutes, and shows a guest `unknown` when its node's report is missing or stale;
-the /proc parsers; and the module imports nothing that does I/O."""
+`.rrd` lines in the reference's key formats; the /proc parsers; and the module imports nothing that does I/O."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def _report(node: str = "node1", guests: int = 2, seq: int = 1) -> NodeReport:
             for i in range(guests)}
     return NodeReport(node, seq, {"uptime": 100, "cpu": 0.5, "maxcpu": 2, "mem": 1, "maxmem": 2},
                       (0.1, 0.2, 0.3), rows, 0,
-                      {"local": {"disk": 1, "maxdisk": 2, "shared": 0, "content": "images"}})
+                      {"local": {"disk": 1, "maxdisk": 2, "shared": 0, "content": "images",
+                                 "active": 1}})
 
 
 def test_round_trip_keeps_known_fields_only() -> None:
@@ -43,7 +44,7 @@ def test_round_trip_keeps_known_fields_only() -> None:
     assert decoded.guests[101]["netin"] == 10 and decoded.guests[101]["name"] == "vm1"
     assert "ignored" not in decoded.guests[100]
     assert decoded.storages["local"] == {"disk": 1, "maxdisk": 2, "shared": 0,
-                                         "content": "images"}
+                                         "content": "images", "active": 1}
 
 
 def test_size_bound_leaves_out_highest_vmids() -> None:
@@ -145,3 +146,19 @@ def test_core_is_sans_io() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & banned, imported & banned
+
+
+def test_rrd_lines_in_reference_format() -> None:
+    report = _report()
+    figures = dict(report.figures, ctime=1795720872, wait=0.01, maxswap=0, swap=0,
+                   maxdisk=100, disk=50, netin=1000, netout=2000)
+    report = NodeReport(report.node, 1, figures, (0.5, 0.2, 0.1), {100: report.guests[100]}, 0,
+                        report.storages)
+    table = StatusTable()
+    table.apply(1, decode_report(encode_report(report)), 0)
+    lines = statuscore.rrd_lines(table)
+    assert lines[0] == "pve2-node/node1:100:0:1795720872:0.5:2:0.5:0.01:2:1:0:0:100:50:1000:2000"
+    assert lines[1] == ("pve2.3-vm/100:7:vm0:running:0:1795720872:0:0.25:134217728:1048576:"
+                        "0:0:0:5:0:0")
+    assert lines[2] == "pve2-storage/node1/local:1795720872:2:1"
+    assert len(lines[0].split(":")) == 16 and len(lines[1].split(":")) == 16

@@ -58,7 +58,7 @@ BLOCK_SIZE = 4096
 CHUNK_SIZE = rules.CHUNK_SIZE
 VIRTUAL_INO_BASE = 1 << 63
 # Generated root files this front serves (.rrd and .debug are not provided yet).
-SERVED_FILES = (".clusterlog", ".members", ".version", ".vmlist")
+SERVED_FILES = (".clusterlog", ".members", ".rrd", ".version", ".vmlist")
 # Root symlinks and the path under nodes/<this node> they point to.
 SYMLINK_TARGETS = {"local": "", "qemu-server": "/qemu-server", "lxc": "/lxc",
                    "openvz": "/openvz"}

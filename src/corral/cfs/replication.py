@@ -237,6 +237,7 @@ class ReplicatedBackend:
         self.starttime = int(wall_s())
         # vmid, node -> runtime fields for `.vmlist` (set by corrald's status broadcast)
         self.guest_runtime: virtual.GuestRuntime | None = None
+        self.rrd_lines: Callable[[], list[str]] | None = None      # `.rrd`, likewise
         self.core = ReplicaCore(cpg.nodeid, nodename, self.rstore, config,
                                 quorate=self._quorum_of())
         self.ring_members: tuple[int, ...] = ()
@@ -295,6 +296,8 @@ class ReplicatedBackend:
         if name == ".vmlist":
             return virtual.render_vmlist(state.guests_version, state.guest_list(),
                                          self.guest_runtime)
+        if name == ".rrd":
+            return virtual.render_rrd(self.rrd_lines() if self.rrd_lines is not None else [])
         if name == ".version":
             return virtual.render_version(self.starttime, self.clinfo_version,
                                           state.guests_version, state.observed, {})

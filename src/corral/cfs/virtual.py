@@ -80,6 +80,11 @@ def render_vmlist(version: int, guests: Iterable[tuple[int, str, str, int]],
     return _dump({"version": version, "ids": ids})
 
 
+def render_rrd(lines: Iterable[str]) -> bytes:
+    """`.rrd`: one `key:values` line per RRD key, then a NUL byte, as the reference."""
+    return "".join(f"{line}\n" for line in lines).encode() + b"\0"
+
+
 def render_version(starttime: int, clinfo_version: int, vmlist_version: int,
                    observed: Mapping[str, int],
                    kvstore: Mapping[str, Mapping[str, int]]) -> bytes:

@@ -226,6 +226,7 @@ class Daemon:
         await self.status_bus.start()
         if self.tree is not None and self.tree.backend is not None:
             self.tree.backend.guest_runtime = self.status_bus.guest_runtime
+            self.tree.backend.rrd_lines = self.status_bus.rrd_lines
         if self.options.api:
             addresses = list(self.config.node(self.nodeid).addrs.values())
             self.api = ApiServer(self, addresses, self.identity.api_port,

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from corral.cpg.events import ConfChg, CpgEvent, Deliver
 from corral.cpg.service import CpgHandle, CpgService
 from corral.daemon import statuscore
 from corral.daemon.statuscore import NodeReport, ReportError, StatusTable
+from corral.guests import netdev
 from corral.guests.qemu import GuestManager
 
 log = logging.getLogger("corral.daemon")
@@ -36,6 +38,7 @@ STATUS_INTERVAL_S = 10.0
 WATCH_INTERVAL_S = 1.0
 SEND_TIMEOUT_S = 5.0
 GATHER_WARN_S = 5.0
+_TAP_RE = re.compile(r"^(tap\d+i\d+|t\d+i\d+f\d)$")
 
 
 class StatusBus:
@@ -157,6 +160,16 @@ class StatusBus:
             "uptime": uptime, "cpu": cpu, "wait": wait, "maxcpu": os.cpu_count() or 1,
             "maxdisk": fs.f_blocks * fs.f_frsize,
             "disk": (fs.f_blocks - fs.f_bfree) * fs.f_frsize, **memory}
+        figures["ctime"] = int(time.time())
+        try:
+            with open("/proc/self/net/dev", encoding="ascii") as handle:
+                counters = netdev.parse_net_dev(handle.read())
+        except OSError:
+            counters = {}
+        # the node's own traffic (as the reference: not loopback, not the guests' taps)
+        own = [c for name, c in counters.items() if name != "lo" and not _TAP_RE.match(name)]
+        figures["netin"] = sum(rx for rx, _ in own)
+        figures["netout"] = sum(tx for _, tx in own)
         load = os.getloadavg()
         return figures, (round(load[0], 2), round(load[1], 2), round(load[2], 2))
 
@@ -197,6 +210,10 @@ class StatusBus:
         self.table.apply(sender, report, self.now_ns())
 
     # ---- views for the API and .vmlist ------------------------------------------------
+
+    def rrd_lines(self) -> list[str]:
+        self.table.expire(self.now_ns())
+        return statuscore.rrd_lines(self.table)
 
     def guest_runtime(self, vmid: int, node: str) -> dict[str, Any]:
         return statuscore.vmlist_runtime(self.table, self.now_ns)(vmid, node)

@@ -36,7 +36,7 @@ _NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
 _STORAGE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 STORAGE_NUMBERS = ("disk", "maxdisk", "shared", "active")
 NODE_NUMBERS = ("uptime", "cpu", "maxcpu", "mem", "maxmem", "disk", "maxdisk", "swap",
-                "maxswap", "wait", "idle")
+                "maxswap", "wait", "idle", "ctime", "netin", "netout")
 GUEST_NUMBERS = ("uptime", "cpu", "cpus", "mem", "maxmem", "memhost", "disk", "maxdisk",
                  "netin", "netout", "diskread", "diskwrite", "pid")
 GUEST_TEXTS = ("name", "qmpstatus", "lock", "tags", "accel")
@@ -266,6 +266,40 @@ def vmlist_runtime(table: StatusTable, clock_ns: Callable[[], int]
         row = table.guest(vmid, node, clock_ns())
         return {key: row[key] for key in VMLIST_RUNTIME_KEYS if key in row}
     return runtime
+
+
+def _rrd_value(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def rrd_lines(table: StatusTable) -> list[str]:
+    """`.rrd` lines in the reference's formats from every report the table holds (it
+    drops them after 5 minutes, as the reference expunges its RRD hash):
+    pve2-node/<node>, pve2.3-vm/<vmid> and pve2-storage/<node>/<storage>, each stamped
+    with the sender's wall clock at gathering (`ctime`)."""
+    lines: list[str] = []
+    for entry in sorted(table.entries.values(), key=lambda e: e.report.node):
+        report = entry.report
+        f = report.figures
+        ctime = int(f.get("ctime", 0))
+        node = [f.get("uptime", 0), 0, ctime, report.loadavg[0], f.get("maxcpu", 0),
+                f.get("cpu", 0.0), f.get("wait", 0.0), f.get("maxmem", 0), f.get("mem", 0),
+                f.get("maxswap", 0), f.get("swap", 0), f.get("maxdisk", 0), f.get("disk", 0),
+                f.get("netin", 0), f.get("netout", 0)]
+        lines.append(f"pve2-node/{report.node}:" + ":".join(map(_rrd_value, node)))
+        for vmid, g in sorted(report.guests.items()):
+            vm = [g.get("uptime", 0), g.get("name", ""), g["status"], 0, ctime,
+                  g.get("cpus", 0), g.get("cpu", 0.0), g.get("maxmem", 0), g.get("mem", 0),
+                  g.get("maxdisk", 0), g.get("disk", 0), g.get("netin", 0),
+                  g.get("netout", 0), g.get("diskread", 0), g.get("diskwrite", 0)]
+            lines.append(f"pve2.3-vm/{vmid}:" + ":".join(map(_rrd_value, vm)))
+        for name, s in sorted(report.storages.items()):
+            if s.get("active"):
+                lines.append(f"pve2-storage/{report.node}/{name}:{ctime}:"
+                             f"{s.get('maxdisk', 0)}:{s.get('disk', 0)}")
+    return lines
 
 
 # ---- node figures from /proc texts (the reading is the caller's) --------------------
