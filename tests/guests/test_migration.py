@@ -46,9 +46,11 @@ from tests.guests.migration_env import (
 from corral.daemon.demo import DEMO_PASSWORD
 from corral.guests import storage as storage_mod
 from corral.guests.migrate import MigrateOptions, MigrationError, migrate, request_cancel
-from corral.guests.mtunnel import qmp_call
+from corral.guests.migrate_worker import WorkerSettings, spawn_worker
+from corral.guests.mtunnel import SILENCE_ENV, qmp_call
 from corral.guests.qemu import DEFAULT_TEST_GUEST_DIR, GuestManager
 from corral.guests.qmp import QmpError
+from corral.guests.tasks import Upid, parse_upid
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = os.environ.get("CORRAL_TEST_GUEST_DIR", DEFAULT_TEST_GUEST_DIR)
@@ -58,6 +60,7 @@ BOOT_TIMEOUT_S = 60.0
 # tens of seconds; waiting this long turns it into a visible xfail (or a pass if the
 # guest goes on) instead of a timeout.
 MOVED_TIMEOUT_S = 150.0
+SILENCE_S = 20          # a target stops an incoming migration not heard of this long
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-system-x86_64") is None or os.geteuid() != 0,
@@ -90,6 +93,7 @@ def cluster() -> Iterator[GuestCluster]:
                    capture_output=True, timeout=600)
     saved = os.environ.get("CORRAL_ACCEL")
     os.environ["CORRAL_ACCEL"] = "tcg"      # the probe would cost 10 s per node here
+    os.environ[SILENCE_ENV] = str(SILENCE_S)     # the daemons' expiry of silent sources
     workdir = tempfile.mkdtemp(prefix="crl-mig-")   # short: QEMU socket paths are bounded
     guests = GuestCluster(2, workdir, prefix="crl-mig", use_netns=False, stats_interval_s=60)
     try:
@@ -101,6 +105,7 @@ def cluster() -> Iterator[GuestCluster]:
         _kill_guests(guests)
         guests.close()
         shutil.rmtree(workdir, ignore_errors=True)
+        os.environ.pop(SILENCE_ENV, None)
         if saved is None:
             os.environ.pop("CORRAL_ACCEL", None)
         else:
@@ -285,7 +290,9 @@ def _check_rolled_back(cluster: GuestCluster, guest: Guest, config_before: str,
 
 def _migration_status(manager: GuestManager, vmid: int) -> str:
     try:
-        return str(asyncio.run(qmp_call(manager.qmp_path(vmid), "query-migrate")).get("status"))
+        # the status monitor: the migration holds the main one during the RAM phase
+        return str(asyncio.run(qmp_call(manager.status_qmp_path(vmid),
+                                        "query-migrate")).get("status"))
     except (QmpError, OSError):
         return "unknown"
 
@@ -450,6 +457,154 @@ def _https(cluster: GuestCluster, nodeid: int, path: str, body: dict[str, str] |
             data += chunk
     head, _, reply = data.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(reply)
+
+
+def _qm_argv(cluster: GuestCluster, nodeid: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "corral.cli", "qm", "--root", str(cluster.mount(nodeid)),
+            "--node", cluster.name(nodeid), "--run-dir", cluster.guest_run_dir(nodeid),
+            "--task-dir", cluster.guest_task_dir(nodeid), "--state-dir",
+            str(cluster.state_dir(nodeid)), *args]
+
+
+def _wait_task_end(manager: GuestManager, upid: Upid, timeout_s: float = 120.0) -> list[str]:
+    wait_until(lambda: manager.tasks.status(upid)["status"] == "stopped", timeout_s,
+               f"task {upid} to end")
+    return manager.tasks.read_log(upid)
+
+
+def _wait_log(manager: GuestManager, upid: Upid, text: str, timeout_s: float = 60.0) -> None:
+    wait_until(lambda: text in "\n".join(manager.tasks.read_log(upid)), timeout_s,
+               f"'{text}' in the log of {upid}")
+
+
+@xfail_on_guest_crash
+def test_cli_killed_the_migration_goes_on(cluster: GuestCluster, guests: list[Guest]) -> None:
+    """SIGKILL of `corral qm migrate` mid-migration: the detached worker completes the
+    move (TASK OK), the lock is cleared, the guest runs on the target."""
+    guest = Guest(cluster, 106, "shared", running=True)
+    guests.append(guest)
+    cli = subprocess.Popen(_qm_argv(cluster, 1, "migrate", "106", "node2", "--online",
+                                    "--bwlimit", "8192"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert cli.stdout is not None
+        upid = parse_upid(cli.stdout.readline().strip())
+        assert upid.task_type == "qmigrate" and upid.pid != cli.pid
+        _wait_log(guest.source, upid, "start migrate command")
+        cli.kill()
+        cli.wait(10)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(10)
+    log = _wait_task_end(guest.source, upid)
+    assert log[-1] == "TASK OK", log[-10:]
+    assert cluster.guest_manager(2, GUEST_DIR).load_config(106).get("lock") is None
+    guest.serial.wait_value(2, max(guest.serial.values(1)), MOVED_TIMEOUT_S)
+    assert guest.source.pid(106) is None
+    guest.check(owner=2, moves=1)
+
+
+def _api(cluster: GuestCluster, nodeid: int, method: str, path: str,
+         body: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    ticket = _https(cluster, nodeid, "/api2/json/access/ticket",
+                    {"username": "root@pam", "password": DEMO_PASSWORD})[1]["data"]
+    headers = {"Authorization": f"PVEAuthCookie={ticket['ticket']}",
+               "CSRFPreventionToken": ticket["CSRFPreventionToken"]}
+    return _https(cluster, nodeid, "/api2/json" + path, body, headers, method)
+
+
+@xfail_on_guest_crash
+def test_api_migrate_cancel_and_task_endpoints(cluster: GuestCluster,
+                                               guests: list[Guest]) -> None:
+    """POST .../migrate (bad parameters: 400 per parameter), DELETE of the running task
+    cancels it (guest stays), a second migration through the API ends TASK OK; the task
+    list, status and log endpoints; bad, foreign and unknown UPIDs."""
+    guest = Guest(cluster, 107, "shared", running=True)
+    guests.append(guest)
+    status, reply = _api(cluster, 1, "POST", "/nodes/node1/qemu/107/migrate",
+                         {"target": "node1", "online": "2", "bwlimit": "x"})
+    assert status == 400 and set(reply["errors"]) == {"target", "online", "bwlimit"}
+    assert _api(cluster, 1, "POST", "/nodes/node2/qemu/107/migrate",
+                {"target": "node2"})[0] == 400                  # not this node
+    status, reply = _api(cluster, 1, "POST", "/nodes/node1/qemu/107/migrate",
+                         {"target": "node2", "online": "1", "bwlimit": "4096"})
+    assert status == 200, reply
+    first = parse_upid(reply["data"])
+    _wait_log(guest.source, first, "start migrate command")
+    status, reply = _api(cluster, 1, "DELETE", f"/nodes/node1/tasks/{first}")
+    assert status == 200, reply
+    wait_until(lambda: _api(cluster, 1, "GET", f"/nodes/node1/tasks/{first}/status")[1]
+               ["data"]["status"] == "stopped", 60.0, "the cancelled task to end")
+    exitstatus = _api(cluster, 1, "GET", f"/nodes/node1/tasks/{first}/status")[1]["data"]
+    assert "cancelled" in exitstatus["exitstatus"], exitstatus
+    assert cluster.config_nodes(107) == [1] and guest.source.pid(107) is not None
+
+    status, reply = _api(cluster, 1, "POST", "/nodes/node1/qemu/107/migrate",
+                         {"target": "node2", "online": "1"})
+    assert status == 200, reply
+    second = parse_upid(reply["data"])
+    wait_until(lambda: _api(cluster, 1, "GET", f"/nodes/node1/tasks/{second}/status")[1]
+               ["data"]["status"] == "stopped", 120.0, "the migration to end")
+    assert _api(cluster, 1, "GET", f"/nodes/node1/tasks/{second}/status")[1]["data"][
+        "exitstatus"] == "OK"
+    lines = _api(cluster, 1, "GET", f"/nodes/node1/tasks/{second}/log?limit=10000")[1]["data"]
+    assert lines[0]["n"] == 1 and lines[-1]["t"] == "TASK OK"
+    window = _api(cluster, 1, "GET", f"/nodes/node1/tasks/{second}/log?start=2&limit=3")[1]
+    assert [line["n"] for line in window["data"]] == [3, 4, 5]
+    listed = _api(cluster, 1, "GET", "/nodes/node1/tasks?vmid=107&typefilter=qmigrate")[1]
+    assert [row["upid"] for row in listed["data"][:2]] == [str(second), str(first)]
+    errors = _api(cluster, 1, "GET", "/nodes/node1/tasks?vmid=107&errors=1")[1]["data"]
+    assert [row["upid"] for row in errors] == [str(first)]
+
+    status, reply = _api(cluster, 1, "GET", "/nodes/node1/tasks/UPID:nonsense/status")
+    assert status == 400 and "upid" in reply["errors"]
+    foreign = str(second).replace("UPID:node1:", "UPID:node2:")
+    status, reply = _api(cluster, 1, "GET", f"/nodes/node1/tasks/{foreign}/log")
+    assert status == 400 and "node 'node2'" in reply["errors"]["upid"]
+    unknown = str(second).replace(":qmigrate:", ":qmstart:")
+    assert _api(cluster, 1, "GET", f"/nodes/node1/tasks/{unknown}/log")[0] == 404
+    assert _api(cluster, 1, "GET", "/nodes/node2/tasks")[0] == 400     # asked node 1
+    assert _https(cluster, 1, "/api2/json/nodes/node1/tasks", None, None, "GET")[0] == 401
+    guest.serial.wait_value(2, max(guest.serial.values(1)), MOVED_TIMEOUT_S)
+    guest.check(owner=2, moves=1)
+
+
+@xfail_on_guest_crash
+def test_worker_killed_then_unlock_and_migrate_again(cluster: GuestCluster,
+                                                     guests: list[Guest]) -> None:
+    """The migration worker killed with -9 during the disk mirror: the guest goes on on
+    the source with `lock: migrate`; the target stops its incoming QEMU and removes the
+    new volume once the source is silent; `qm unlock` and a new migration work (it
+    removes the stale block job and NBD node the dead worker left in the source QEMU)."""
+    guest = Guest(cluster, 108, "local1", running=True)
+    guests.append(guest)
+    manager = guest.source
+    upid = spawn_worker(WorkerSettings(
+        manager.root, manager.node, manager.run_dir, manager.tasks.task_dir,
+        str(cluster.state_dir(1)), 108, "node2",
+        MigrateOptions(online=True, with_local_disks=True, targetstorage="local2",
+                       bwlimit_kib=2048)))
+    _wait_log(manager, upid, "drive-scsi0: transferred")       # the mirror job runs
+    assert _target_leftovers(cluster, 108) != []
+    os.kill(upid.pid, signal.SIGKILL)
+    wait_until(lambda: manager.tasks.status(upid)["status"] == "stopped", 10.0, "the worker")
+    assert manager.load_config(108).get("lock") == "migrate"
+    guest.serial.wait_value(1, max(guest.serial.values(1)), BOOT_TIMEOUT_S)   # still running
+    wait_until(lambda: _target_leftovers(cluster, 108) == [], SILENCE_S + 40.0,
+               "the target to expire the silent incoming migration")
+    refused = subprocess.run(_qm_argv(cluster, 1, "migrate", "108", "node2", "--online"),
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "VM is locked (migrate)" in refused.stderr
+    unlock = subprocess.run(_qm_argv(cluster, 1, "unlock", "108"), capture_output=True,
+                            text=True, timeout=60)
+    assert unlock.returncode == 0, unlock.stderr
+    log = _migrate(cluster, 1, 108, 2, online=True, with_local_disks=True,
+                   targetstorage="local2")
+    assert log[-1] == "TASK OK"
+    assert "removing stale block job mirror-drive-scsi0" in "\n".join(log)
+    guest.serial.wait_value(2, max(guest.serial.values(1)), MOVED_TIMEOUT_S)
+    guest.check(owner=2, moves=1)
 
 
 @xfail_on_guest_crash

@@ -117,3 +117,96 @@ def test_silent_source_expires(tmp_path: Path) -> None:
     os.makedirs(manager.config_dir())
     Path(manager.config_path(101)).write_text("memory: 64\n")
     assert asyncio.run(incoming.expire(late)) == [] and 101 in incoming.records
+
+
+# --- the hand-over order: config first, then `cont` ---------------------------------------
+
+
+def _incoming(tmp_path: Path) -> tuple[GuestManager, IncomingMigrations]:
+    (tmp_path / "tree").mkdir(exist_ok=True)
+    manager = GuestManager(str(tmp_path / "tree"), "node2", str(tmp_path / "run"),
+                           str(tmp_path / "tasks"))
+    return manager, IncomingMigrations(manager, str(tmp_path / "state"), ["127.0.0.1"])
+
+
+def test_target_refuses_resume_before_the_config_is_here(tmp_path: Path) -> None:
+    """No QMP socket exists: were `cont` tried before the config check, the error would
+    be QMP's, not the refusal (and a real QEMU would run without its config here)."""
+    manager, incoming = _incoming(tmp_path)
+    incoming.config_wait_s = 0.05          # how long it waits for a lagging tree
+    incoming.records[100] = Incoming(100, "node1", IncomingState.LISTENING, time.monotonic_ns())
+    with pytest.raises(MtunnelError, match="not on node 'node2' yet; not resuming"):
+        asyncio.run(incoming.handle(100, {"cmd": "resume"}))
+    assert incoming.records[100].state == IncomingState.LISTENING      # still waiting
+    with pytest.raises(MtunnelError, match="no incoming migration of VM 101"):
+        asyncio.run(incoming.handle(101, {"cmd": "resume"}))
+    os.makedirs(manager.config_dir())
+    Path(manager.config_path(101)).write_text("memory: 64\n")
+    with pytest.raises(MtunnelError, match="no incoming migration of VM 101"):
+        asyncio.run(incoming.handle(101, {"cmd": "resume"}))          # never resumed here
+    incoming.resumed[101] = time.monotonic_ns()                        # a repeated request
+    assert asyncio.run(incoming.handle(101, {"cmd": "resume"})) == {
+        "status": "running", "repeated": True}
+
+
+def test_silence_from_env() -> None:
+    assert mtunnel.silence_from_env(None) == mtunnel.INCOMING_SILENCE_S
+    assert mtunnel.silence_from_env("20") == 20.0
+    for bad in ("x", "1", "99999"):
+        assert mtunnel.silence_from_env(bad) == mtunnel.INCOMING_SILENCE_S
+
+
+class _RecordingPeer:
+    """Stands in for the target: records whether the config was in the target's
+    directory when `resume` came."""
+
+    def __init__(self, target_path: str) -> None:
+        self.target_path = target_path
+        self.seen: list[tuple[str, bool]] = []
+
+    async def call(self, vmid: int, cmd: str, **fields: object) -> dict[str, str]:
+        self.seen.append((cmd, os.path.exists(self.target_path)))
+        return {"status": "running"}
+
+    def close(self) -> None:
+        pass
+
+
+class _PausedMonitor:
+    open_now = True
+
+    async def command(self, name: str, /, **arguments: object) -> object:
+        return {"status": "postmigrate"} if name == "query-status" else {}
+
+    def close(self) -> None:
+        pass
+
+
+def test_source_renames_before_it_asks_for_resume(tmp_path: Path) -> None:
+    """_phase3 on a running guest: the config is renamed into the target's directory
+    before `resume` is sent (fails if the order is swapped), the lock is cleared there,
+    the source's copy is gone."""
+    from corral.guests import migrate as migrate_mod
+
+    (tmp_path / "tree").mkdir()
+    manager = GuestManager(str(tmp_path / "tree"), "node1", str(tmp_path / "run"),
+                           str(tmp_path / "tasks"))
+    os.makedirs(manager.config_dir())
+    Path(manager.config_path(100)).write_text("memory: 64\nlock: migrate\n")
+    target_path = str(tmp_path / "tree/nodes/node2/qemu-server/100.conf")
+    upid, log = manager.tasks.begin("qmigrate", "100")
+    run = migrate_mod.Run(manager, 100, "node2", migrate_mod.MigrateOptions(online=True),
+                          str(tmp_path / "state"), log, None)
+    peer = _RecordingPeer(target_path)
+    run.peer = peer  # type: ignore[assignment]
+    run.monitor = _PausedMonitor()  # type: ignore[assignment]
+    run.running = True
+    run.timings_ms.update(completed_at=1.0, command_to_migration_start=0.5)
+    asyncio.run(migrate_mod._phase3(run, manager.load_config(100)))
+    manager.tasks.end(upid, log, None)
+    assert peer.seen == [("resume", True)]
+    assert not os.path.exists(manager.config_path(100))
+    assert Path(target_path).read_text() == "memory: 64\n"
+    text = "\n".join(manager.tasks.read_log(upid))
+    assert "timing: QEMU completion to target resumed" in text
+    assert text.index("config moved to node 'node2'") < text.index("resumed on node 'node2'")

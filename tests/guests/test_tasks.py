@@ -231,3 +231,51 @@ def test_cluster_tasks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert cluster_tasks_command(root, "n1", n1.task_dir, []) == 1
     assert "skipped nodes/bad/tasks.json" in capsys.readouterr().err
     assert main(["--root", root, "--node", "n1", "--task-dir", n1.task_dir, "--limit", "5"]) == 1
+
+
+# --- the API's parameter checks (corral.daemon.guestapi) ------------------------------------
+
+
+def test_migrate_api_parameters() -> None:
+    from corral.daemon.api import ApiError
+    from corral.daemon.guestapi import parse_migrate_params
+
+    target, options = parse_migrate_params(
+        {"target": "n2", "online": "1", "with-local-disks": "1", "targetstorage": "a:b",
+         "bwlimit": "1024", "migration_type": "insecure",
+         "migration_network": "10.0.0.0/24"}, "n1")
+    assert target == "n2" and options.online and options.with_local_disks
+    assert options.bwlimit_kib == 1024 and options.migration_type == "insecure"
+    assert options.targetstorage == "a:b" and options.migration_network == "10.0.0.0/24"
+    assert parse_migrate_params({"target": "n2"}, "n1")[1].online is False
+    with pytest.raises(ApiError) as caught:
+        parse_migrate_params({"online": "yes", "bwlimit": "-1", "migration_type": "ssh",
+                              "migration_network": "x", "targetstorage": "a:b:c",
+                              "colour": "red"}, "n1")
+    assert caught.value.status == 400 and caught.value.errors is not None
+    assert set(caught.value.errors) == {"target", "online", "bwlimit", "migration_type",
+                                        "migration_network", "targetstorage", "colour"}
+    for params, name in (({"target": "n1"}, "target"), ({"target": "bad/name"}, "target")):
+        with pytest.raises(ApiError) as caught:
+            parse_migrate_params(params, "n1")
+        assert caught.value.errors is not None and name in caught.value.errors
+
+
+def test_task_list_filters() -> None:
+    from corral.daemon.api import ApiError
+    from corral.daemon.guestapi import filter_tasks
+
+    rows: list[dict[str, object]] = [
+        {"upid": "a", "type": "qmigrate", "id": "100", "status": "running"},
+        {"upid": "b", "type": "qmstart", "id": "100", "status": "OK"},
+        {"upid": "c", "type": "qmigrate", "id": "101", "status": "ERROR: boom"},
+        {"upid": "d", "type": "qmstop", "id": "102", "status": "OK"}]
+    assert [r["upid"] for r in filter_tasks(rows, {})] == ["a", "b", "c", "d"]
+    assert [r["upid"] for r in filter_tasks(rows, {"vmid": "100"})] == ["a", "b"]
+    assert [r["upid"] for r in filter_tasks(rows, {"typefilter": "qmigrate"})] == ["a", "c"]
+    assert [r["upid"] for r in filter_tasks(rows, {"errors": "1"})] == ["c"]
+    assert [r["upid"] for r in filter_tasks(rows, {"start": "1", "limit": "2"})] == ["b", "c"]
+    with pytest.raises(ApiError) as caught:
+        filter_tasks(rows, {"limit": "x", "vmid": "5", "errors": "maybe", "typefilter": "a b"})
+    assert caught.value.errors is not None
+    assert set(caught.value.errors) == {"limit", "vmid", "errors", "typefilter"}

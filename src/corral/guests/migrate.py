@@ -83,7 +83,7 @@ MAX_REPLY_BYTES = 1 << 20
 MIRROR_READY_TIMEOUT_S = 24 * 3600.0
 QUERY_FAILURES_TOLERATED = 5
 CANCEL_QMP_TIMEOUT_S = 1.0
-MONITOR_OPEN_TIMEOUT_S = 0.5
+MONITOR_OPEN_TIMEOUT_S = 2.0
 _STORAGE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 
@@ -307,12 +307,12 @@ def _parse_head(head: bytes) -> tuple[int, int | None, bool]:
 
 
 class Monitor:
-    """One QMP connection to the source QEMU held from near the end of the RAM phase to
-    the hand-over: commands (polls, the hand-over's check) and the MIGRATION events on
-    the same socket, read by one reader task. QEMU serves one client per monitor, so
-    other QMP users of this guest (`qm status`) wait while it is held: it is opened
-    late (see _watch_migration) and closed before anything else needs the monitor
-    (stopping the source; the cleanup's own steps use it while it is open)."""
+    """One QMP connection to the source QEMU held from the RAM phase's start to the
+    hand-over: commands (parameters, polls, the hand-over's check) and the MIGRATION
+    events on the same socket, read by one reader task. QEMU serves one client per
+    monitor; status polls use the guest's second monitor, and this one is closed
+    before anything else needs it (stopping the source; the cleanup's own steps use
+    it while it is open)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -461,6 +461,7 @@ class Run:
     last_keepalive_s: float = field(default_factory=time.monotonic)
     monitor: Monitor | None = None
     new_config_text: str | None = None        # prepared before QEMU completes
+    completed_info: dict[str, Any] | None = None   # query-migrate's answer at completion
 
     async def qmp_cmd(self, name: str, /, **arguments: Any) -> Any:
         """On the held monitor if it is open, else on a short connection."""
@@ -732,6 +733,7 @@ def _copy_volume(run: Run, disk: LocalDisk, export: dict[str, Any]) -> None:
 async def _phase2(run: Run, config: VmConfig) -> None:
     assert run.peer is not None
     run.check_cancel()
+    await _clear_stale(run)
     machine = await _running_machine(run, config)
     run.say(f"starting VM {run.vmid} on remote node '{run.target}' (machine {machine})")
     run.target_started = True
@@ -748,6 +750,8 @@ async def _phase2(run: Run, config: VmConfig) -> None:
     if run.disks:
         await _mirror_disks(run, answer.get("nbd") or {}, hostname, secure)
     run.check_cancel()
+    if not await _hold_monitor(run):
+        run.say("QMP monitor busy: polling for the completion instead of waiting for it")
     await _set_migration_parameters(run, config, hostname, secure)
     _prepare_handover(run, config)
     run.timings_ms["command_to_migration_start"] = run.elapsed_ms()
@@ -766,6 +770,32 @@ def _prepare_handover(run: Run, config: VmConfig) -> None:
     os.makedirs(target_dir, exist_ok=True)
     if run.disks:
         run.new_config_text = write_config(_config_for_target(run, config))
+
+
+async def _clear_stale(run: Run) -> None:
+    """What a migration worker killed with -9 left in the source QEMU (its block jobs,
+    NBD client nodes, a RAM migration still going): removed before this one starts,
+    else `blockdev-add` and `blockdev-mirror` refuse the names."""
+    status = (await run.qmp_cmd("query-migrate")).get("status", "")
+    if status in ("setup", "active", "device", "pre-switchover"):
+        run.say(f"cancelling a stale migration ({status}) left by an earlier attempt")
+        await run.qmp_cmd("migrate_cancel")
+        await _wait_not_active(run)
+    stale = [job for job in await run.qmp_cmd("query-jobs")
+             if str(job.get("id", "")).startswith("mirror-drive-")]
+    for job in stale:
+        run.say(f"removing stale block job {job['id']} ({job.get('status')})")
+        if job.get("status") not in ("concluded", "null"):
+            with contextlib.suppress(QmpError):
+                await run.qmp_cmd("block-job-cancel", device=job["id"], force=True)
+    if stale:
+        await _dismiss_jobs(run, [str(job["id"]) for job in stale], 10.0)
+    for node in await run.qmp_cmd("query-named-block-nodes"):
+        name = str(node.get("node-name", ""))
+        if name.startswith("mig-drive-"):
+            run.say(f"removing stale NBD node {name}")
+            with contextlib.suppress(QmpError):
+                await run.qmp_cmd("blockdev-del", **{"node-name": name})
 
 
 async def _running_machine(run: Run, config: VmConfig) -> str:
@@ -882,12 +912,10 @@ def _bandwidth_bytes(options: MigrateOptions, config: VmConfig) -> int:
 
 async def _watch_migration(run: Run) -> None:
     """Poll query-migrate every POLL_S for progress lines and to double the downtime
-    limit when the remaining RAM keeps growing (as the reference). Near the end (what
-    is left fits in about two polls, or QEMU is past the RAM phase) hold one monitor
-    connection and take the completion from QEMU's MIGRATION event on it, as it is
-    sent, instead of at the next poll; later polls go over the same connection.
-    Holding it earlier would keep other QMP users of the guest (`qm status`, the node
-    status) waiting for the whole RAM phase: QEMU serves one client per monitor."""
+    limit when the remaining RAM keeps growing (as the reference), on the held monitor,
+    and take the completion from QEMU's MIGRATION event on it as it is sent, not at the
+    next poll. Without the monitor (another client held it): short connections, every
+    FAST_POLL_S near the end."""
     last_log_s = 0.0
     last_remaining: int | None = None
     growing = failures = 0
@@ -916,7 +944,7 @@ async def _watch_migration(run: Run) -> None:
             state = info.get("status", "")
             if state == "completed":
                 _completed(run, monitor.status_ns if monitor is not None and
-                           monitor.status == "completed" else time.monotonic_ns())
+                           monitor.status == "completed" else time.monotonic_ns(), info)
                 return
             if state in ("failed", "cancelled"):
                 raise MigrationError(f"migration status: {state}"
@@ -937,10 +965,7 @@ async def _watch_migration(run: Run) -> None:
                     await run.qmp_cmd("migrate-set-parameters", **{"downtime-limit": downtime_ms})
                     run.say(f"auto-increased downtime to continue migration: {downtime_ms} ms")
                 per_poll = int(ram.get("mbps", 0) * 1e6 / 8 * POLL_S)
-                if monitor is None and (state != "active" or remaining <= 2 * per_poll):
-                    if await _hold_monitor(run):
-                        next_poll_s = 0.0        # ask again on it: nothing missed since
-                        continue
+                if monitor is None and (state != "active" or remaining <= per_poll):
                     next_poll_s = now + FAST_POLL_S
         if run.monitor is not None:
             await run.monitor.wait_change(max(0.0, next_poll_s - time.monotonic()))
@@ -949,7 +974,10 @@ async def _watch_migration(run: Run) -> None:
 
 
 async def _hold_monitor(run: Run) -> bool:
-    """Open the held monitor; False (go on polling) if another client holds it now."""
+    """Open the monitor held to the hand-over; False if another client holds it now.
+    (Status polls use the guest's second monitor, `<vmid>.qmp-status`, so holding this
+    one keeps nobody waiting but the CLI's own lifecycle commands, which the migration
+    lock refuses anyway.)"""
     monitor = Monitor(run.qmp)
     try:
         await monitor.open(timeout_s=MONITOR_OPEN_TIMEOUT_S)
@@ -960,8 +988,9 @@ async def _hold_monitor(run: Run) -> bool:
     return True
 
 
-def _completed(run: Run, seen_ns: int) -> None:
+def _completed(run: Run, seen_ns: int, info: dict[str, Any] | None = None) -> None:
     run.timings_ms["completed_at"] = (seen_ns - run.started_ns) / 1e6
+    run.completed_info = info
     run.say("migration status: completed")
 
 
@@ -1086,10 +1115,12 @@ async def _finish_on_target(run: Run, target_path: str) -> None:
     except MigrationError as exc:
         run.say(f"config moved to node '{run.target}'")
         errors.append(f"resume on target failed: {exc}")
-    if run.monitor is not None:
-        with contextlib.suppress(QmpError, OSError):
-            _log_completed(run, await run.qmp_cmd("query-migrate"))
-        run.release_monitor()                    # hard_stop needs the monitor
+    if run.running:
+        try:            # QEMU's figures, read after the guest runs again on the target
+            _log_completed(run, run.completed_info or await run.qmp_cmd("query-migrate"))
+        except (QmpError, OSError) as exc:
+            run.say(f"query-migrate after completion failed: {exc}")
+    run.release_monitor()                        # hard_stop needs the monitor
     if run.running:
         await run.manager.hard_stop(run.vmid, run.log)
     storages = run.manager.storages() if run.disks else None

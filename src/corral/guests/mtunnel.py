@@ -49,6 +49,7 @@ from corral.guests.tasks import TaskLog
 
 KEEPALIVE_S = 10.0                   # the source's `status` interval during a migration
 INCOMING_SILENCE_S = 120             # then the target gives up on it
+SILENCE_ENV = "CORRAL_INCOMING_SILENCE_S"   # override (tests), 5..3600 s
 CONFIG_WAIT_S = 5.0                  # how long a lagging tree may take to show the config
 MAX_DISKS = 32
 MAX_VOLUME_BYTES = 1 << 50
@@ -202,6 +203,15 @@ async def qmp_call(path: str, command: str, /, **arguments: Any) -> Any:
         return await client.command(command, **arguments)
 
 
+def silence_from_env(text: str | None) -> float:
+    """INCOMING_SILENCE_S, or the value of CORRAL_INCOMING_SILENCE_S if it is 5..3600."""
+    try:
+        value = float(text) if text else INCOMING_SILENCE_S
+    except ValueError:
+        return INCOMING_SILENCE_S
+    return value if 5 <= value <= 3600 else INCOMING_SILENCE_S
+
+
 # --- request validation ---------------------------------------------------------------
 
 
@@ -328,6 +338,8 @@ class IncomingMigrations:
         self.quorate = quorate or (lambda: True)
         self.records: dict[int, Incoming] = {}
         self.resumed: dict[int, int] = {}     # vmid -> when (monotonic ns), newest last
+        self.silence_s = silence_from_env(os.environ.get(SILENCE_ENV))
+        self.config_wait_s = CONFIG_WAIT_S      # resume: for the source's rename to arrive
 
     async def handle(self, vmid: int, params: dict[str, Any]) -> Any:
         if not is_valid_vmid(vmid):
@@ -579,7 +591,7 @@ class IncomingMigrations:
         if record is None or record.state not in (IncomingState.LISTENING,
                                                   IncomingState.IMPORTING):
             raise MtunnelError(f"no incoming migration of VM {vmid} on this node")
-        if not os.path.exists(self._here(vmid)):
+        if not await self._config_arrives(vmid):
             raise MtunnelError(f"the config of VM {vmid} is not on node '{self.manager.node}' "
                                "yet; not resuming")
         if record.state == IncomingState.IMPORTING:
@@ -597,6 +609,19 @@ class IncomingMigrations:
         while len(self.resumed) > MAX_RESUMED_REMEMBERED:
             del self.resumed[next(iter(self.resumed))]
         return {"status": "running"}
+
+    async def _config_arrives(self, vmid: int) -> bool:
+        """The source renamed the config before asking, but this node's tree may apply
+        that rename a moment after the request arrives (it comes over an open
+        connection, faster than a new TLS handshake): wait up to `config_wait_s`."""
+        deadline = time.monotonic() + self.config_wait_s
+        pause_s = 0.001
+        while not os.path.exists(self._here(vmid)):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, 0.05)
+        return True
 
     async def stop(self, vmid: int, params: dict[str, Any]) -> dict[str, Any]:
         if os.path.exists(self._here(vmid)):
@@ -620,7 +645,7 @@ class IncomingMigrations:
     # --- cleanup ----------------------------------------------------------------------
 
     async def expire(self, now_ns: int) -> list[int]:
-        """Stop incoming migrations whose source went silent for INCOMING_SILENCE_S (it
+        """Stop incoming migrations whose source went silent for `silence_s` (it
         sends `status` every KEEPALIVE_S): a source that crashed must not leave a paused
         QEMU and new volumes here forever."""
         expired = []
@@ -628,10 +653,10 @@ class IncomingMigrations:
             last = max(record.contact_ns, record.started_ns)
             copying = any(_is_qemu_nbd(pid) for pid in record.nbd_pids)
             if record.state != IncomingState.STARTING and not copying and \
-                    now_ns - last > INCOMING_SILENCE_S * 1e9 and \
+                    now_ns - last > self.silence_s * 1e9 and \
                     not os.path.exists(self._here(record.vmid)):
                 upid, log = self.manager.tasks.begin("qmstop", str(record.vmid))
-                log.log(f"no word from node '{record.source}' for {INCOMING_SILENCE_S} s: "
+                log.log(f"no word from node '{record.source}' for {self.silence_s:g} s: "
                         "stopping the incoming migration")
                 await self._cleanup(record, log)
                 self.manager.tasks.end(upid, log, None)
