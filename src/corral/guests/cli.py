@@ -22,7 +22,7 @@ from typing import Any
 from corral.guests.clustertasks import cluster_tasks_command
 from corral.guests.config import ConfigError, write_config
 from corral.guests.migrate import MigrateOptions, request_cancel, validate_options
-from corral.guests.migrate_worker import WorkerError, WorkerSettings, spawn_worker
+from corral.guests.migrate_worker import WorkerError, WorkerSettings, fork_worker
 from corral.guests.qemu import (
     DEFAULT_RUN_DIR,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -252,7 +252,7 @@ def _cmd_migrate(manager: GuestManager, args: list[str]) -> int:
     settings = WorkerSettings(manager.root, manager.node, manager.run_dir,
                               manager.tasks.task_dir, manager.state_dir, vmid, target, options)
     try:
-        upid = spawn_worker(settings)
+        upid = fork_worker(settings)
     except WorkerError as exc:
         raise GuestError(str(exc)) from None
     print(upid, flush=True)

@@ -1,11 +1,12 @@
 """A migration as a detached worker process: it outlives whoever started it.
 
-`corral qm migrate` and the API's `POST /nodes/{node}/qemu/{vmid}/migrate` both call
+The API's `POST /nodes/{node}/qemu/{vmid}/migrate` calls
 `spawn_worker(WorkerSettings(...))`, which starts
 
     python -m corral.guests.migrate_worker '<settings as JSON>'
 
-That process forks once more and exits, so the worker is nobody's child (init reaps it)
+`corral qm migrate` calls `fork_worker` (the same, by forking the CLI: no interpreter
+start). That process forks once more and exits, so the worker is nobody's child (init reaps it)
 and runs in a session of its own: the death of the CLI (even SIGKILL) or of the daemon
 that started it does not reach it, and a Ctrl-C on the CLI's terminal is not delivered
 to it. The worker writes exactly one line to its stdout, then points stdout and stderr
@@ -29,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -83,6 +85,56 @@ def spawn_worker(settings: WorkerSettings,
     finally:
         process.stdout.close()
         process.wait()            # the intermediate exits at once; the worker is not ours
+    return _upid_from(line, stderr_path)
+
+
+def fork_worker(settings: WorkerSettings, timeout_s: float = FIRST_LINE_TIMEOUT_S) -> Upid:
+    """As spawn_worker, by forking this process instead of starting an interpreter
+    (~0.2 s less): for single-threaded callers with no event loop running (the CLI).
+    Not for corrald (threads, its FUSE mount): it uses spawn_worker."""
+    os.makedirs(settings.run_dir, exist_ok=True)
+    stderr_path = os.path.join(settings.run_dir, f"{settings.vmid}.migrate.log")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _become_worker(settings, read_fd, write_fd, stderr_path)   # never returns
+    os.close(write_fd)
+    try:
+        line = _first_line(read_fd, timeout_s)
+    finally:
+        os.close(read_fd)
+        os.waitpid(pid, 0)        # the intermediate exits at once; the worker is not ours
+    return _upid_from(line, stderr_path)
+
+
+def _become_worker(settings: WorkerSettings, read_fd: int, write_fd: int,
+                   stderr_path: str) -> None:
+    code = 1
+    try:
+        os.close(read_fd)
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.dup2(write_fd, 1)
+        os.close(write_fd)
+        errors = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(errors, 2)
+        os.close(errors)
+        code = asyncio.run(_run(settings))
+    except BaseException:         # the traceback goes to the worker's log file
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+            _say("ERROR: the migration worker failed (see its log file)")
+    finally:
+        os._exit(code)
+
+
+def _upid_from(line: str, stderr_path: str) -> Upid:
     if line.startswith("UPID:"):
         return parse_upid(line)
     if line.startswith("ERROR: "):
@@ -104,18 +156,14 @@ def _first_line(fd: int, timeout_s: float) -> str:
     return data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
 
 
-def _detach_output() -> None:
-    """Nothing of the worker may depend on its starter's pipe: after the first line,
-    stdout goes to /dev/null (stderr already goes to the worker's log file)."""
-    sys.stdout.flush()
+def _say(line: str) -> None:
+    """The one line for the starter, on fd 1 itself (sys.stdout may be someone else's
+    object in a forked caller); then fd 1 goes to /dev/null: nothing of the worker may
+    depend on its starter's pipe (stderr already goes to the worker's log file)."""
+    os.write(1, (line + "\n").encode())
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
-
-
-def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    _detach_output()
 
 
 async def _run(settings: WorkerSettings) -> int:
