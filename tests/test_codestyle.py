@@ -28,6 +28,7 @@ SANS_IO_CORES = [
     "src/corral/cfs/memkv.py",
     "src/corral/cfs/replica_core.py",
     "src/corral/guests/config.py",
+    "src/corral/daemon/statuscore.py",
     "src/corral/ha/logic",
 ]
 FORBIDDEN_IMPORTS = {"asyncio", "socket", "time", "random", "uvloop", "subprocess", "threading"}

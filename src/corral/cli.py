@@ -28,6 +28,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "updatecerts": ("corral.cluster.cli:updatecerts", "renew this node's certificate"),
     "qm": ("corral.guests.cli:main", "manage QEMU guests on this node"),
     "tasks": ("corral.guests.clustertasks:main", "recent tasks of every node in the cluster"),
+    "resources": ("corral.daemon.statuscli:resources",
+                  "guests, nodes and storages of the whole cluster, with their runtime status"),
+    "node": ("corral.daemon.statuscli:node", "node status [NODE]: a node's runtime status"),
     "version": ("corral.cli:version", "print the software version"),
 }
 
