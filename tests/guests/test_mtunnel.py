@@ -174,6 +174,7 @@ class _RecordingPeer:
 
 class _PausedMonitor:
     open_now = True
+    vcpus_stopped = False          # no STOP event seen: _phase3 asks query-status
 
     async def command(self, name: str, /, **arguments: object) -> object:
         return {"status": "postmigrate"} if name == "query-status" else {}

@@ -318,6 +318,7 @@ class Monitor:
         self.path = path
         self.status = ""                          # the newest MIGRATION event's status
         self.status_ns = 0                        # when it was read (monotonic)
+        self.vcpus_stopped = False                # a STOP event came, no RESUME since
         self.changed = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -349,10 +350,13 @@ class Monitor:
                     continue
                 if not isinstance(message, dict):
                     continue
-                if message.get("event") == "MIGRATION":
+                event = message.get("event")
+                if event == "MIGRATION":
                     self.status = str(message.get("data", {}).get("status", ""))
                     self.status_ns = time.monotonic_ns()
                     self.changed.set()
+                elif event in ("STOP", "RESUME"):
+                    self.vcpus_stopped = event == "STOP"
                 waiter = self._waiting.pop(str(message.get("id", "")), None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(message)
@@ -462,6 +466,7 @@ class Run:
     monitor: Monitor | None = None
     new_config_text: str | None = None        # prepared before QEMU completes
     completed_info: dict[str, Any] | None = None   # query-migrate's answer at completion
+    target_ms: dict[str, float] = field(default_factory=dict)   # the target's resume steps
 
     async def qmp_cmd(self, name: str, /, **arguments: Any) -> Any:
         """On the held monitor if it is open, else on a short connection."""
@@ -1063,6 +1068,21 @@ async def _dismiss_jobs(run: Run, names: list[str], timeout_s: float = 60.0) -> 
 # --- phase 3: the hand-over ------------------------------------------------------------------
 
 
+async def _check_source_stopped(run: Run) -> None:
+    """The source's vCPUs must be stopped before the config moves. On the held monitor
+    the STOP event (QEMU stops the guest before it completes; nothing resumed it since)
+    says so with no round trip: right after completion QEMU's main loop can take over
+    100 ms to answer a command (it is finishing the migration, closing TLS). Without
+    the monitor: query-status."""
+    monitor = run.monitor
+    if monitor is not None and monitor.open_now and monitor.vcpus_stopped:
+        return
+    status = (await run.qmp_cmd("query-status")).get("status")
+    if status not in ("postmigrate", "finish-migrate"):
+        raise MigrationError(f"source VM is '{status}' after the migration, "
+                             "expected 'postmigrate'")
+
+
 def _config_for_target(run: Run, config: VmConfig) -> VmConfig:
     new_config = parse_config(write_config(config))
     for disk in run.disks:
@@ -1080,10 +1100,8 @@ async def _phase3(run: Run, config: VmConfig) -> None:
     manager, vmid = run.manager, run.vmid
     assert run.peer is not None
     if run.running:
-        status = (await run.qmp_cmd("query-status")).get("status")
-        if status != "postmigrate":
-            raise MigrationError(f"source VM is '{status}' after the migration, "
-                                 "expected 'postmigrate'")
+        await _check_source_stopped(run)
+    run.timings_ms["checked_at"] = run.elapsed_ms()
     source_path = manager.config_path(vmid)
     target_path = os.path.join(manager.root, "nodes", run.target, "qemu-server", f"{vmid}.conf")
     if run.disks:
@@ -1095,6 +1113,7 @@ async def _phase3(run: Run, config: VmConfig) -> None:
     os.makedirs(os.path.dirname(target_path), exist_ok=True)
     os.rename(source_path, target_path)          # the hand-over: the guest is the target's now
     run.handed_over = True
+    run.timings_ms["renamed_at"] = run.elapsed_ms()
     await _finish_on_target(run, target_path)
 
 
@@ -1106,6 +1125,7 @@ async def _finish_on_target(run: Run, target_path: str) -> None:
         if run.running or run.disks:
             answer = await run.peer.call(run.vmid, "resume")
             run.timings_ms["resumed_at"] = run.elapsed_ms()
+            run.target_ms = {k: float(answer.get(k) or 0) for k in ("config_wait_ms", "cont_ms")}
             run.say(f"config moved to node '{run.target}'")
             if run.running:
                 run.say(f"VM {run.vmid} resumed on node '{run.target}' "
@@ -1141,8 +1161,14 @@ async def _finish_on_target(run: Run, target_path: str) -> None:
         run.say(f"timing: command to QEMU migration start "
                 f"{run.timings_ms['command_to_migration_start']:.0f} ms")
         if "resumed_at" in run.timings_ms:
+            done = run.timings_ms
             run.say(f"timing: QEMU completion to target resumed "
-                    f"{run.timings_ms['resumed_at'] - run.timings_ms['completed_at']:.0f} ms")
+                    f"{done['resumed_at'] - done['completed_at']:.0f} ms (source checked "
+                    f"after {done['checked_at'] - done['completed_at']:.1f} ms, config "
+                    f"renamed after {done['renamed_at'] - done['completed_at']:.1f} ms, resume "
+                    f"request {done['resumed_at'] - done['renamed_at']:.1f} ms: target "
+                    f"waited {run.target_ms.get('config_wait_ms', 0):.1f} ms for the "
+                    f"config, cont {run.target_ms.get('cont_ms', 0):.1f} ms)")
         run.say(f"timing: QEMU completion to hand-over done "
                 f"{run.elapsed_ms() - run.timings_ms['completed_at']:.0f} ms")
     run.say(f"migration finished successfully (duration {_duration(run)})")

@@ -585,6 +585,7 @@ class IncomingMigrations:
         source renames it there first: a guest must never run where its config is not).
         One QMP connection for the NBD stop and `cont`. A repeated `resume` (the source
         lost the reply and asked again on a new connection) answers without acting."""
+        started_ns = time.monotonic_ns()
         record = self.records.get(vmid)
         if record is None and vmid in self.resumed and os.path.exists(self._here(vmid)):
             return {"status": "running", "repeated": True}
@@ -598,6 +599,7 @@ class IncomingMigrations:
             self._reap_nbd(record)
             del self.records[vmid]
             return {"status": "stopped"}
+        config_ns = time.monotonic_ns()
         async with QmpClient(self.manager.qmp_path(vmid)) as client:
             if record.nbd_server:
                 await client.command("nbd-server-stop")
@@ -608,7 +610,8 @@ class IncomingMigrations:
         self.resumed[vmid] = time.monotonic_ns()
         while len(self.resumed) > MAX_RESUMED_REMEMBERED:
             del self.resumed[next(iter(self.resumed))]
-        return {"status": "running"}
+        return {"status": "running", "config_wait_ms": (config_ns - started_ns) / 1e6,
+                "cont_ms": (time.monotonic_ns() - config_ns) / 1e6}
 
     async def _config_arrives(self, vmid: int) -> bool:
         """The source renamed the config before asking, but this node's tree may apply
