@@ -411,6 +411,22 @@ def test_mtunnel_api_auth_and_validation(cluster: GuestCluster) -> None:
         asyncio.run(forged.call(990, "status"))
     assert asyncio.run(peer.call(990, "status")) == {
         "state": "none", "running": False, "config_here": False, "volumes": []}
+
+    async def kept_alive() -> list[int]:
+        """One TLS connection for many calls; an error reply closes it (the server does)
+        and the next call opens one again."""
+        fresh = Peer(str(cluster.state_dir(1)), "node2", cluster.address(2))
+        counts = []
+        for _ in range(3):
+            await fresh.call(990, "status")
+            counts.append(fresh.connects)
+        with pytest.raises(MigrationError, match="unknown mtunnel command"):
+            await fresh.call(990, "launch")
+        await fresh.call(990, "status")
+        counts.append(fresh.connects)
+        fresh.close()
+        return counts
+    assert asyncio.run(kept_alive()) == [1, 1, 1, 2]
     ticket = _https(cluster, 2, "/api2/json/access/ticket",
                     {"username": "root@pam", "password": DEMO_PASSWORD})[1]["data"]
     path = "/api2/json/nodes/node2/qemu/990/mtunnel"
