@@ -52,6 +52,7 @@ RESUME_WAIT_S = 30.0         # after a failure: does the guest come back by itse
 STOP_CONT_WAIT_S = 15.0      # and after a QMP stop/cont?
 STALL_MARKERS = (*CRASH_MARKERS, "rcu_sched detected stall", "rcu: INFO:",
                  "self-detected stall", "hung_task", "watchdog: BUG")
+PAGE_BYTES = 4096
 ALL_CAPS = ("xbzrle", "auto-converge")    # what Corral (and the reference) turn on
 COUNTER_RE = re.compile(r"corral-counter (\d+)")
 
@@ -144,6 +145,8 @@ class Tally:
     kinds: collections.Counter[str] = field(default_factory=collections.Counter)
     boots: int = 0
     migrate_ms: list[int] = field(default_factory=list)
+    ram_diff_moves: int = 0       # moves after which the target's RAM differed
+    ram_diff_pages: int = 0
 
 
 def guest_config(variant: Variant, guest_dir: str, workdir: str) -> VmConfig:
@@ -193,6 +196,8 @@ class PingPong:
         self.marks = [0, 0]           # serial lines already scanned, per node
         self.tally = Tally()
         self.move_mark = 0            # target's serial lines before the current move
+        self.verify_ram = False       # compare source and target RAM before `cont`
+        self.bandwidth_bytes = 16 << 30   # per second; lower = more dirty-sync rounds
 
     def note(self, text: str) -> None:
         self.log.write(f"{time.strftime('%H:%M:%S')} {text}\n")
@@ -234,18 +239,36 @@ class PingPong:
         await qmp_call(target_qmp, "migrate-incoming", uri="tcp:127.0.0.1:0")
         port = (await qmp_call(target_qmp, "query-migrate"))["socket-address"][0]["port"]
         await qmp_call(source_qmp, "migrate-set-parameters",
-                       **{"downtime-limit": 100, "max-bandwidth": 16 << 30})
+                       **{"downtime-limit": 100, "max-bandwidth": self.bandwidth_bytes})
         await qmp_call(source_qmp, "migrate", uri=f"tcp:127.0.0.1:{port}")
         while (info := await qmp_call(source_qmp, "query-migrate"))["status"] not in (
                 "completed", "failed", "cancelled"):
             await asyncio.sleep(0.05)
         if info["status"] == "completed":
+            if self.verify_ram:
+                info["ram_diff"] = await self.compare_ram(source_qmp, target_qmp)
             await qmp_call(target_qmp, "cont")
         try:
             await qmp_call(source_qmp, "quit")
         except QmpError:
             pass               # QEMU may close the socket before answering quit
         return str(info["status"]), info
+
+    async def compare_ram(self, source_qmp: str, target_qmp: str) -> list[int]:
+        """Guest-physical addresses of the pages that differ between the stopped source
+        and the loaded, not yet running target: a correct migration has none."""
+        while (await qmp_call(target_qmp, "query-migrate")).get("status") != "completed":
+            await asyncio.sleep(0.05)
+        size = (await qmp_call(source_qmp, "query-memory-size-summary"))["base-memory"]
+        dumps = [f"/dev/shm/crl-g3-ram-{os.getpid()}-{side}.bin" for side in ("src", "dst")]
+        try:
+            for qmp, path in zip((source_qmp, target_qmp), dumps, strict=True):
+                await qmp_call(qmp, "pmemsave", val=0, size=size, filename=path)
+            return await asyncio.to_thread(differing_pages, dumps[0], dumps[1])
+        finally:
+            for path in dumps:
+                if os.path.exists(path):
+                    os.unlink(path)
 
     def scan(self) -> list[tuple[int, float, str]]:
         """Non-counter lines printed on either node since the last scan."""
@@ -278,6 +301,12 @@ class PingPong:
         self.tally.migrate_ms.append(moved_ms)
         if status != "completed":
             return f"migration {status}"
+        diff = info.get("ram_diff", [])
+        if diff:
+            self.tally.ram_diff_moves += 1
+            self.tally.ram_diff_pages += len(diff)
+            self.note(f"move {index}: {len(diff)} pages differ source/target: "
+                      f"{[hex(a) for a in diff[:20]]}")
         progress = await self.wait_progress(target, before, SETTLE_S)
         await asyncio.sleep(LINGER_S)
         lines = self.scan()
@@ -285,6 +314,7 @@ class PingPong:
             self.note(f"move {index} node{node}: {text}")
         crash = [text for _, _, text in lines if any(m in text for m in STALL_MARKERS)]
         print(f"move {index}: {status} {moved_ms} ms downtime {info.get('downtime')} ms, "
+              f"{f'RAM DIFF {len(diff)} pages, ' if diff else ''}"
               f"counter {self.serial.last_counter(target)}"
               f"{'' if progress is None else f' (+{progress:.1f} s)'}"
               f"{f', crash {crash[0]!r}' if crash else ''}", flush=True)
@@ -376,6 +406,21 @@ class PingPong:
         return self.tally
 
 
+def differing_pages(first: str, second: str, chunk: int = 1 << 20) -> list[int]:
+    """Offsets of the 4 KiB pages that differ between two equally long files."""
+    found: list[int] = []
+    with open(first, "rb") as one, open(second, "rb") as two:
+        offset = 0
+        while True:
+            a, b = one.read(chunk), two.read(chunk)
+            if not a and not b:
+                return found
+            if a != b:
+                found += [offset + page for page in range(0, max(len(a), len(b)), PAGE_BYTES)
+                          if a[page:page + PAGE_BYTES] != b[page:page + PAGE_BYTES]]
+            offset += chunk
+
+
 def classify(line: str) -> str:
     lowered = line.lower()
     for needle, kind in (("soft lockup", "soft lockup"), ("stall", "rcu stall"),
@@ -386,7 +431,7 @@ def classify(line: str) -> str:
     return f"BUG: {line.split('BUG:')[-1].strip()[:40]}" if "BUG:" in line else line[:40]
 
 
-def parse(arguments: list[str]) -> tuple[int, Variant, bool, str]:
+def parse(arguments: list[str]) -> tuple[int, Variant, bool, str, bool, int]:
     parser = argparse.ArgumentParser(prog="plain_qemu_pingpong")
     parser.add_argument("rounds", nargs="?", type=int, default=40)
     parser.add_argument("--no-caps", action="store_true", help="xbzrle/auto-converge off")
@@ -400,6 +445,10 @@ def parse(arguments: list[str]) -> tuple[int, Variant, bool, str]:
     parser.add_argument("--machine")
     parser.add_argument("--cores", type=int, default=1)
     parser.add_argument("--keep-going", action="store_true")
+    parser.add_argument("--bandwidth-mib", type=int, default=16 << 10,
+                        help="migration max-bandwidth in MiB/s (default 16384)")
+    parser.add_argument("--verify-ram", action="store_true",
+                        help="dump and compare source/target RAM before `cont` (pmemsave)")
     parser.add_argument("--label", default="")
     parser.add_argument("--log", default="", help="full log (default: a temporary file)")
     args = parser.parse_args(arguments)
@@ -412,25 +461,35 @@ def parse(arguments: list[str]) -> tuple[int, Variant, bool, str]:
                       args.cpu, args.machine, args.cores, caps, args.disk)
     variant.label = args.label or variant.describe()
     log = args.log or tempfile.mkstemp(prefix="crl-g3-pingpong-", suffix=".log")[1]
-    return args.rounds, variant, args.keep_going, log
+    return (args.rounds, variant, args.keep_going, log, args.verify_ram,
+            args.bandwidth_mib << 20)
 
 
 async def main(arguments: list[str]) -> int:
-    rounds, variant, keep_going, log_path = parse(arguments)
+    rounds, variant, keep_going, log_path, verify_ram, bandwidth = parse(arguments)
     with open(log_path, "a", encoding="utf-8") as log:
         pingpong = PingPong(variant, log)
+        pingpong.verify_ram = verify_ram
+        pingpong.bandwidth_bytes = bandwidth
         pingpong.note(f"variant {variant.label}: {variant.describe()}, {rounds} rounds")
         started = time.monotonic()
         tally = await pingpong.run(rounds, keep_going)
         ms = sorted(tally.migrate_ms) or [0]
         summary = (f"SUMMARY variant={variant.label!r} moves={tally.moves} "
                    f"failures={tally.failures} kinds={dict(tally.kinds)} boots={tally.boots} "
+                   f"{f'ram_diff_moves={tally.ram_diff_moves} ram_diff_pages={tally.ram_diff_pages} ' if verify_ram else ''}"
                    f"migrate_ms_p50={ms[len(ms) // 2]} minutes={(time.monotonic() - started) / 60:.1f} "
-                   f"load={os.getloadavg()[0]:.1f} [{variant.describe()}] log={log_path}")
+                   f"load={os.getloadavg()[0]:.1f} bw={bandwidth >> 20}MiB/s "
+                   f"[{variant.describe()}] log={log_path}")
         pingpong.note(summary)
     print(summary, flush=True)
     return 1 if tally.failures else 0
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)      # so the QEMUs are killed on the way out
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(asyncio.run(main(sys.argv[1:])))
