@@ -370,6 +370,12 @@ def test_refusals_change_nothing(cluster: GuestCluster, guests: list[Guest]) -> 
         log = _migrate(cluster, 1, 105, 2, online=True)
         assert "Requesting HA migration for VM 105 to node node2" in log
         assert (ha / "crm_commands").read_text().splitlines()[-1] == "migrate vm:105 node2"
+        result = subprocess.run(_qm_argv(cluster, 1, "migrate", "105", "node2", "--online"),
+                                capture_output=True, text=True, timeout=60)   # the worker too
+        assert result.returncode == 0, result.stderr
+        assert ":hamigrate:105:" in result.stdout.splitlines()[0]
+        assert result.stdout.splitlines()[-1] == "TASK OK"
+        assert (ha / "crm_commands").read_text().splitlines()[-2:] == ["migrate vm:105 node2"] * 2
     finally:
         (ha / "resources.cfg").unlink()
         with_commands = ha / "crm_commands"
