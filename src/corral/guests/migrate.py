@@ -19,16 +19,22 @@ Public API (stable; the HA resource agent and the benchmark call it):
   HA manager (task type `hamigrate`) unless `MigrateOptions(from_ha=True)`, which the
   HA resource agent itself passes.
 
-Call it from a process other than corrald (the CLI, the HA daemon, a benchmark): it reads
-and renames files in the mounted tree, which corrald's own event loop serves, and it
-takes the guest's flock (up to 10 s) without yielding.
+Call it from a process other than corrald (the detached worker of migrate_worker.py,
+which `corral qm migrate` and the API start; the HA daemon; a benchmark): it reads and
+renames files in the mounted tree, which corrald's own event loop serves, and it takes
+the guest's flock (up to 10 s) without yielding.
 
 The task log carries the reference's lines (timestamped), progress, and timing lines
 for the benchmark: `timing: command to QEMU migration start N ms`, `timing: QEMU
-completion to target resumed N ms` (config moved and `cont` done on the target: what
-the guest's pause lasts beyond QEMU's own downtime, up to one poll of query-migrate
-included) and `timing: QEMU completion to hand-over done N ms` (also source stopped,
-lock cleared), written right before `migration finished successfully` and `TASK OK`.
+completion to target resumed N ms (...)` (config moved and `cont` done on the target:
+what the guest's pause lasts beyond QEMU's own downtime, with its steps) and `timing:
+QEMU completion to hand-over done N ms` (also source stopped, lock cleared), written
+right before `migration finished successfully` and `TASK OK`.
+
+The hand-over's critical path is the rename plus one request: the target's API is
+reached over one kept-alive HTTPS connection (Peer) opened by the first check and used
+for every call; the completion comes as QEMU's MIGRATION event on a QMP connection held
+from the RAM phase's start (Monitor); the config text is prepared before the completion.
 
 Phases: prepare (checks, no side effects: lock, HA, quorum, target online, storages,
 running needs --online, CPU model; target `precheck`) -> phase1 (`lock: migrate`; offline
@@ -36,9 +42,10 @@ copy of local volumes through qemu-nbd on the target) -> phase2 (target QEMU wit
 `-incoming defer -S` started by the target's corrald; local disks mirrored to its NBD
 exports until ready; RAM migration with xbzrle + auto-converge, downtime limit doubled
 when it does not converge) -> phase3 (config rewritten and renamed into the target's
-directory only after QEMU reports `completed`, target resumed, source stopped, source
-volumes freed, lock cleared). A failure before the rename cancels the migration,
-continues the source, stops the target's QEMU and removes its new volumes.
+directory only after QEMU reports `completed`, target resumed (it refuses while the
+config is not in its directory), source stopped, source volumes freed, lock cleared).
+A failure before the rename cancels the migration, continues the source, stops the
+target's QEMU and removes its new volumes.
 """
 
 from __future__ import annotations
