@@ -364,6 +364,8 @@ class Monitor:
                     self.changed.set()
                 elif event in ("STOP", "RESUME"):
                     self.vcpus_stopped = event == "STOP"
+                elif event == "JOB_STATUS_CHANGE":
+                    self.changed.set()            # _dismiss_jobs waits for `concluded`
                 waiter = self._waiting.pop(str(message.get("id", "")), None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(message)
@@ -1040,15 +1042,13 @@ def _log_completed(run: Run, info: dict[str, Any]) -> None:
 
 async def _finish_mirrors(run: Run) -> None:
     """block-job-cancel on a ready mirror completes it without pivoting: the source keeps
-    its disk, the target's volume holds the same data."""
+    its disk, the target's volume holds the same data. The NBD client nodes stay (a
+    failure before the rename removes them in the cleanup; after the hand-over the
+    source QEMU quits): their removal is not on the hand-over's critical path."""
     for job in run.mirrors:
         await run.qmp_cmd("block-job-cancel", device=job)
     await _dismiss_jobs(run, run.mirrors)
     run.mirrors.clear()
-    for node in run.nbd_nodes:
-        with contextlib.suppress(QmpError):
-            await run.qmp_cmd("blockdev-del", **{"node-name": node})
-    run.nbd_nodes.clear()
     run.say("mirror jobs completed")
 
 
@@ -1066,7 +1066,9 @@ async def _dismiss_jobs(run: Run, names: list[str], timeout_s: float = 60.0) -> 
                     run.say(f"{name}: {job['error']}")
                 await run.qmp_cmd("job-dismiss", id=name)
                 pending.discard(name)
-        if pending:
+        if pending and run.monitor is not None and run.monitor.open_now:
+            await run.monitor.wait_change(FAST_POLL_S)     # woken by JOB_STATUS_CHANGE
+        elif pending:
             await asyncio.sleep(FAST_POLL_S)
     if pending:
         raise MigrationError(f"mirror jobs did not finish: {', '.join(sorted(pending))}")
