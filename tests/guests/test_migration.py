@@ -245,6 +245,7 @@ def test_online_with_local_disks_over_tls(cluster: GuestCluster, guests: list[Gu
     assert not os.path.exists(guest.volume_path)
     config = cluster.guest_manager(2, GUEST_DIR).load_config(101)
     assert (config.get("scsi0") or "").startswith("local2:101/vm-101-disk-0.raw,")
+    assert not (cluster.config_path(1, 101).parent / "101.conf.migrate").exists()
     guest.check(owner=2, moves=1)
 
 
@@ -282,6 +283,8 @@ def _check_rolled_back(cluster: GuestCluster, guest: Guest, config_before: str,
     assert guest.source.pid(guest.vmid) is not None
     guest.serial.wait_value(1, max(guest.serial.values(1)), BOOT_TIMEOUT_S)  # still counting
     assert cluster.config_path(1, guest.vmid).read_text() == config_before   # unlocked again
+    assert not (cluster.config_path(1, guest.vmid).parent /
+                f"{guest.vmid}.conf.migrate").exists()       # no prepared config left
     wait_until(lambda: _target_leftovers(cluster, guest.vmid) == [], 10.0,
                f"the target to be clean: {_target_leftovers(cluster, guest.vmid)}; "
                f"source log: {log[-12:]}")

@@ -90,6 +90,7 @@ MAX_REPLY_BYTES = 1 << 20
 MIRROR_READY_TIMEOUT_S = 24 * 3600.0
 QUERY_FAILURES_TOLERATED = 5
 CANCEL_QMP_TIMEOUT_S = 1.0
+PREPARED_SUFFIX = ".migrate"           # `<vmid>.conf.migrate`: the config for the target
 MONITOR_OPEN_TIMEOUT_S = 2.0
 _STORAGE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
@@ -473,7 +474,9 @@ class Run:
     timings_ms: dict[str, float] = field(default_factory=dict)
     last_keepalive_s: float = field(default_factory=time.monotonic)
     monitor: Monitor | None = None
-    new_config_text: str | None = None        # prepared before QEMU completes
+    prepared_path: str | None = None          # the target's config text, written early
+    original_config_text: str | None = None   # to restore if it was swapped in and failed
+    config_swapped: bool = False              # the source's config names the new volumes
     completed_info: dict[str, Any] | None = None   # query-migrate's answer at completion
     target_ms: dict[str, float] = field(default_factory=dict)   # the target's resume steps
 
@@ -778,12 +781,18 @@ async def _phase2(run: Run, config: VmConfig) -> None:
 
 
 def _prepare_handover(run: Run, config: VmConfig) -> None:
-    """What the hand-over writes, computed before QEMU completes: the config with the
-    target's volumes (the lock holds it unchanged since phase 1) and the target's dir."""
+    """What the hand-over writes, prepared before QEMU completes: the target's dir and,
+    when disks move, the config with the target's volumes (the lock holds it unchanged
+    since phase 1) written next to the config as `<vmid>.conf.migrate`, so the
+    hand-over swaps it in with one rename instead of writing it (two tree operations)."""
     target_dir = os.path.join(run.manager.root, "nodes", run.target, "qemu-server")
     os.makedirs(target_dir, exist_ok=True)
     if run.disks:
-        run.new_config_text = write_config(_config_for_target(run, config))
+        run.original_config_text = write_config(config)
+        path = run.manager.config_path(run.vmid) + PREPARED_SUFFIX
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(write_config(_config_for_target(run, config)))
+        run.prepared_path = path
 
 
 async def _clear_stale(run: Run) -> None:
@@ -1114,9 +1123,13 @@ async def _phase3(run: Run, config: VmConfig) -> None:
     source_path = manager.config_path(vmid)
     target_path = os.path.join(manager.root, "nodes", run.target, "qemu-server", f"{vmid}.conf")
     if run.disks:
-        if run.new_config_text is None:           # offline: the copies are done now
-            run.new_config_text = write_config(_config_for_target(run, config))
-        manager.save_config(vmid, parse_config(run.new_config_text))
+        run.original_config_text = run.original_config_text or write_config(config)
+        run.config_swapped = True
+        if run.prepared_path is None:           # offline: the copies are done now
+            manager.save_config(vmid, _config_for_target(run, config))
+        else:
+            os.replace(run.prepared_path, source_path)
+            run.prepared_path = None
     if os.path.exists(target_path):
         raise MigrationError(f"node '{run.target}' already has a config for VM {vmid}")
     os.makedirs(os.path.dirname(target_path), exist_ok=True)
@@ -1225,14 +1238,19 @@ async def _cleanup(run: Run, error: BaseException) -> None:
                 run.say(f"removed volume '{volid}' on node '{run.target}'")
         except MigrationError as exc:
             run.say(f"ERROR: stopping the target failed: {exc}")
+    if run.prepared_path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(run.prepared_path)
     if run.locked:
         try:
             with run.manager.guest_lock(run.vmid):
-                config = run.manager.load_config(run.vmid)
+                config = parse_config(run.original_config_text) \
+                    if run.config_swapped and run.original_config_text else \
+                    run.manager.load_config(run.vmid)       # the source's volumes again
                 if config.get("lock") == "migrate":
                     config.delete("lock")
-                    run.manager.save_config(run.vmid, config)
-        except (GuestError, OSError) as exc:
+                run.manager.save_config(run.vmid, config)
+        except (GuestError, OSError, ValueError) as exc:
             run.say(f"ERROR: clearing the lock failed: {exc}")
 
 
