@@ -2,19 +2,31 @@
 tree, no tasks): two QEMUs on 127.0.0.1 started the same way as guests, the same QMP
 sequence as the reference, and a check of the guest's serial output after each move.
 Shows whether a guest crash seen in the migration tests is QEMU's (TCG) or Corral's, and
-measures guest/QEMU variants against the post-migration lockup (issue 6). Not a pytest
-module.
+measures guest/QEMU variants against the post-migration guest crash (issue 6). Not a
+pytest module.
 
-    .venv/bin/python -m tests.guests.plain_qemu_pingpong [ROUNDS] [--no-caps] [--disk]
-        [--append 'KERNEL ARGS'] [--qemu 'QEMU ARGS'] [--cpu MODEL] [--machine M]
-        [--cores N] [--keep-going] [--label NAME] [--log FILE] [--base-append 'ARGS']
+    .venv/bin/python -m tests.guests.plain_qemu_pingpong [ROUNDS] [--no-caps | --caps LIST]
+        [--disk] [--append 'KERNEL ARGS'] [--base-append 'ARGS'] [--qemu 'QEMU ARGS']
+        [--cpu MODEL] [--machine M] [--cores N] [--keep-going] [--verify-ram]
+        [--bandwidth-mib N] [--label NAME] [--log FILE]
 
 A move fails when the guest prints a kernel crash line (CRASH_MARKERS, or an RCU stall)
 or its counter does not go on within SETTLE_S on the target. On a failure the serial
-lines around it, QMP query-status and two `info registers` samples go to the log, the
-guest is given RESUME_WAIT_S to see whether it comes back, then (with --keep-going) both
-QEMUs are killed, a fresh guest boots and the moves continue. The last line printed is
-a one-line summary: variant, moves, failures, failure kinds.
+lines around it, QMP query-status, `info registers`/`info lapic`/`info irq` go to the
+log, the guest gets RESUME_WAIT_S to come back, then a QMP stop/cont is tried; then (with
+--keep-going) both QEMUs are killed, a fresh guest boots and the moves continue.
+--verify-ram dumps the guest RAM of the stopped source and of the loaded, not yet running
+target (pmemsave) and counts the pages that differ: a correct migration has none, so this
+sees a lost guest write even when the guest does not crash. A lower --bandwidth-mib
+makes more dirty-sync rounds per move, which makes lost writes much more frequent. The
+last line printed is a one-line summary: variant, moves, failures, failure kinds.
+
+Finding (issue 6): QEMU 7.2's TCG loses guest writes during live migration when the RAM
+size is a multiple of 256 KiB (every `-m N` in MiB): the 64-pages-at-a-time fast path of
+the dirty-bitmap sync clears dirty bits without re-arming TCG's TLB dirty tracking
+(fixed upstream for QEMU 9.0: "physmem: Fix migration dirty bitmap coherency with TCG
+memory access"). A RAM size that is not such a multiple (e.g. `--qemu '-m 131080K'`,
+128 MiB + 8 KiB) takes the per-page path and showed no lost page and no crash.
 """
 
 from __future__ import annotations
