@@ -433,9 +433,14 @@ def test_mtunnel_api_auth_and_validation(cluster: GuestCluster) -> None:
             await fresh.call(990, "launch")
         await fresh.call(990, "status")
         counts.append(fresh.connects)
+        assert fresh._writer is not None     # a connection that dropped while idle:
+        fresh._writer.transport.abort()       # the call goes again on a new one
+        await asyncio.sleep(0.05)
+        await fresh.call(990, "status")
+        counts.append(fresh.connects)
         fresh.close()
         return counts
-    assert asyncio.run(kept_alive()) == [1, 1, 1, 2]
+    assert asyncio.run(kept_alive()) == [1, 1, 1, 2, 3]
     ticket = _https(cluster, 2, "/api2/json/access/ticket",
                     {"username": "root@pam", "password": DEMO_PASSWORD})[1]["data"]
     path = "/api2/json/nodes/node2/qemu/990/mtunnel"

@@ -224,7 +224,12 @@ class Peer:
                 if not reused:
                     raise MigrationError(f"node '{self.target}' closed the connection "
                                          f"during '{cmd}'") from None
-                status, payload = await self._exchange(path, body, timeout_s, node_auth_header)
+                try:                            # it idled out: once more on a new one
+                    status, payload = await self._exchange(path, body, timeout_s,
+                                                           node_auth_header)
+                except _Dropped:
+                    raise MigrationError(f"node '{self.target}' closed the connection "
+                                         f"during '{cmd}'") from None
         try:
             reply = json.loads(payload)
         except ValueError:
