@@ -509,10 +509,34 @@ def _wait_log(manager: GuestManager, upid: Upid, text: str, timeout_s: float = 6
 
 @xfail_on_guest_crash
 def test_cli_killed_the_migration_goes_on(cluster: GuestCluster, guests: list[Guest]) -> None:
-    """SIGKILL of `corral qm migrate` mid-migration: the detached worker completes the
-    move (TASK OK), the lock is cleared, the guest runs on the target."""
+    """SIGTERM of `corral qm migrate` mid-migration requests a cancel and the command
+    follows the log to the end (exit 1, guest stays); SIGKILL of it: the detached worker
+    completes the move (TASK OK), the lock is cleared, the guest runs on the target."""
     guest = Guest(cluster, 106, "shared", running=True)
     guests.append(guest)
+    config_before = cluster.config_path(1, 106).read_text()
+    cancelled = subprocess.Popen(_qm_argv(cluster, 1, "migrate", "106", "node2", "--online",
+                                          "--bwlimit", "4096"),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert cancelled.stdout is not None
+        lines = [cancelled.stdout.readline()]
+        while "start migrate command" not in lines[-1] and lines[-1]:
+            lines.append(cancelled.stdout.readline())
+        cancelled.send_signal(signal.SIGTERM)
+        out, err = cancelled.communicate(timeout=60)
+    finally:
+        if cancelled.poll() is None:
+            cancelled.kill()
+            cancelled.wait(10)
+    assert cancelled.returncode == 1, out + err
+    assert "cancel requested" in err and "migration cancelled by request" in err
+    assert out.splitlines()[-1] == \
+        "TASK ERROR: migration aborted: migration cancelled by request"
+    assert cluster.config_path(1, 106).read_text() == config_before
+    assert guest.source.pid(106) is not None
+    wait_until(lambda: _target_leftovers(cluster, 106) == [], 10.0, "the target to be clean")
+
     cli = subprocess.Popen(_qm_argv(cluster, 1, "migrate", "106", "node2", "--online",
                                     "--bwlimit", "8192"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
