@@ -122,6 +122,10 @@ class Run:
     # `migrate`; completed seen -> mirror finished, `cont`, source quit).
     start_overhead_ms: float | None = None
     finish_overhead_ms: float | None = None
+    # Corral only, the hand-over's steps (from the resume timing line): QEMU completed ->
+    # config renamed into the target's dir, and the `resume` request to the target.
+    rename_ms: float | None = None
+    request_ms: float | None = None
 
 
 @dataclass
@@ -693,6 +697,8 @@ class TaskFigures:
     start_overhead_ms: float
     finish_overhead_ms: float
     resume_ms: float | None
+    rename_ms: float | None = None
+    request_ms: float | None = None
 
 
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
@@ -713,6 +719,9 @@ def parse_task_log(lines: list[str]) -> TaskFigures:
         "start": r"timing: command to QEMU migration start (\d+) ms",
         "finish": r"timing: QEMU completion to hand-over done (\d+) ms",
         "resume": r"timing: QEMU completion to target resumed (\d+) ms",
+        "rename": r"timing: QEMU completion to target resumed .*config renamed after "
+                  r"([\d.]+) ms",
+        "request": r"timing: QEMU completion to target resumed .*resume request ([\d.]+) ms",
     }
     for line in lines:
         for name, pattern in patterns.items():
@@ -732,7 +741,8 @@ def parse_task_log(lines: list[str]) -> TaskFigures:
     return TaskFigures(downtime_ms=found["downtime"], ram_bytes=int(found["ram"]),
                        total_ms=found["ram"] / max(found["speed"], 1.0) * 1000,
                        start_overhead_ms=found["start"], finish_overhead_ms=found["finish"],
-                       resume_ms=found.get("resume"))
+                       resume_ms=found.get("resume"), rename_ms=found.get("rename"),
+                       request_ms=found.get("request"))
 
 
 class CorralBench:
@@ -819,9 +829,12 @@ class CorralBench:
                   start_overhead_ms=figures.start_overhead_ms,
                   finish_overhead_ms=figures.finish_overhead_ms, resume_ms=figures.resume_ms,
                   effective_downtime_ms=None if figures.resume_ms is None
-                  else figures.downtime_ms + figures.resume_ms)
+                  else figures.downtime_ms + figures.resume_ms,
+                  rename_ms=figures.rename_ms, request_ms=figures.request_ms)
         print_run("corral", case, run, f"overhead {figures.start_overhead_ms:.0f}+"
-                  f"{figures.finish_overhead_ms:.0f} ms  counter {before}->{after}")
+                  f"{figures.finish_overhead_ms:.0f} ms  hand-over rename "
+                  f"{_fmt(figures.rename_ms)} + request {_fmt(figures.request_ms)} ms  "
+                  f"counter {before}->{after}")
         return run
 
     async def _diagnose(self, source: int, target: int, watch: CounterWatch) -> str:
@@ -961,7 +974,8 @@ def summarize(result: CaseResult) -> dict[str, Any]:
             "ram_mib": (med("ram_bytes") or 0) / 2**20, "disk_mib": (med("disk_bytes") or 0) / 2**20,
             "mirror_ms": med("mirror_ms"), "wall_ms": med("wall_ms"),
             "start_overhead_ms": med("start_overhead_ms"),
-            "finish_overhead_ms": med("finish_overhead_ms")}
+            "finish_overhead_ms": med("finish_overhead_ms"),
+            "rename_ms": med("rename_ms"), "request_ms": med("request_ms")}
 
 
 def totals(results: list[CaseResult]) -> str:
