@@ -204,6 +204,7 @@ class GuestApi:
         self._incoming: IncomingMigrations | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._fast = _LoopThread("corral-mtunnel")
+        self._holding: set[asyncio.Task[None]] = set()
 
     async def _expire_forever(self) -> None:
         """Stop incoming migrations whose source went silent (it crashed or lost us)."""
@@ -280,9 +281,16 @@ class GuestApi:
             # commands on the long-lived thread, the slow ones (QEMU, qemu-img) each in a
             # thread of their own so one cannot hold up another migration's.
             work = incoming.handle(vmid, request.params)
-            if request.params.get("cmd") in _FAST_COMMANDS:
+            command = request.params.get("cmd")
+            if command in _FAST_COMMANDS:
                 return await self._fast.run(work)
-            return await asyncio.to_thread(asyncio.run, work)
+            answer = await asyncio.to_thread(asyncio.run, work)
+            if command == "start-incoming":     # `resume` then needs no QMP connect
+                holding = asyncio.get_running_loop().create_task(
+                    self._fast.run(incoming.hold_monitor(vmid)))
+                self._holding.add(holding)
+                holding.add_done_callback(self._holding.discard)
+            return answer
         except MtunnelError as error:
             raise ApiError(400, str(error)) from None
 

@@ -484,6 +484,7 @@ class Run:
     config_swapped: bool = False              # the source's config names the new volumes
     completed_info: dict[str, Any] | None = None   # query-migrate's answer at completion
     target_ms: dict[str, float] = field(default_factory=dict)   # the target's resume steps
+    target_held_monitor: bool = False
 
     async def qmp_cmd(self, name: str, /, **arguments: Any) -> Any:
         """On the held monitor if it is open, else on a short connection."""
@@ -1153,6 +1154,7 @@ async def _finish_on_target(run: Run, target_path: str) -> None:
             answer = await run.peer.call(run.vmid, "resume")
             run.timings_ms["resumed_at"] = run.elapsed_ms()
             run.target_ms = {k: float(answer.get(k) or 0) for k in ("config_wait_ms", "cont_ms")}
+            run.target_held_monitor = bool(answer.get("held_monitor"))
             run.say(f"config moved to node '{run.target}'")
             if run.running:
                 run.say(f"VM {run.vmid} resumed on node '{run.target}' "
@@ -1195,7 +1197,8 @@ async def _finish_on_target(run: Run, target_path: str) -> None:
                     f"renamed after {done['renamed_at'] - done['completed_at']:.1f} ms, resume "
                     f"request {done['resumed_at'] - done['renamed_at']:.1f} ms: target "
                     f"waited {run.target_ms.get('config_wait_ms', 0):.1f} ms for the "
-                    f"config, cont {run.target_ms.get('cont_ms', 0):.1f} ms)")
+                    f"config, cont {run.target_ms.get('cont_ms', 0):.1f} ms"
+                    f"{' on its held QMP connection' if run.target_held_monitor else ''})")
         run.say(f"timing: QEMU completion to hand-over done "
                 f"{run.elapsed_ms() - run.timings_ms['completed_at']:.0f} ms")
     run.say(f"migration finished successfully (duration {_duration(run)})")

@@ -27,6 +27,7 @@ lags behind waits for the right text instead of starting a different guest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import ipaddress
@@ -56,6 +57,7 @@ MAX_VOLUME_BYTES = 1 << 50
 QEMU_NBD_START_S = 10.0
 TLS_OBJECT_ID = "corral-mig-tls"
 MAX_RESUMED_REMEMBERED = 64
+HOLD_CONNECT_TIMEOUT_S = 2.0
 
 
 def migration_capabilities(accel: str) -> dict[str, bool]:
@@ -325,6 +327,9 @@ class Incoming:
     nbd_pids: list[int] = field(default_factory=list)
     qemu: bool = False
     contact_ns: int = 0                 # last request of the source about this guest
+    monitor: QmpClient | None = None    # held for `resume` (see hold_monitor)
+    monitor_loop: asyncio.AbstractEventLoop | None = None   # the loop it belongs to
+    resuming: bool = False              # `resume` runs: a late hold_monitor lets go
 
 
 class IncomingMigrations:
@@ -600,18 +605,52 @@ class IncomingMigrations:
             del self.records[vmid]
             return {"status": "stopped"}
         config_ns = time.monotonic_ns()
-        async with QmpClient(self.manager.qmp_path(vmid)) as client:
-            if record.nbd_server:
-                await client.command("nbd-server-stop")
-                record.nbd_server = False
-            await client.command("cont")
+        record.resuming = True
+        held = record.monitor if record.monitor_loop is asyncio.get_running_loop() else None
+        try:
+            if held is not None:
+                await self._continue(record, held)
+        except QmpError:
+            held = None                  # the held connection broke: a fresh one below
+        finally:
+            await _release_monitor(record)
+        if held is None:
+            async with QmpClient(self.manager.qmp_path(vmid)) as client:
+                await self._continue(record, client)
         record.state = IncomingState.RESUMED
         del self.records[vmid]
         self.resumed[vmid] = time.monotonic_ns()
         while len(self.resumed) > MAX_RESUMED_REMEMBERED:
             del self.resumed[next(iter(self.resumed))]
         return {"status": "running", "config_wait_ms": (config_ns - started_ns) / 1e6,
-                "cont_ms": (time.monotonic_ns() - config_ns) / 1e6}
+                "cont_ms": (time.monotonic_ns() - config_ns) / 1e6,
+                "held_monitor": held is not None}
+
+    async def _continue(self, record: Incoming, client: QmpClient) -> None:
+        if record.nbd_server:
+            await client.command("nbd-server-stop")
+            record.nbd_server = False
+        await client.command("cont")
+
+    async def hold_monitor(self, vmid: int) -> None:
+        """Open the QMP connection `resume` will use, ahead of time (call it on the loop
+        that serves `resume`), so the hand-over needs no QMP connect. Nothing else uses
+        the incoming QEMU's main monitor until then; the cleanup releases it first. A
+        failure only means `resume` connects itself."""
+        record = self.records.get(vmid)
+        if record is None or record.state != IncomingState.LISTENING or record.monitor:
+            return
+        client = QmpClient(self.manager.qmp_path(vmid))
+        try:
+            await client.connect(timeout_s=HOLD_CONNECT_TIMEOUT_S)
+        except QmpError:
+            await client.close()
+            return
+        if self.records.get(vmid) is not record or record.resuming or \
+                record.state != IncomingState.LISTENING:
+            await client.close()          # (a `resume` waiting behind it connects then)
+            return
+        record.monitor, record.monitor_loop = client, asyncio.get_running_loop()
 
     async def _config_arrives(self, vmid: int) -> bool:
         """The source renamed the config before asking, but this node's tree may apply
@@ -677,6 +716,7 @@ class IncomingMigrations:
         """Stop the incoming QEMU / qemu-nbd and remove the volumes allocated for it."""
         self.records.pop(record.vmid, None)
         out = log or _NullLog()
+        await _release_monitor(record)         # hard_stop needs the monitor
         self._reap_nbd(record)
         if record.qemu and not os.path.exists(self._here(record.vmid)):
             await self.manager.hard_stop(record.vmid, out)
@@ -697,6 +737,20 @@ class IncomingMigrations:
         if record.volumes:
             _remove_empty_dir(storages, record.volumes[0])
         return removed
+
+
+async def _release_monitor(record: Incoming) -> None:
+    """Close a held monitor on the loop it belongs to (the cleanup may run elsewhere)."""
+    client, loop = record.monitor, record.monitor_loop
+    record.monitor = record.monitor_loop = None
+    if client is None or loop is None:
+        return
+    if loop is asyncio.get_running_loop():
+        await client.close()
+    elif loop.is_running():
+        future = asyncio.run_coroutine_threadsafe(client.close(), loop)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.wrap_future(future), HOLD_CONNECT_TIMEOUT_S)
 
 
 class _NullLog(TaskLog):
