@@ -211,3 +211,24 @@ def test_source_renames_before_it_asks_for_resume(tmp_path: Path) -> None:
     text = "\n".join(manager.tasks.read_log(upid))
     assert "timing: QEMU completion to target resumed" in text
     assert text.index("config moved to node 'node2'") < text.index("resumed on node 'node2'")
+
+
+def test_precheck_names_a_missing_bridge(tmp_path: Path) -> None:
+    """A guest whose NIC is on a bridge this node lacks is refused before anything starts
+    here (the start would fail after the source had begun)."""
+    from corral.guests.mtunnel import config_digest
+
+    manager, incoming = _incoming(tmp_path)
+    incoming.quorate = lambda: True
+    (tmp_path / "tree/storage.cfg").write_text(f"dir: local\n\tpath {tmp_path}/store\n")
+    source = tmp_path / "tree/nodes/node1/qemu-server"
+    source.mkdir(parents=True)
+    text = ("memory: 64\nnet0: virtio=BC:24:11:00:00:01,bridge=crlnobr0\n"
+            "net1: virtio=BC:24:11:00:00:02,bridge=lo\nnet2: e1000=BC:24:11:00:00:03\n")
+    (source / "100.conf").write_text(text)
+    with pytest.raises(MtunnelError) as refused:
+        asyncio.run(incoming.handle(100, {"cmd": "precheck", "source": "node1",
+                                          "digest": config_digest(text)}))
+    assert str(refused.value) == ("net0: bridge 'crlnobr0' does not exist on node 'node2'; "
+                                  "net1: 'lo' on node 'node2' is not a bridge (plain device)")
+    assert not os.path.exists(manager.config_path(100)) and incoming.records == {}

@@ -5,7 +5,8 @@ serves on its HTTPS API (`POST /api2/json/nodes/{node}/qemu/{vmid}/mtunnel`, see
 corral.daemon.guestapi), so the target QEMU runs under the target's daemon (in its
 network namespace, with its run dir) exactly like any other guest of that node:
 
-    precheck        can this node take the guest? (quorate, not here yet, storages, CPU model)
+    precheck        can this node take the guest? (quorate, not here yet, storages, CPU model,
+                    the bridges of its NICs)
     start-incoming  QEMU with `-incoming defer -S` (and the machine version the source
                     runs), capabilities, TLS credentials, the
                     listening migration URI and, for local disks, fresh volumes exported
@@ -42,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from corral.guests import netdev
 from corral.guests import storage as storage_mod
 from corral.guests.config import ConfigError, VmConfig, is_valid_vmid, parse_config
 from corral.guests.qemu import QEMU_BINARY, RUN_FILES, GuestError, GuestManager
@@ -441,6 +443,10 @@ class IncomingMigrations:
             if storage.free_space()["avail"] < disk.size_bytes and disk.fmt == "raw":
                 raise MtunnelError(f"storage '{disk.storage}' has not enough free space")
         await asyncio.to_thread(self._check_cpu, config)
+        problems = netdev.bridge_problems(netdev.config_bridges(config.entries),
+                                          self.manager.node)
+        if problems:
+            raise MtunnelError("; ".join(problems))
         return {"node": self.manager.node}
 
     async def start_incoming(self, vmid: int, params: dict[str, Any]) -> dict[str, Any]:

@@ -64,6 +64,18 @@ def link_kind(ifname: str) -> str | None:
         return ""
 
 
+def config_bridges(entries: dict[str, str]) -> list[tuple[str, str]]:
+    """(netN, bridge) of a guest config's bridged NICs (entries already validated)."""
+    pairs = []
+    for key, value in entries.items():
+        if key.startswith("net"):
+            for part in value.split(","):
+                name, _, bridge = part.partition("=")
+                if name == "bridge" and bridge:
+                    pairs.append((key, bridge))
+    return pairs
+
+
 def bridge_problems(bridges: Iterable[tuple[str, str]], node: str) -> list[str]:
     """For (netN, bridge) pairs: what is wrong on this node (empty list: all fine).
     Usable as a migration precheck on the target."""
