@@ -45,7 +45,7 @@ def test_api_shapes(make_cluster: Callable[[int], DemoCluster]) -> None:
     with pytest.raises(JoinError, match="No ticket"):
         client.call("GET", "/cluster/config/join")
     with pytest.raises(JoinError, match="not implemented"):
-        client.call("GET", "/nodes")
+        client.call("GET", "/pools")
     with pytest.raises(JoinError, match="authentication failure"):
         client.login("root@pam", "wrong")
     with pytest.raises(JoinError, match="authentication failure"):
@@ -69,7 +69,7 @@ def test_api_shapes(make_cluster: Callable[[int], DemoCluster]) -> None:
     assert replies.count(b"HTTP/1.1 200 OK") == 3, replies[:300]
     assert replies.count(b"Connection: keep-alive") == 2
     for raw in (b"GET /api2/json/cluster/config/apiversion HTTP/1.1\r\n\r\n",
-                f"GET /api2/json/nodes HTTP/1.1\r\n{cookie}\r\n".encode()):
+                f"GET /api2/json/pools HTTP/1.1\r\n{cookie}\r\n".encode()):
         replies = _raw_request(cluster.address(1), cluster.api_port, raw + raw)
         assert replies.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in replies, replies[:300]
 
