@@ -21,8 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -474,20 +472,8 @@ def _https(cluster: GuestCluster, nodeid: int, path: str, body: dict[str, str] |
            headers: dict[str, str] | None = None,
            method: str = "POST") -> tuple[int, dict[str, Any]]:
     """One request to a node's API (TLS checked against the cluster CA)."""
-    context = ssl.create_default_context(cafile=str(cluster.layout(nodeid).ca_cert))
-    context.check_hostname = False
-    payload = b"" if body is None else json.dumps(body).encode()
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {cluster.address(nodeid)}",
-             "Content-Type: application/json", f"Content-Length: {len(payload)}",
-             "Connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
-    with socket.create_connection((cluster.address(nodeid), cluster.api_port), 10) as raw, \
-            context.wrap_socket(raw) as sock:
-        sock.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + payload)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, reply = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(reply)
+    status, reply = cluster.api_request(nodeid, method, path, body, headers)
+    return status, reply
 
 
 def _qm_argv(cluster: GuestCluster, nodeid: int, *args: str) -> list[str]:

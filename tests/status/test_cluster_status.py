@@ -15,12 +15,9 @@ import json
 import os
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +30,7 @@ from tests.status.netguest import build_net_guest, net_guest_settings
 
 from corral.cpg.ipc import CpgClient
 from corral.daemon import statuscli
-from corral.daemon.demo import DEMO_PASSWORD, _enter_netns
+from corral.daemon.demo import DEMO_PASSWORD, run_in_netns
 from corral.guests.qemu import DEFAULT_TEST_GUEST_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,45 +103,19 @@ def _vm_status(cluster: GuestCluster, via: int, vmid: int) -> str | None:
 
 def _https(cluster: GuestCluster, nodeid: int, path: str, body: dict[str, str] | None = None,
            headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    context = ssl.create_default_context(cafile=str(cluster.layout(nodeid).ca_cert))
-    context.check_hostname = False
-    payload = b"" if body is None else json.dumps(body).encode()
-    lines = [f"{'GET' if body is None else 'POST'} {path} HTTP/1.1",
-             f"Host: {cluster.address(nodeid)}", "Content-Type: application/json",
-             f"Content-Length: {len(payload)}", "Connection: close",
-             *(f"{k}: {v}" for k, v in (headers or {}).items())]
-    with socket.create_connection((cluster.address(nodeid), cluster.api_port), 10) as raw, \
-            context.wrap_socket(raw) as sock:
-        sock.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + payload)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, reply = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(reply)
+    return cluster.api_request(nodeid, "GET" if body is None else "POST", path, body, headers)
 
 
 def _api(cluster: GuestCluster, nodeid: int, path: str) -> tuple[int, Any]:
     """GET through the node's API, from a thread inside the node's network namespace
     (the host has no route to the namespaces' addresses)."""
-    result: list[tuple[int, Any]] = []
-    errors: list[BaseException] = []
+    def call() -> tuple[int, Any]:
+        ticket = _https(cluster, nodeid, "/api2/json/access/ticket",
+                        {"username": "root@pam", "password": DEMO_PASSWORD})[1]["data"]
+        return _https(cluster, nodeid, "/api2/json" + path,
+                      headers={"Authorization": f"PVEAuthCookie={ticket['ticket']}"})
 
-    def run() -> None:
-        try:
-            _enter_netns(f"/run/netns/{cluster.net.netns(nodeid)}")
-            ticket = _https(cluster, nodeid, "/api2/json/access/ticket",
-                            {"username": "root@pam", "password": DEMO_PASSWORD})[1]["data"]
-            result.append(_https(cluster, nodeid, "/api2/json" + path,
-                                 headers={"Authorization": f"PVEAuthCookie={ticket['ticket']}"}))
-        except BaseException as error:
-            errors.append(error)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(30)
-    if errors:
-        raise errors[0]
-    return result[0]
+    return run_in_netns(cluster.net.netns(nodeid), call, 30.0)
 
 
 def _verbose_status(cluster: GuestCluster, nodeid: int, vmid: int) -> dict[str, str]:

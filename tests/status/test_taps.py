@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -21,7 +20,7 @@ from typing import TypeVar
 import pytest
 from tests.cluster.conftest import wait_until
 
-from corral.daemon.demo import _enter_netns
+from corral.daemon.demo import run_in_netns
 from corral.guests import netdev
 from corral.guests.qemu import GuestError, GuestManager
 
@@ -41,22 +40,7 @@ def _ns(*argv: str) -> subprocess.CompletedProcess[str]:
 
 def _in_netns(work: Callable[[], T]) -> T:
     """Run `work` in a thread inside the namespace: QEMU (forked there) and `ip` too."""
-    result: list[T] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            _enter_netns(f"/run/netns/{NETNS}")
-            result.append(work())
-        except BaseException as error:
-            errors.append(error)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(60)
-    if errors:
-        raise errors[0]
-    return result[0]
+    return run_in_netns(NETNS, work)
 
 
 @pytest.fixture()

@@ -11,18 +11,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from corral.cluster.layout import Layout
 from corral.cluster.pki import fingerprint_pem
@@ -35,6 +37,8 @@ from corral.demo import (
     stop_process,
 )
 from corral.guests.qemu import GuestManager
+
+T = TypeVar("T")
 
 STOP_TIMEOUT_S = 10.0
 QUORATE_TIMEOUT_S = 60.0
@@ -168,6 +172,26 @@ class DemoCluster:
 
     def fingerprint(self, nodeid: int) -> str:
         return fingerprint_pem(self.layout(nodeid).node_cert.read_bytes())
+
+    def api_request(self, nodeid: int, method: str, path: str,
+                    body: dict[str, Any] | None = None,
+                    headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        """One request to a node's HTTPS API, TLS checked against the cluster CA, the
+        connection closed after the reply: (status, decoded JSON reply)."""
+        context = ssl.create_default_context(cafile=str(self.layout(nodeid).ca_cert))
+        context.check_hostname = False            # node certificates name the node
+        payload = b"" if body is None else json.dumps(body).encode()
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.address(nodeid)}",
+                 "Content-Type: application/json", f"Content-Length: {len(payload)}",
+                 "Connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        with socket.create_connection((self.address(nodeid), self.api_port), 10) as raw, \
+                context.wrap_socket(raw) as sock:
+            sock.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + payload)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head, _, reply = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), json.loads(reply)
 
     def start(self, nodeid: int, wait_for_cluster: bool = False) -> None:
         if nodeid in self.processes and self.processes[nodeid].poll() is None:
@@ -338,6 +362,30 @@ def _enter_netns(path: str) -> None:
             raise OSError(code, f"setns {path}: {os.strerror(code)}")
     finally:
         os.close(fd)
+
+
+def run_in_netns(netns: str, work: Callable[[], T], timeout_s: float = 60.0) -> T:
+    """`work()` in a thread inside the named network namespace (what it forks, e.g.
+    QEMU or `ip`, starts there too); its result, or its exception raised here."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _enter_netns(f"/run/netns/{netns}")
+            result.append(work())
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if errors:
+        raise errors[0]
+    if not result:
+        raise TimeoutError(f"work in network namespace {netns} still running "
+                           f"after {timeout_s:.0f} s")
+    return result[0]
 
 
 def _prepare_mount(path: Path) -> None:
