@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from corral.cluster.layout import Layout, default_state_dir
@@ -83,16 +83,7 @@ def resources(argv: Sequence[str]) -> int:
     parser.add_argument("--type", choices=("vm", "node", "storage"), default=None)
     args = parser.parse_args(argv)
     params = {} if args.type is None else {"type": args.type}
-    try:
-        rows = _ask(args.state_dir, "resources", **params)
-    except ControlError as error:
-        print(f"corral resources: {error}", file=sys.stderr)
-        return 1
-    if args.output_format == "json":
-        print(json.dumps(rows, indent=1))
-    else:
-        sys.stdout.write(format_resources(rows))
-    return 0
+    return _show("corral resources", args, "resources", params, format_resources)
 
 
 def node(argv: Sequence[str]) -> int:
@@ -102,13 +93,20 @@ def node(argv: Sequence[str]) -> int:
     parser.add_argument("node", nargs="?", default=None)
     args = parser.parse_args(argv)
     params = {} if args.node is None else {"node": args.node}
+    return _show("corral node status", args, "node_status", params,
+                 lambda data: format_node_status(args.node or "(this node)", data))
+
+
+def _show(command: str, args: argparse.Namespace, request: str, params: dict[str, Any],
+          render: Callable[[Any], str]) -> int:
+    """Ask corrald's control socket; print the answer as JSON or rendered text."""
     try:
-        data = _ask(args.state_dir, "node_status", **params)
+        data = _ask(args.state_dir, request, **params)
     except ControlError as error:
-        print(f"corral node status: {error}", file=sys.stderr)
+        print(f"{command}: {error}", file=sys.stderr)
         return 1
     if args.output_format == "json":
         print(json.dumps(data, indent=1))
     else:
-        sys.stdout.write(format_node_status(args.node or "(this node)", data))
+        sys.stdout.write(render(data))
     return 0
