@@ -115,11 +115,10 @@ def test_table_membership_expiry_and_freshness() -> None:
 def test_vmlist_runtime_keys() -> None:
     table = StatusTable()
     table.apply(1, decode_report(encode_report(_report())), 0)
-    runtime = statuscore.vmlist_runtime(table, lambda: 1 * S)
-    row = runtime(100, "node1")
+    row = statuscore.vmlist_runtime(table, 100, "node1", 1 * S)
     assert set(row) <= set(statuscore.VMLIST_RUNTIME_KEYS)
     assert row["status"] == "running" and row["maxmem"] == 128 << 20
-    assert runtime(555, "nodeX") == {"status": "unknown"}
+    assert statuscore.vmlist_runtime(table, 555, "nodeX", 1 * S) == {"status": "unknown"}
 
 
 def test_proc_parsers() -> None:

@@ -216,7 +216,7 @@ class StatusBus:
         return statuscore.rrd_lines(self.table)
 
     def guest_runtime(self, vmid: int, node: str) -> dict[str, Any]:
-        return statuscore.vmlist_runtime(self.table, self.now_ns)(vmid, node)
+        return statuscore.vmlist_runtime(self.table, vmid, node, self.now_ns())
 
     def status(self) -> dict[str, Any]:
         now_ns = self.now_ns()

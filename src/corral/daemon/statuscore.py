@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,13 +88,14 @@ def encode_report(report: NodeReport, max_bytes: int = MAX_REPORT_BYTES) -> byte
     guests: dict[str, Any] = {}
     omitted = report.omitted
     for vmid in sorted(report.guests):
-        entry = json.dumps(_clean_guest(report.guests[vmid]))
+        clean = _clean_guest(report.guests[vmid])
+        entry = json.dumps(clean)
         cost = len(entry) + len(str(vmid)) + 6
         if budget - cost < 0:
             omitted += 1
             continue
         budget -= cost
-        guests[str(vmid)] = json.loads(entry)
+        guests[str(vmid)] = clean
     envelope.update(guests=guests, omitted=omitted)
     data = json.dumps(envelope, separators=(",", ":")).encode()
     if len(data) > max_bytes:
@@ -259,13 +260,10 @@ VMLIST_RUNTIME_KEYS = ("status", "uptime", "cpu", "mem", "maxmem", "netin", "net
                        "diskread", "diskwrite")
 
 
-def vmlist_runtime(table: StatusTable, clock_ns: Callable[[], int]
-                   ) -> Callable[[int, str], dict[str, Any]]:
-    """The `.vmlist` per-guest runtime fields, from the table (for render_vmlist)."""
-    def runtime(vmid: int, node: str) -> dict[str, Any]:
-        row = table.guest(vmid, node, clock_ns())
-        return {key: row[key] for key in VMLIST_RUNTIME_KEYS if key in row}
-    return runtime
+def vmlist_runtime(table: StatusTable, vmid: int, node: str, now_ns: int) -> dict[str, Any]:
+    """The `.vmlist` runtime fields of guest `vmid` (config on `node`), from the table."""
+    row = table.guest(vmid, node, now_ns)
+    return {key: row[key] for key in VMLIST_RUNTIME_KEYS if key in row}
 
 
 def _rrd_value(value: object) -> str:

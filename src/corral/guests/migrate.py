@@ -1149,21 +1149,18 @@ async def _finish_on_target(run: Run, target_path: str) -> None:
     """After the rename nothing is rolled back: every step logs and goes on."""
     assert run.peer is not None
     errors = []
+    answer = None
     try:
         if run.running or run.disks:
             answer = await run.peer.call(run.vmid, "resume")
             run.timings_ms["resumed_at"] = run.elapsed_ms()
             run.target_ms = {k: float(answer.get(k) or 0) for k in ("config_wait_ms", "cont_ms")}
             run.target_held_monitor = bool(answer.get("held_monitor"))
-            run.say(f"config moved to node '{run.target}'")
-            if run.running:
-                run.say(f"VM {run.vmid} resumed on node '{run.target}' "
-                        f"({answer.get('status')})")
-        else:
-            run.say(f"config moved to node '{run.target}'")
     except MigrationError as exc:
-        run.say(f"config moved to node '{run.target}'")
         errors.append(f"resume on target failed: {exc}")
+    run.say(f"config moved to node '{run.target}'")
+    if answer is not None and run.running:
+        run.say(f"VM {run.vmid} resumed on node '{run.target}' ({answer.get('status')})")
     if run.running:
         try:            # QEMU's figures, read after the guest runs again on the target
             _log_completed(run, run.completed_info or await run.qmp_cmd("query-migrate"))
@@ -1252,6 +1249,10 @@ async def _cleanup(run: Run, error: BaseException) -> None:
     if run.locked:
         try:
             with run.manager.guest_lock(run.vmid):
+                if not os.path.exists(run.manager.config_path(run.vmid)):
+                    # a rename that failed on its way back may still have moved it: never
+                    # recreate the config here while another node may own the guest
+                    raise GuestError("the config is no longer on this node; not restoring it")
                 config = parse_config(run.original_config_text) \
                     if run.config_swapped and run.original_config_text else \
                     run.manager.load_config(run.vmid)       # the source's volumes again

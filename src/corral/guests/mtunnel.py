@@ -453,6 +453,7 @@ class IncomingMigrations:
         started_ns = time.monotonic_ns()
         request = IncomingRequest.parse(vmid, params)
         self._check_free(vmid)
+        self.resumed.pop(vmid, None)     # a `resume` now is for this migration, not a repeat
         record = Incoming(vmid, request.source, IncomingState.STARTING, started_ns)
         self.records[vmid] = record
         try:
